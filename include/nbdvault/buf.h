@@ -1,0 +1,56 @@
+/*
+ * nbdvault - output queue of reply messages.
+ *
+ * A reply is one struct nbdv_outmsg: up to NBDV_OUTMSG_IOV pieces, each either inside
+ * the message's own inline storage (headers) or in a buffer the message owns (READ
+ * data, block status descriptors).  The queue owns every message until all of its
+ * bytes are written, so a transport that must retry a send (GnuTLS after
+ * GNUTLS_E_AGAIN) always finds the same bytes at the same address.
+ *
+ *   outq.head ──► outmsg ──► outmsg ──► NULL      (outq.tail points at the last)
+ *                  iov[0..niov), cur = first iov not fully written
+ */
+#ifndef NBDV_BUF_H
+#define NBDV_BUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "nbdvault/compiler.h"
+
+#define NBDV_OUTMSG_IOV 4
+
+struct nbdv_outmsg {
+	struct nbdv_outmsg *next;	     /* queue link */
+	int niov;			     /* pieces in iov */
+	int cur;			     /* first piece not fully written */
+	struct iovec iov[NBDV_OUTMSG_IOV];   /* what to send, in order */
+	void *owned;			     /* freed with the message (may be NULL) */
+	size_t used;			     /* bytes of inl used */
+	size_t cap;			     /* bytes of inl available */
+	unsigned char inl[];		     /* inline storage for headers */
+};
+
+struct nbdv_outq {
+	struct nbdv_outmsg *head; /* next to send */
+	struct nbdv_outmsg *tail; /* last queued */
+	size_t bytes;		  /* bytes not yet written */
+};
+
+/* New message with @inl_cap bytes of inline storage; NULL on ENOMEM. */
+struct nbdv_outmsg *outmsg_new(size_t inl_cap) NBDV_WUR;
+/* Copy @len bytes into inline storage and append them as a piece.  Returns 0 or -ENOSPC. */
+int outmsg_add_copy(struct nbdv_outmsg *m, const void *p, size_t len);
+/* Append a piece that points at memory the caller keeps alive (e.g. m->owned). */
+void outmsg_add_ref(struct nbdv_outmsg *m, const void *p, size_t len);
+void outmsg_free(struct nbdv_outmsg *m);
+
+void outq_push(struct nbdv_outq *q, struct nbdv_outmsg *m);
+/* Gather up to @max pieces of unsent data into @iov; returns how many. */
+int outq_gather(const struct nbdv_outq *q, struct iovec *iov, int max);
+/* Mark @n bytes as written, freeing messages that are complete. */
+void outq_consume(struct nbdv_outq *q, size_t n);
+void outq_clear(struct nbdv_outq *q);
+
+#endif /* NBDV_BUF_H */

@@ -1,0 +1,74 @@
+/*
+ * nbdvault - configuration: YAML file -> validated, immutable struct nbdv_config.
+ *
+ * config_load() parses with libyaml, then validates in a separate pass.  Every error
+ * names FILE:LINE:COLUMN and the key path.  The snapshot is never changed after it
+ * is returned; config_free() releases it and every string in it.
+ */
+#ifndef NBDV_CONFIG_H
+#define NBDV_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "nbdvault/compiler.h"
+
+#define NBDV_DEFAULT_CONFIG "/etc/nbdvault/nbdvault.yaml"
+#define NBDV_DEFAULT_PORT 10809
+#define NBDV_DEFAULT_MAX_REQUEST (32U * 1024 * 1024)
+#define NBDV_DEFAULT_IO_THREADS 4
+
+struct nbdv_driver;
+
+/* One `listen:` entry: TCP (address+port) or a unix socket path. */
+struct nbdv_listen_cfg {
+	char *address;	 /* TCP host or literal; NULL for unix */
+	uint16_t port;	 /* TCP port */
+	char *unix_path; /* unix socket path; NULL for TCP */
+};
+
+/* One `exports:` entry. */
+struct nbdv_export_cfg {
+	char *name;			 /* unique, 1..4096 bytes */
+	char *description;		 /* optional, NULL if absent */
+	char *driver_name;		 /* `driver:` as written */
+	const struct nbdv_driver *drv;	 /* resolved driver table */
+	char *path;			 /* file driver: backing path */
+	uint64_t size;			 /* `size:` in bytes (0 if absent) */
+	bool size_given;		 /* whether `size:` was present */
+	bool readonly;			 /* `readonly:` */
+};
+
+struct nbdv_config {
+	char *file;			 /* path the snapshot was read from */
+	struct nbdv_listen_cfg *listen;	 /* listeners, at least one */
+	size_t n_listen;
+	char *default_export;		 /* served for the empty name, or NULL */
+	struct nbdv_export_cfg *exports; /* exports in file order */
+	size_t n_exports;
+	uint32_t max_request;		 /* limits.max-request: maximum payload, bytes */
+	unsigned io_threads;		 /* io-threads: executor worker count */
+};
+
+/*
+ * Load and validate @path.  On success returns 0 and *out owns the snapshot (free it
+ * with config_free).  On failure returns -1 and writes one line "FILE:LINE:COL: ..."
+ * into @err.
+ */
+int config_load(const char *path, struct nbdv_config **out, char *err, size_t errlen)
+	NBDV_WUR NBDV_NONNULL(1, 2, 3);
+
+void config_free(struct nbdv_config *cfg);
+
+/* Find an export by name (the empty name maps to default-export); NULL if none. */
+const struct nbdv_export_cfg *config_find_export(const struct nbdv_config *cfg, const char *name,
+						 size_t namelen);
+
+/*
+ * Parse a size such as "512", "64K", "10G" or "1TiB" (K/M/G/T/P binary).  Returns 0 and
+ * sets *out, or -EINVAL.  Exposed for the unit tests.
+ */
+int config_parse_size(const char *s, uint64_t *out) NBDV_WUR;
+
+#endif /* NBDV_CONFIG_H */

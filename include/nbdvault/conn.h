@@ -1,0 +1,110 @@
+/*
+ * nbdvault - one client connection.
+ *
+ * State diagram (rx is what the connection waits for next):
+ *
+ *   accept ─► greeting sent ─► RX_CLIENT_FLAGS ─► RX_OPT_HEADER ◄──► RX_OPT_DATA
+ *                                                      │  GO / EXPORT_NAME
+ *                                                      ▼
+ *                                RX_REQ_HEADER ◄──► RX_REQ_PAYLOAD (WRITE data)
+ *   any phase ─► CONN_CLOSING (no more input; drain in-flight and output) ─► CONN_DEAD
+ *   protocol violation or socket error ─► CONN_DEAD at once (in-flight jobs still finish)
+ *
+ * The struct is freed only when it is dead, has no job in flight and no callback of
+ * its own on the stack (depth == 0): see conn_release().
+ */
+#ifndef NBDV_CONN_H
+#define NBDV_CONN_H
+
+#include <ev.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "nbdvault/buf.h"
+#include "nbdvault/compiler.h"
+
+/* Longest option payload accepted; longer ones get NBD_REP_ERR_TOO_BIG and a close. */
+#define NBDV_MAX_OPTION (64 * 1024)
+/* Input buffer: one whole maximal option plus its header fits. */
+#define NBDV_IBUF_SIZE (NBDV_MAX_OPTION + 4096)
+/* Back-pressure: stop reading past this many requests or bytes in flight or queued. */
+#define NBDV_MAX_INFLIGHT_REQS 512
+#define NBDV_MAX_INFLIGHT_BYTES (96U * 1024 * 1024)
+
+struct nbdv_server;
+struct nbdv_transport;
+struct nbdv_export;
+struct nbdv_dev;
+struct nbdv_req;
+
+enum conn_phase {
+	CONN_OPTIONS,	   /* handshake and option haggling */
+	CONN_TRANSMISSION, /* requests */
+	CONN_CLOSING,	   /* orderly close: finish in-flight work, drain output */
+	CONN_DEAD,	   /* fd closed; waiting for in-flight jobs before free */
+};
+
+enum conn_rx {
+	RX_CLIENT_FLAGS, /* 4 bytes of client flags */
+	RX_OPT_HEADER,	 /* 16-byte option header */
+	RX_OPT_DATA,	 /* optlen bytes of option data */
+	RX_REQ_HEADER,	 /* 28-byte request header */
+	RX_REQ_PAYLOAD,	 /* WRITE payload into cur_req */
+};
+
+struct nbdv_conn {
+	struct nbdv_server *srv;	 /* owner */
+	struct nbdv_conn *prev, *next;	 /* server's list of connections */
+	struct nbdv_conn *dirty_next;	 /* server's list of connections with output to send */
+	bool dirty;			 /* on the dirty list */
+	unsigned id;			 /* for log lines: "c17" */
+	int fd;				 /* socket; -1 once closed */
+	bool is_tcp;			 /* TCP (vs unix) socket */
+	struct nbdv_transport *tp;	 /* plain or TLS */
+	ev_io rio;			 /* readable */
+	ev_io wio;			 /* writable, started only while output is blocked */
+	enum conn_phase phase;
+	enum conn_rx rx;
+	unsigned depth;			 /* nesting of our own callbacks */
+
+	uint8_t *ibuf;			 /* input buffer, NBDV_IBUF_SIZE bytes */
+	size_t istart, iend;		 /* unread bytes are ibuf[istart, iend) */
+	struct nbdv_outq outq;		 /* replies not yet written */
+
+	/* Option phase. */
+	uint32_t opt;			 /* option being read */
+	uint32_t optlen;		 /* its payload length */
+	bool no_zeroes;			 /* client set NBD_FLAG_C_NO_ZEROES */
+	bool structured;		 /* structured replies negotiated */
+	bool meta_alloc;		 /* base:allocation selected */
+	const struct nbdv_export *meta_export; /* export the meta context was set for */
+
+	/* Transmission phase. */
+	struct nbdv_export *exp;	 /* chosen export */
+	const struct nbdv_dev *dev;	 /* its open driver instance */
+	uint16_t tflags;		 /* transmission flags sent to the client */
+	struct nbdv_req *cur_req;	 /* WRITE whose payload is being received */
+	unsigned inflight;		 /* requests submitted and not yet replied */
+	size_t inflight_bytes;		 /* their data buffers */
+};
+
+/* Take over accepted socket @fd; sends the greeting.  Returns NULL (fd closed) on failure. */
+struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const char *peer);
+
+/* Queue a reply and schedule a write. */
+void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m);
+/* Orderly close: stop reading, finish in-flight requests, send queued output, close. */
+void conn_close_graceful(struct nbdv_conn *c);
+/* Immediate close after a protocol violation or I/O error. */
+void conn_abort(struct nbdv_conn *c);
+/* A request finished and its reply is queued: update accounting, maybe resume reading. */
+void conn_request_done(struct nbdv_conn *c, size_t bytes);
+/* Write queued output and resume buffered input once back-pressure lifts (the server's
+ * flusher calls this for every dirty connection before the loop polls). */
+void conn_service(struct nbdv_conn *c);
+/* Free @c if nothing refers to it any more; returns true if it was freed. */
+bool conn_release(struct nbdv_conn *c);
+/* Server shutdown: close in the option phase, drain and close in transmission. */
+void conn_shutdown(struct nbdv_conn *c);
+
+#endif /* NBDV_CONN_H */

@@ -1,0 +1,107 @@
+/*
+ * nbdvault - the storage driver table.
+ *
+ * This is the one interface between the protocol code and storage.  A driver is a
+ * `static const struct nbdv_driver` registered in src/driver.c; each export gets one
+ * instance of it from create().  An instance is a `struct nbdv_drv_instance` followed
+ * by the driver's private fields (put the struct first and cast, SQLite-VFS style).
+ *
+ * Contract (every driver must keep it; tests/unit/test-driver-conformance.c checks it):
+ *  - All calls return 0 on success or a negative errno.  Transmission maps errno to
+ *    the NBD error set (EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP).
+ *  - I/O is all-or-error: pread fills the whole buffer or fails; there are no short
+ *    reads or writes.  Reading a hole or a trimmed range returns zeroes.
+ *  - Inputs are trusted: the wrapper in src/driver.c has already checked that
+ *    offset+length lies inside the export, that the export is writable for writes,
+ *    and that flags are ones this driver's capabilities allow.  Lengths fit in 64 bits
+ *    so that extended headers need no new calls.
+ *  - Threading: a driver without NBDV_CAP_BLOCKING is called on a reactor thread and
+ *    must never block.  A driver with NBDV_CAP_BLOCKING is called from the executor's
+ *    worker threads, concurrently, for the same instance: it must be thread-safe.
+ *  - destroy() is only called on an instance create() returned; create() must undo
+ *    its own partial work before it fails.
+ *  - flush() must make every write that has completed before it was called durable.
+ *    A write with NBDV_F_FUA is durable when it returns.
+ */
+#ifndef NBDV_DRIVER_H
+#define NBDV_DRIVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define NBDV_DRIVER_API_VERSION 1
+
+/* Capability bits returned by caps(). */
+#define NBDV_CAP_WRITE (1U << 0)      /* pwrite works (not a read-only medium) */
+#define NBDV_CAP_FLUSH (1U << 1)      /* flush() makes data durable */
+#define NBDV_CAP_FUA (1U << 2)	      /* native FUA; otherwise the wrapper flushes after */
+#define NBDV_CAP_TRIM (1U << 3)	      /* trim() implemented */
+#define NBDV_CAP_ZERO (1U << 4)	      /* zero() implemented; otherwise the wrapper writes zeroes */
+#define NBDV_CAP_FAST_ZERO (1U << 5)  /* zero() honours NBDV_F_FAST by failing with -ENOTSUP */
+#define NBDV_CAP_EXTENTS (1U << 6)    /* block_status() implemented */
+#define NBDV_CAP_CACHE (1U << 7)      /* cache() implemented */
+#define NBDV_CAP_MULTI_CONN (1U << 8) /* flush is visible across connections */
+#define NBDV_CAP_BLOCKING (1U << 9)   /* calls may block: run them on the worker pool */
+
+/* Call flags. */
+#define NBDV_F_FUA (1U << 0)	  /* pwrite/trim/zero: durable on return */
+#define NBDV_F_MAY_TRIM (1U << 1) /* zero: may deallocate (no NBD_CMD_FLAG_NO_HOLE) */
+#define NBDV_F_FAST (1U << 2)	  /* zero: fail with -ENOTSUP rather than write zeroes slowly */
+#define NBDV_F_REQ_ONE (1U << 3)  /* block_status: one extent is enough */
+
+/* Per-export settings handed to create().  Strings live as long as the config snapshot. */
+struct nbdv_export_params {
+	const char *name;	  /* export name */
+	const char *path;	  /* file driver: path, else NULL */
+	uint64_t size;		  /* requested size (0: not given) */
+	bool size_given;	  /* whether size was in the config */
+	bool readonly;		  /* open read-only */
+};
+
+/* Collects extents for block_status().  Opaque; see nbdv_extents_add(). */
+struct nbdv_extents;
+
+/*
+ * Append one extent of @length bytes with NBD_STATE_* @flags, following the previous
+ * one.  Adjacent extents with equal flags are merged.  Returns 0 to go on, 1 when the
+ * collector is full (stop: what was given is enough), or -ENOMEM.
+ */
+int nbdv_extents_add(struct nbdv_extents *ext, uint64_t length, uint32_t flags)
+	__attribute__((warn_unused_result));
+
+struct nbdv_driver;
+
+/* Common head of every driver instance. */
+struct nbdv_drv_instance {
+	const struct nbdv_driver *drv; /* the table this instance belongs to */
+};
+
+struct nbdv_driver {
+	int api_version;	 /* NBDV_DRIVER_API_VERSION */
+	const char *name;	 /* value of `driver:` in the config */
+	const char *description; /* one line for --help and logs */
+
+	/* Open storage for one export; on success *out is owned by the caller. */
+	int (*create)(const struct nbdv_export_params *p, struct nbdv_drv_instance **out);
+	/* Close and free an instance; it is never used again. */
+	void (*destroy)(struct nbdv_drv_instance *inst);
+	/* NBDV_CAP_* bits; called once per instance and cached. */
+	uint32_t (*caps)(struct nbdv_drv_instance *inst);
+	/* Size in bytes (stable for the instance's life). */
+	uint64_t (*get_size)(struct nbdv_drv_instance *inst);
+
+	int (*pread)(struct nbdv_drv_instance *inst, void *buf, uint64_t len, uint64_t off,
+		     uint32_t flags);
+	int (*pwrite)(struct nbdv_drv_instance *inst, const void *buf, uint64_t len, uint64_t off,
+		      uint32_t flags);
+	int (*flush)(struct nbdv_drv_instance *inst, uint32_t flags);
+	int (*trim)(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags);
+	int (*zero)(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags);
+	/* Describe [off, off+len) through nbdv_extents_add(), from @off onwards. */
+	int (*block_status)(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off,
+			    uint32_t flags, struct nbdv_extents *ext);
+	int (*cache)(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags);
+};
+
+#endif /* NBDV_DRIVER_H */

@@ -1,0 +1,43 @@
+/*
+ * nbdvault - exports at run time: a config entry plus its driver instance.
+ *
+ * The driver instance is opened on first use by a client that reached INFO, GO or
+ * EXPORT_NAME for it (never during LIST), shared by every connection to that export,
+ * and closed at shutdown after a final flush.
+ */
+#ifndef NBDV_EXPORT_H
+#define NBDV_EXPORT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "nbdvault/compiler.h"
+#include "nbdvault/driver_registry.h"
+
+struct nbdv_export_cfg;
+struct nbdv_config;
+
+struct nbdv_export {
+	const struct nbdv_export_cfg *cfg; /* from the config snapshot */
+	struct nbdv_dev dev;		   /* valid when opened */
+	bool opened;			   /* dev.inst is live */
+};
+
+/* Build the run-time exports of @cfg; NULL on ENOMEM.  *n receives the count. */
+struct nbdv_export *exports_new(const struct nbdv_config *cfg, size_t *n) NBDV_WUR;
+/* Flush and close every opened export, then free the array. */
+void exports_free(struct nbdv_export *v, size_t n);
+/* Flush every opened export; returns 0 or the first -errno. */
+int exports_flush(struct nbdv_export *v, size_t n);
+
+/* Find by name; the empty name means default-export.  NULL if none. */
+struct nbdv_export *exports_find(struct nbdv_export *v, size_t n, const struct nbdv_config *cfg,
+				 const char *name, size_t namelen);
+
+/* Open the driver instance if needed; returns 0 and *dev, or -errno (logged). */
+int export_open(struct nbdv_export *e, const struct nbdv_dev **dev) NBDV_WUR;
+
+/* Transmission flags for @e's open device, given whether structured replies are on. */
+uint16_t export_tflags(const struct nbdv_export *e, bool structured);
+
+#endif /* NBDV_EXPORT_H */

@@ -1,0 +1,36 @@
+/*
+ * nbdvault - the transmission phase: request parsing, validation, dispatch to the
+ * executor and reply building (simple and structured).
+ */
+#ifndef NBDV_TRANSMISSION_H
+#define NBDV_TRANSMISSION_H
+
+#include <stdint.h>
+
+#include "nbdvault/compiler.h"
+
+struct nbdv_conn;
+struct nbdv_req;
+
+#define NBDV_REQ_HEADER_SIZE 28
+
+enum tx_result {
+	TX_OK = 0,	    /* request dispatched or answered */
+	TX_NEED_PAYLOAD = 1, /* WRITE: receive c->cur_req's payload, then transmission_payload() */
+	TX_DISC = 2,	    /* NBD_CMD_DISC: close once in-flight requests are done */
+	TX_CLOSE = -1,	    /* protocol violation: close now */
+};
+
+/* Parse one request header (NBDV_REQ_HEADER_SIZE bytes). */
+enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr) NBDV_WUR;
+/* Where the payload of c->cur_req goes, and how much is still missing. */
+uint8_t *transmission_payload_ptr(struct nbdv_req *r, uint32_t *missing);
+/* @n more payload bytes arrived; dispatches the request when complete (returns 1). */
+int transmission_payload_got(struct nbdv_conn *c, uint32_t n);
+/* Free a request that will never be dispatched (connection closing). */
+void transmission_req_free(struct nbdv_req *r);
+
+/* NBD wire error value for a negative errno (EDQUOT -> ENOSPC, unknown -> EIO, ...). */
+uint32_t transmission_nbd_errno(int err, bool fast_zero);
+
+#endif /* NBDV_TRANSMISSION_H */

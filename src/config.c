@@ -1,0 +1,534 @@
+/*
+ * nbdvault - YAML configuration loader.
+ *
+ * libyaml's document API builds a node tree in which every node keeps the line and
+ * column where it starts, so each error can point at the exact spot.  Parsing fills
+ * plain structs; validate() then checks what needs the whole file (duplicates, the
+ * default export, driver requirements).
+ */
+#include "build-config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <yaml.h>
+
+#include "nbdvault/config.h"
+#include "nbdvault/driver_registry.h"
+#include "nbdvault/protocol.h"
+
+struct parse_ctx {
+	const char *file;    /* for messages */
+	yaml_document_t doc; /* the loaded document */
+	char *err;	     /* caller's error buffer */
+	size_t errlen;
+	bool failed;	     /* first error already recorded */
+};
+
+/* Record the first error, at @node's position. */
+NBDV_PRINTF(3, 4)
+static int fail(struct parse_ctx *ctx, const yaml_node_t *node, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+
+	if (ctx->failed)
+		return -1;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	snprintf(ctx->err, ctx->errlen, "%s:%zu:%zu: %s", ctx->file,
+		 node ? node->start_mark.line + 1 : 1, node ? node->start_mark.column + 1 : 1, msg);
+	ctx->failed = true;
+	return -1;
+}
+
+static const char *scalar(const yaml_node_t *n)
+{
+	return (const char *)n->data.scalar.value;
+}
+
+static const char *type_name(const yaml_node_t *n)
+{
+	switch (n->type) {
+	case YAML_SCALAR_NODE:
+		return "a scalar";
+	case YAML_SEQUENCE_NODE:
+		return "a list";
+	case YAML_MAPPING_NODE:
+		return "a mapping";
+	default:
+		return "nothing";
+	}
+}
+
+static int want_type(struct parse_ctx *ctx, const yaml_node_t *n, yaml_node_type_t t,
+		     const char *path)
+{
+	static const char *const want[] = { [YAML_SCALAR_NODE] = "a scalar",
+					    [YAML_SEQUENCE_NODE] = "a list",
+					    [YAML_MAPPING_NODE] = "a mapping" };
+	if (n->type == t)
+		return 0;
+	return fail(ctx, n, "%s: expected %s, found %s", path, want[t], type_name(n));
+}
+
+static int get_string(struct parse_ctx *ctx, const yaml_node_t *n, const char *path, char **out)
+{
+	if (want_type(ctx, n, YAML_SCALAR_NODE, path) < 0)
+		return -1;
+	if (strlen(scalar(n)) != n->data.scalar.length)
+		return fail(ctx, n, "%s: string contains a NUL byte", path);
+	free(*out);
+	*out = strdup(scalar(n));
+	if (!*out)
+		return fail(ctx, n, "%s: out of memory", path);
+	return 0;
+}
+
+static int get_bool(struct parse_ctx *ctx, const yaml_node_t *n, const char *path, bool *out)
+{
+	static const char *const yes[] = { "true", "True", "TRUE", "yes", "Yes", "on", "On" };
+	static const char *const no[] = { "false", "False", "FALSE", "no", "No", "off", "Off" };
+
+	if (want_type(ctx, n, YAML_SCALAR_NODE, path) < 0)
+		return -1;
+	for (size_t i = 0; i < ARRAY_SIZE(yes); i++) {
+		if (strcmp(scalar(n), yes[i]) == 0) {
+			*out = true;
+			return 0;
+		}
+		if (strcmp(scalar(n), no[i]) == 0) {
+			*out = false;
+			return 0;
+		}
+	}
+	return fail(ctx, n, "%s: expected true or false, found '%.64s'", path, scalar(n));
+}
+
+static int get_uint(struct parse_ctx *ctx, const yaml_node_t *n, const char *path, uint64_t min,
+		    uint64_t max, uint64_t *out)
+{
+	const char *s;
+	char *end;
+	unsigned long long v;
+
+	if (want_type(ctx, n, YAML_SCALAR_NODE, path) < 0)
+		return -1;
+	s = scalar(n);
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (*s < '0' || *s > '9' || *end != '\0' || errno == ERANGE || v < min || v > max)
+		return fail(ctx, n, "%s: expected an integer from %" PRIu64 " to %" PRIu64
+			    ", found '%.64s'", path, min, max, s);
+	*out = v;
+	return 0;
+}
+
+int config_parse_size(const char *s, uint64_t *out)
+{
+	static const char units[] = "KMGTP";
+	const char *p = s;
+	uint64_t v = 0;
+	unsigned shift = 0;
+
+	if (*p < '0' || *p > '9')
+		return -EINVAL;
+	for (; *p >= '0' && *p <= '9'; p++) {
+		if (v > (UINT64_MAX - (uint64_t)(*p - '0')) / 10)
+			return -EINVAL;
+		v = v * 10 + (uint64_t)(*p - '0');
+	}
+	if (*p) {
+		const char *u = strchr(units, *p >= 'a' ? *p - 'a' + 'A' : *p);
+		if (!u)
+			return -EINVAL;
+		shift = 10 * (unsigned)(u - units + 1);
+		p++;
+		if (strcmp(p, "iB") == 0 || strcmp(p, "B") == 0)
+			p += strlen(p);
+		if (*p)
+			return -EINVAL;
+		if (v > (UINT64_MAX >> shift))
+			return -EINVAL;
+	}
+	*out = v << shift;
+	return 0;
+}
+
+static int get_size(struct parse_ctx *ctx, const yaml_node_t *n, const char *path, uint64_t *out)
+{
+	if (want_type(ctx, n, YAML_SCALAR_NODE, path) < 0)
+		return -1;
+	if (config_parse_size(scalar(n), out) < 0 || *out > INT64_MAX)
+		return fail(ctx, n,
+			    "%s: '%.64s' is not a size (digits with an optional K, M, G, T or P "
+			    "suffix, binary units)",
+			    path, scalar(n));
+	return 0;
+}
+
+/* Iterate a mapping's pairs; reports duplicate keys and non-scalar keys. */
+#define for_each_pair(ctx, map, pair)                                                              \
+	for (yaml_node_pair_t *pair = (map)->data.mapping.pairs.start;                             \
+	     pair < (map)->data.mapping.pairs.top; pair++)
+
+static int check_keys(struct parse_ctx *ctx, const yaml_node_t *map, const char *path)
+{
+	for_each_pair(ctx, map, a)
+	{
+		yaml_node_t *ka = yaml_document_get_node(&ctx->doc, a->key);
+		if (ka->type != YAML_SCALAR_NODE)
+			return fail(ctx, ka, "%s: keys must be scalars", path);
+		for (yaml_node_pair_t *b = map->data.mapping.pairs.start; b < a; b++) {
+			yaml_node_t *kb = yaml_document_get_node(&ctx->doc, b->key);
+			if (strcmp(scalar(ka), scalar(kb)) == 0)
+				return fail(ctx, ka, "%s: duplicate key '%.64s'", path, scalar(ka));
+		}
+	}
+	return 0;
+}
+
+static int parse_listen_entry(struct parse_ctx *ctx, const yaml_node_t *map, const char *path,
+			      struct nbdv_listen_cfg *l)
+{
+	bool have_port = false;
+
+	if (want_type(ctx, map, YAML_MAPPING_NODE, path) < 0 || check_keys(ctx, map, path) < 0)
+		return -1;
+	l->port = NBDV_DEFAULT_PORT;
+	for_each_pair(ctx, map, p)
+	{
+		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
+		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
+		char sub[128];
+		uint64_t port;
+
+		snprintf(sub, sizeof(sub), "%s.%s", path, scalar(k));
+		if (strcmp(scalar(k), "address") == 0) {
+			if (get_string(ctx, v, sub, &l->address) < 0)
+				return -1;
+		} else if (strcmp(scalar(k), "port") == 0) {
+			if (get_uint(ctx, v, sub, 1, 65535, &port) < 0)
+				return -1;
+			l->port = (uint16_t)port;
+			have_port = true;
+		} else if (strcmp(scalar(k), "unix") == 0) {
+			if (get_string(ctx, v, sub, &l->unix_path) < 0)
+				return -1;
+			if (l->unix_path[0] == '\0')
+				return fail(ctx, v, "%s: must not be empty", sub);
+		} else {
+			return fail(ctx, k, "%s: unknown key '%.64s' (expected address, port or unix)",
+				    path, scalar(k));
+		}
+	}
+	if (l->unix_path && (l->address || have_port))
+		return fail(ctx, map, "%s: give either unix or address/port, not both", path);
+	if (!l->unix_path && !l->address)
+		return fail(ctx, map, "%s: missing required key 'address' (or 'unix')", path);
+	return 0;
+}
+
+static int parse_listen(struct parse_ctx *ctx, const yaml_node_t *seq, struct nbdv_config *cfg)
+{
+	size_t n;
+
+	if (want_type(ctx, seq, YAML_SEQUENCE_NODE, "listen") < 0)
+		return -1;
+	n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+	if (n == 0)
+		return fail(ctx, seq, "listen: the list is empty");
+	cfg->listen = calloc(n, sizeof(*cfg->listen));
+	if (!cfg->listen)
+		return fail(ctx, seq, "listen: out of memory");
+	for (size_t i = 0; i < n; i++) {
+		yaml_node_t *item = yaml_document_get_node(&ctx->doc, seq->data.sequence.items.start[i]);
+		char path[64];
+
+		snprintf(path, sizeof(path), "listen[%zu]", i);
+		cfg->n_listen = i + 1;
+		if (parse_listen_entry(ctx, item, path, &cfg->listen[i]) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const char *path,
+			struct nbdv_export_cfg *e)
+{
+	const yaml_node_t *name_node = NULL, *size_node = NULL, *driver_node = NULL;
+
+	if (want_type(ctx, map, YAML_MAPPING_NODE, path) < 0 || check_keys(ctx, map, path) < 0)
+		return -1;
+	for_each_pair(ctx, map, p)
+	{
+		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
+		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
+		const char *key = scalar(k);
+		char sub[128];
+		int r;
+
+		snprintf(sub, sizeof(sub), "%s.%s", path, key);
+		if (strcmp(key, "name") == 0) {
+			r = get_string(ctx, v, sub, &e->name);
+			name_node = v;
+		} else if (strcmp(key, "description") == 0) {
+			r = get_string(ctx, v, sub, &e->description);
+			if (r == 0 && strlen(e->description) > NBD_MAX_STRING)
+				r = fail(ctx, v, "%s: longer than %d bytes", sub, NBD_MAX_STRING);
+		} else if (strcmp(key, "driver") == 0) {
+			r = get_string(ctx, v, sub, &e->driver_name);
+			driver_node = v;
+		} else if (strcmp(key, "path") == 0) {
+			r = get_string(ctx, v, sub, &e->path);
+		} else if (strcmp(key, "size") == 0) {
+			r = get_size(ctx, v, sub, &e->size);
+			e->size_given = true;
+			size_node = v;
+		} else if (strcmp(key, "readonly") == 0) {
+			r = get_bool(ctx, v, sub, &e->readonly);
+		} else {
+			r = fail(ctx, k,
+				 "%s: unknown key '%.64s' (expected name, description, driver, path, "
+				 "size or readonly)",
+				 path, key);
+		}
+		if (r < 0)
+			return -1;
+	}
+	if (!name_node)
+		return fail(ctx, map, "%s: missing required key 'name'", path);
+	if (e->name[0] == '\0' || strlen(e->name) > NBD_MAX_STRING)
+		return fail(ctx, name_node, "%s.name: must be 1 to %d bytes long", path,
+			    NBD_MAX_STRING);
+	if (!driver_node)
+		return fail(ctx, map, "%s: missing required key 'driver'", path);
+	e->drv = driver_lookup(e->driver_name);
+	if (!e->drv)
+		return fail(ctx, driver_node, "%s.driver: unknown driver '%.64s' (known: %s)", path,
+			    e->driver_name, driver_names());
+	if (strcmp(e->driver_name, "file") == 0) {
+		if (!e->path)
+			return fail(ctx, map, "%s: missing required key 'path' for driver file",
+				    path);
+	} else if (e->path) {
+		return fail(ctx, map, "%s: key 'path' is only for driver file", path);
+	}
+	if (strcmp(e->driver_name, "memory") == 0 && !e->size_given)
+		return fail(ctx, map, "%s: missing required key 'size' for driver memory", path);
+	if (size_node && e->size == 0)
+		return fail(ctx, size_node, "%s.size: must be greater than 0", path);
+	return 0;
+}
+
+static int parse_exports(struct parse_ctx *ctx, const yaml_node_t *seq, struct nbdv_config *cfg)
+{
+	size_t n;
+
+	if (want_type(ctx, seq, YAML_SEQUENCE_NODE, "exports") < 0)
+		return -1;
+	n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+	cfg->exports = calloc(n ? n : 1, sizeof(*cfg->exports));
+	if (!cfg->exports)
+		return fail(ctx, seq, "exports: out of memory");
+	for (size_t i = 0; i < n; i++) {
+		yaml_node_t *item = yaml_document_get_node(&ctx->doc, seq->data.sequence.items.start[i]);
+		char path[64];
+
+		snprintf(path, sizeof(path), "exports[%zu]", i);
+		cfg->n_exports = i + 1;
+		if (parse_export(ctx, item, path, &cfg->exports[i]) < 0)
+			return -1;
+		for (size_t j = 0; j < i; j++) {
+			if (strcmp(cfg->exports[j].name, cfg->exports[i].name) == 0)
+				return fail(ctx, item, "%s.name: duplicate export name '%.64s'",
+					    path, cfg->exports[i].name);
+		}
+	}
+	return 0;
+}
+
+static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nbdv_config *cfg)
+{
+	if (want_type(ctx, map, YAML_MAPPING_NODE, "limits") < 0 ||
+	    check_keys(ctx, map, "limits") < 0)
+		return -1;
+	for_each_pair(ctx, map, p)
+	{
+		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
+		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
+		uint64_t size;
+
+		if (strcmp(scalar(k), "max-request") == 0) {
+			if (get_size(ctx, v, "limits.max-request", &size) < 0)
+				return -1;
+			/* 512 bytes .. 1 GiB: a larger payload could not be buffered sanely. */
+			if (size < 512 || size > (1U << 30))
+				return fail(ctx, v, "limits.max-request: must be from 512 to 1G");
+			cfg->max_request = (uint32_t)size;
+		} else {
+			return fail(ctx, k, "limits: unknown key '%.64s' (expected max-request)",
+				    scalar(k));
+		}
+	}
+	return 0;
+}
+
+static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbdv_config *cfg)
+{
+	const yaml_node_t *default_node = NULL;
+	bool have_exports = false;
+
+	if (!root)
+		return fail(ctx, NULL, "the file is empty (expected a mapping with 'exports')");
+	if (want_type(ctx, root, YAML_MAPPING_NODE, "top level") < 0 ||
+	    check_keys(ctx, root, "top level") < 0)
+		return -1;
+	for_each_pair(ctx, root, p)
+	{
+		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
+		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
+		const char *key = scalar(k);
+		uint64_t n;
+		int r;
+
+		if (strcmp(key, "listen") == 0) {
+			r = parse_listen(ctx, v, cfg);
+		} else if (strcmp(key, "exports") == 0) {
+			r = parse_exports(ctx, v, cfg);
+			have_exports = true;
+		} else if (strcmp(key, "default-export") == 0) {
+			r = get_string(ctx, v, "default-export", &cfg->default_export);
+			default_node = v;
+		} else if (strcmp(key, "limits") == 0) {
+			r = parse_limits(ctx, v, cfg);
+		} else if (strcmp(key, "io-threads") == 0) {
+			r = get_uint(ctx, v, "io-threads", 1, 256, &n);
+			cfg->io_threads = (unsigned)n;
+		} else {
+			r = fail(ctx, k,
+				 "unknown key '%.64s' (expected listen, default-export, exports, "
+				 "limits or io-threads)",
+				 key);
+		}
+		if (r < 0)
+			return -1;
+	}
+	if (!have_exports)
+		return fail(ctx, root, "missing required key 'exports'");
+	if (default_node &&
+	    !config_find_export(cfg, cfg->default_export, strlen(cfg->default_export)))
+		return fail(ctx, default_node, "default-export: no export is named '%.64s'",
+			    cfg->default_export);
+	return 0;
+}
+
+static int set_defaults(struct nbdv_config *cfg)
+{
+	if (!cfg->n_listen) {
+		cfg->listen = calloc(1, sizeof(*cfg->listen));
+		if (!cfg->listen)
+			return -1;
+		cfg->listen[0].address = strdup("::");
+		if (!cfg->listen[0].address)
+			return -1;
+		cfg->listen[0].port = NBDV_DEFAULT_PORT;
+		cfg->n_listen = 1;
+	}
+	return 0;
+}
+
+int config_load(const char *path, struct nbdv_config **out, char *err, size_t errlen)
+{
+	struct parse_ctx ctx = { .file = path, .err = err, .errlen = errlen };
+	struct nbdv_config *cfg = NULL;
+	yaml_parser_t parser;
+	FILE *f;
+	int ret = -1;
+
+	*out = NULL;
+	f = fopen(path, "rb");
+	if (!f) {
+		snprintf(err, errlen, "%s:1:1: cannot open: %s", path, strerror(errno));
+		return -1;
+	}
+	if (!yaml_parser_initialize(&parser)) {
+		snprintf(err, errlen, "%s:1:1: cannot initialise the YAML parser", path);
+		goto out_close;
+	}
+	yaml_parser_set_input_file(&parser, f);
+	if (!yaml_parser_load(&parser, &ctx.doc)) {
+		snprintf(err, errlen, "%s:%zu:%zu: YAML syntax error: %s%s%s", path,
+			 parser.problem_mark.line + 1, parser.problem_mark.column + 1,
+			 parser.problem ? parser.problem : "unknown problem",
+			 parser.context ? " " : "", parser.context ? parser.context : "");
+		goto out_parser;
+	}
+	cfg = calloc(1, sizeof(*cfg));
+	if (!cfg || !(cfg->file = strdup(path))) {
+		snprintf(err, errlen, "%s:1:1: out of memory", path);
+		goto out_doc;
+	}
+	cfg->max_request = NBDV_DEFAULT_MAX_REQUEST;
+	cfg->io_threads = NBDV_DEFAULT_IO_THREADS;
+	if (parse_root(&ctx, yaml_document_get_root_node(&ctx.doc), cfg) < 0)
+		goto out_doc;
+	if (set_defaults(cfg) < 0) {
+		snprintf(err, errlen, "%s:1:1: out of memory", path);
+		goto out_doc;
+	}
+	*out = cfg;
+	cfg = NULL;
+	ret = 0;
+out_doc:
+	config_free(cfg);
+	yaml_document_delete(&ctx.doc);
+out_parser:
+	yaml_parser_delete(&parser);
+out_close:
+	fclose(f);
+	return ret;
+}
+
+void config_free(struct nbdv_config *cfg)
+{
+	if (!cfg)
+		return;
+	for (size_t i = 0; i < cfg->n_listen; i++) {
+		free(cfg->listen[i].address);
+		free(cfg->listen[i].unix_path);
+	}
+	free(cfg->listen);
+	for (size_t i = 0; i < cfg->n_exports; i++) {
+		struct nbdv_export_cfg *e = &cfg->exports[i];
+		free(e->name);
+		free(e->description);
+		free(e->driver_name);
+		free(e->path);
+	}
+	free(cfg->exports);
+	free(cfg->default_export);
+	free(cfg->file);
+	free(cfg);
+}
+
+const struct nbdv_export_cfg *config_find_export(const struct nbdv_config *cfg, const char *name,
+						 size_t namelen)
+{
+	if (namelen == 0) {
+		if (!cfg->default_export)
+			return NULL;
+		name = cfg->default_export;
+		namelen = strlen(name);
+	}
+	for (size_t i = 0; i < cfg->n_exports; i++) {
+		const char *n = cfg->exports[i].name;
+		if (strlen(n) == namelen && memcmp(n, name, namelen) == 0)
+			return &cfg->exports[i];
+	}
+	return NULL;
+}

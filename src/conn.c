@@ -1,0 +1,373 @@
+/*
+ * nbdvault - connection state machine: input parsing into handshake/transmission
+ * units, output queue, back-pressure and lifetime.
+ */
+#include "build-config.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "nbdvault/conn.h"
+#include "nbdvault/handshake.h"
+#include "nbdvault/log.h"
+#include "nbdvault/protocol.h"
+#include "nbdvault/server.h"
+#include "nbdvault/transmission.h"
+#include "nbdvault/transport.h"
+
+static void read_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void process_input(struct nbdv_conn *c);
+static void write_cb(struct ev_loop *loop, ev_io *w, int revents);
+
+struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const char *peer)
+{
+	struct nbdv_conn *c = calloc(1, sizeof(*c));
+
+	if (!c)
+		goto err_close;
+	c->ibuf = malloc(NBDV_IBUF_SIZE);
+	c->tp = transport_plain_new(fd);
+	if (!c->ibuf || !c->tp)
+		goto err_free;
+	c->srv = srv;
+	c->fd = fd;
+	c->is_tcp = is_tcp;
+	c->id = ++srv->next_id;
+	c->phase = CONN_OPTIONS;
+	c->rx = RX_CLIENT_FLAGS;
+	ev_io_init(&c->rio, read_cb, fd, EV_READ);
+	ev_io_init(&c->wio, write_cb, fd, EV_WRITE);
+	server_conn_add(srv, c);
+	log_info("c%u: connection from %s", c->id, peer);
+	if (handshake_greeting(c) < 0) {
+		conn_abort(c);
+		conn_release(c);
+		return NULL;
+	}
+	ev_io_start(srv->loop, &c->rio);
+	return c;
+err_free:
+	if (c && c->tp)
+		c->tp->ops->free(c->tp);
+	if (c)
+		free(c->ibuf);
+	free(c);
+err_close:
+	log_err("out of memory accepting a connection from %s", peer);
+	close(fd);
+	return NULL;
+}
+
+void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m)
+{
+	if (c->phase == CONN_DEAD) {
+		outmsg_free(m);
+		return;
+	}
+	outq_push(&c->outq, m);
+	server_mark_dirty(c->srv, c);
+}
+
+static bool throttled(const struct nbdv_conn *c)
+{
+	return c->inflight >= NBDV_MAX_INFLIGHT_REQS ||
+	       c->inflight_bytes + c->outq.bytes >= NBDV_MAX_INFLIGHT_BYTES;
+}
+
+/* Start or stop the read watcher to match what the connection can take now. */
+static void update_reading(struct nbdv_conn *c)
+{
+	bool want = (c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) && !throttled(c);
+
+	if (want && !ev_is_active(&c->rio))
+		ev_io_start(c->srv->loop, &c->rio);
+	else if (!want && ev_is_active(&c->rio))
+		ev_io_stop(c->srv->loop, &c->rio);
+}
+
+static void close_fd(struct nbdv_conn *c)
+{
+	ev_io_stop(c->srv->loop, &c->rio);
+	ev_io_stop(c->srv->loop, &c->wio);
+	if (c->fd >= 0) {
+		close(c->fd);
+		c->fd = -1;
+	}
+	c->phase = CONN_DEAD;
+	outq_clear(&c->outq);
+	if (c->cur_req) {
+		transmission_req_free(c->cur_req);
+		c->cur_req = NULL;
+	}
+}
+
+void conn_abort(struct nbdv_conn *c)
+{
+	if (c->phase == CONN_DEAD)
+		return;
+	log_debug("c%u: closing", c->id);
+	close_fd(c);
+}
+
+/* Closing connection with nothing left to do: end the stream politely, then close. */
+static void maybe_finish_close(struct nbdv_conn *c)
+{
+	if (c->phase != CONN_CLOSING || c->inflight || c->outq.head)
+		return;
+	c->tp->ops->shutdown(c->tp);
+	close_fd(c);
+}
+
+void conn_close_graceful(struct nbdv_conn *c)
+{
+	if (c->phase == CONN_DEAD || c->phase == CONN_CLOSING)
+		return;
+	c->phase = CONN_CLOSING;
+	update_reading(c);
+	if (c->cur_req) {
+		transmission_req_free(c->cur_req);
+		c->cur_req = NULL;
+	}
+	server_mark_dirty(c->srv, c);
+}
+
+void conn_shutdown(struct nbdv_conn *c)
+{
+	if (c->phase == CONN_OPTIONS)
+		conn_abort(c);
+	else
+		conn_close_graceful(c);
+}
+
+void conn_request_done(struct nbdv_conn *c, size_t bytes)
+{
+	c->inflight--;
+	c->inflight_bytes -= bytes;
+	if (c->phase == CONN_DEAD)
+		return;
+	server_mark_dirty(c->srv, c);
+}
+
+static void conn_flush(struct nbdv_conn *c)
+{
+	struct iovec iov[64];
+
+	if (c->phase == CONN_DEAD)
+		return;
+	while (c->outq.head) {
+		int n = outq_gather(&c->outq, iov, (int)ARRAY_SIZE(iov));
+		ssize_t w = c->tp->ops->sendv(c->tp, iov, n);
+
+		if (w == -EAGAIN) {
+			ev_io_start(c->srv->loop, &c->wio);
+			update_reading(c);
+			return;
+		}
+		if (w < 0) {
+			log_info("c%u: write failed: %s", c->id, strerror((int)-w));
+			conn_abort(c);
+			return;
+		}
+		outq_consume(&c->outq, (size_t)w);
+	}
+	ev_io_stop(c->srv->loop, &c->wio);
+	maybe_finish_close(c);
+	if (c->phase != CONN_DEAD)
+		update_reading(c);
+}
+
+bool conn_release(struct nbdv_conn *c)
+{
+	if (c->phase != CONN_DEAD || c->inflight || c->depth || c->dirty)
+		return false;
+	server_conn_remove(c->srv, c);
+	log_info("c%u: closed", c->id);
+	c->tp->ops->free(c->tp);
+	free(c->ibuf);
+	free(c);
+	return true;
+}
+
+static size_t avail(const struct nbdv_conn *c)
+{
+	return c->iend - c->istart;
+}
+
+/*
+ * Consume whole units from the input buffer.  Stops when a unit is incomplete, the
+ * connection leaves the reading phases, or back-pressure applies.
+ */
+static void process_input(struct nbdv_conn *c)
+{
+	for (;;) {
+		const uint8_t *p = c->ibuf + c->istart;
+		int r;
+
+		if (c->phase != CONN_OPTIONS && c->phase != CONN_TRANSMISSION)
+			return;
+		switch (c->rx) {
+		case RX_CLIENT_FLAGS: {
+			uint32_t flags;
+			if (avail(c) < 4)
+				return;
+			memcpy(&flags, p, 4);
+			c->istart += 4;
+			if (handshake_client_flags(c, be32toh(flags)) == HS_CLOSE) {
+				conn_abort(c);
+				return;
+			}
+			c->rx = RX_OPT_HEADER;
+			break;
+		}
+		case RX_OPT_HEADER: {
+			struct nbd_option o;
+			if (avail(c) < sizeof(o))
+				return;
+			memcpy(&o, p, sizeof(o));
+			c->istart += sizeof(o);
+			if (be64toh(o.version) != NBD_IHAVEOPT) {
+				log_info("c%u: bad option magic, closing", c->id);
+				conn_abort(c);
+				return;
+			}
+			c->opt = be32toh(o.option);
+			c->optlen = be32toh(o.optlen);
+			if (c->optlen > NBDV_MAX_OPTION) {
+				/* Bounded before anything is allocated or skipped. */
+				handshake_option_too_big(c, c->opt, c->optlen);
+				conn_close_graceful(c);
+				return;
+			}
+			c->rx = RX_OPT_DATA;
+			break;
+		}
+		case RX_OPT_DATA:
+			if (avail(c) < c->optlen)
+				return;
+			c->istart += c->optlen;
+			r = handshake_option(c, c->opt, p, c->optlen);
+			if (r == HS_CLOSE) {
+				conn_close_graceful(c);
+				return;
+			}
+			c->rx = r == HS_TRANSMISSION ? RX_REQ_HEADER : RX_OPT_HEADER;
+			break;
+		case RX_REQ_HEADER:
+			if (throttled(c)) {
+				update_reading(c);
+				return;
+			}
+			if (avail(c) < NBDV_REQ_HEADER_SIZE)
+				return;
+			c->istart += NBDV_REQ_HEADER_SIZE;
+			switch (transmission_header(c, p)) {
+			case TX_OK:
+				break;
+			case TX_NEED_PAYLOAD:
+				c->rx = RX_REQ_PAYLOAD;
+				break;
+			case TX_DISC:
+				conn_close_graceful(c);
+				return;
+			case TX_CLOSE:
+				conn_close_graceful(c);
+				return;
+			}
+			break;
+		case RX_REQ_PAYLOAD: {
+			uint32_t missing;
+			uint8_t *dst = transmission_payload_ptr(c->cur_req, &missing);
+			uint32_t n = (uint32_t)NBDV_MIN((size_t)missing, avail(c));
+
+			memcpy(dst, p, n);
+			c->istart += n;
+			if (transmission_payload_got(c, n) == 0)
+				return;
+			c->rx = RX_REQ_HEADER;
+			break;
+		}
+		}
+	}
+}
+
+/* One read from the transport; returns false when the connection stopped reading. */
+static bool read_once(struct nbdv_conn *c)
+{
+	ssize_t n;
+
+	if (c->rx == RX_REQ_PAYLOAD && avail(c) == 0) {
+		/* Large WRITE payloads go straight into the request's buffer. */
+		uint32_t missing;
+		uint8_t *dst = transmission_payload_ptr(c->cur_req, &missing);
+
+		n = c->tp->ops->recv(c->tp, dst, missing);
+		if (n > 0) {
+			if (transmission_payload_got(c, (uint32_t)n))
+				c->rx = RX_REQ_HEADER;
+			return true;
+		}
+	} else {
+		if (c->istart == c->iend) {
+			c->istart = c->iend = 0;
+		} else if (c->istart > 0 && NBDV_IBUF_SIZE - c->iend < NBDV_MAX_OPTION) {
+			memmove(c->ibuf, c->ibuf + c->istart, avail(c));
+			c->iend -= c->istart;
+			c->istart = 0;
+		}
+		n = c->tp->ops->recv(c->tp, c->ibuf + c->iend, NBDV_IBUF_SIZE - c->iend);
+		if (n > 0) {
+			c->iend += (size_t)n;
+			return true;
+		}
+	}
+	if (n == -EAGAIN)
+		return false;
+	if (n == 0) {
+		if (c->phase == CONN_TRANSMISSION && (avail(c) || c->rx == RX_REQ_PAYLOAD))
+			log_info("c%u: client closed the connection mid-request", c->id);
+		else
+			log_debug("c%u: client closed the connection", c->id);
+	} else {
+		log_info("c%u: read failed: %s", c->id, strerror((int)-n));
+	}
+	/* Nothing more will come: replies still owed could not be read by anyone. */
+	conn_abort(c);
+	return false;
+}
+
+static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct nbdv_conn *c = container_of(w, struct nbdv_conn, rio);
+
+	c->depth++;
+	do {
+		if (!read_once(c))
+			break;
+		process_input(c);
+	} while ((c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) &&
+		 c->tp->ops->pending(c->tp));
+	c->depth--;
+	conn_release(c);
+}
+
+void conn_service(struct nbdv_conn *c)
+{
+	c->depth++;
+	conn_flush(c);
+	/* Completions or drained output may have lifted back-pressure while whole requests
+	 * wait in the input buffer; the socket may never become readable for them. */
+	if (c->phase == CONN_TRANSMISSION && !throttled(c) && avail(c))
+		process_input(c);
+	c->depth--;
+}
+
+static void write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct nbdv_conn *c = container_of(w, struct nbdv_conn, wio);
+
+	conn_service(c);
+	conn_release(c);
+}

@@ -1,0 +1,200 @@
+/*
+ * nbdvault - driver registry, extent collector and the validating/emulating wrapper.
+ */
+#include "build-config.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "nbdvault/driver_registry.h"
+#include "nbdvault/protocol.h"
+
+extern const struct nbdv_driver nbdv_driver_file;
+extern const struct nbdv_driver nbdv_driver_memory;
+
+/* Every driver, in one greppable place. */
+static const struct nbdv_driver *const drivers[] = {
+	&nbdv_driver_file,
+	&nbdv_driver_memory,
+};
+
+const struct nbdv_driver *driver_lookup(const char *name)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(drivers); i++) {
+		if (drivers[i]->api_version == NBDV_DRIVER_API_VERSION &&
+		    strcmp(drivers[i]->name, name) == 0)
+			return drivers[i];
+	}
+	return NULL;
+}
+
+const char *driver_names(void)
+{
+	return "file, memory";
+}
+
+const struct nbdv_driver *const *driver_all(size_t *n)
+{
+	*n = ARRAY_SIZE(drivers);
+	return drivers;
+}
+
+int extents_init(struct nbdv_extents *ext, uint64_t off, uint64_t len, uint32_t max)
+{
+	ext->start = off;
+	ext->next = off;
+	ext->end = off + len;
+	ext->max = max ? max : 1;
+	ext->n = 0;
+	ext->e = malloc(ext->max * sizeof(*ext->e));
+	return ext->e ? 0 : -ENOMEM;
+}
+
+void extents_free(struct nbdv_extents *ext)
+{
+	free(ext->e);
+	ext->e = NULL;
+}
+
+int nbdv_extents_add(struct nbdv_extents *ext, uint64_t length, uint32_t flags)
+{
+	if (ext->next >= ext->end)
+		return 1;
+	if (length > ext->end - ext->next)
+		length = ext->end - ext->next;
+	if (length == 0)
+		return 0;
+	if (ext->n && ext->e[ext->n - 1].flags == flags) {
+		ext->e[ext->n - 1].length += length;
+	} else {
+		if (ext->n == ext->max)
+			return 1;
+		ext->e[ext->n].length = length;
+		ext->e[ext->n].flags = flags;
+		ext->n++;
+	}
+	ext->next += length;
+	return ext->next >= ext->end ? 1 : 0;
+}
+
+int driver_open(const struct nbdv_driver *drv, const struct nbdv_export_params *p,
+		struct nbdv_dev *dev)
+{
+	int r = drv->create(p, &dev->inst);
+
+	if (r < 0)
+		return r;
+	dev->inst->drv = drv;
+	dev->caps = drv->caps(dev->inst);
+	if (p->readonly)
+		dev->caps &= ~(NBDV_CAP_WRITE | NBDV_CAP_TRIM | NBDV_CAP_ZERO | NBDV_CAP_FAST_ZERO);
+	dev->size = drv->get_size(dev->inst);
+	return 0;
+}
+
+void driver_close(struct nbdv_dev *dev)
+{
+	dev->inst->drv->destroy(dev->inst);
+	dev->inst = NULL;
+}
+
+static bool in_range(const struct nbdv_dev *d, uint64_t len, uint64_t off)
+{
+	return off <= d->size && len <= d->size - off;
+}
+
+int driver_pread(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off)
+{
+	if (!in_range(d, len, off))
+		return -EINVAL;
+	return d->inst->drv->pread(d->inst, buf, len, off, 0);
+}
+
+/* FUA for drivers without native support: the write, then a flush. */
+static int emulate_fua(const struct nbdv_dev *d, int r, uint32_t flags)
+{
+	if (r == 0 && (flags & NBDV_F_FUA) && !(d->caps & NBDV_CAP_FUA))
+		r = driver_flush(d);
+	return r;
+}
+
+static uint32_t native_flags(const struct nbdv_dev *d, uint32_t flags)
+{
+	return (d->caps & NBDV_CAP_FUA) ? flags : flags & ~NBDV_F_FUA;
+}
+
+int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint64_t off,
+		  uint32_t flags)
+{
+	if (!in_range(d, len, off) || !(d->caps & NBDV_CAP_WRITE))
+		return -EINVAL;
+	return emulate_fua(d, d->inst->drv->pwrite(d->inst, buf, len, off, native_flags(d, flags)),
+			   flags);
+}
+
+int driver_flush(const struct nbdv_dev *d)
+{
+	if (!(d->caps & NBDV_CAP_FLUSH))
+		return 0;
+	return d->inst->drv->flush(d->inst, 0);
+}
+
+int driver_trim(const struct nbdv_dev *d, uint64_t len, uint64_t off, uint32_t flags)
+{
+	if (!in_range(d, len, off) || !(d->caps & NBDV_CAP_WRITE))
+		return -EINVAL;
+	/* Trim is advisory: without driver support it is a successful no-op. */
+	if (!(d->caps & NBDV_CAP_TRIM))
+		return emulate_fua(d, 0, flags);
+	return emulate_fua(d, d->inst->drv->trim(d->inst, len, off, native_flags(d, flags)), flags);
+}
+
+static const char zero_block[64 * 1024];
+
+int driver_zero(const struct nbdv_dev *d, uint64_t len, uint64_t off, uint32_t flags)
+{
+	int r = 0;
+
+	if (!in_range(d, len, off) || !(d->caps & NBDV_CAP_WRITE))
+		return -EINVAL;
+	if (d->caps & NBDV_CAP_ZERO)
+		return emulate_fua(d, d->inst->drv->zero(d->inst, len, off, native_flags(d, flags)),
+				   flags);
+	if (flags & NBDV_F_FAST)
+		return -ENOTSUP;
+	while (len && r == 0) {
+		uint64_t n = NBDV_MIN(len, (uint64_t)sizeof(zero_block));
+		r = d->inst->drv->pwrite(d->inst, zero_block, n, off, 0);
+		off += n;
+		len -= n;
+	}
+	return emulate_fua(d, r, flags);
+}
+
+int driver_block_status(const struct nbdv_dev *d, uint64_t len, uint64_t off, uint32_t flags,
+			struct nbdv_extents *ext)
+{
+	int r;
+
+	if (!in_range(d, len, off))
+		return -EINVAL;
+	if (!(d->caps & NBDV_CAP_EXTENTS))
+		return nbdv_extents_add(ext, len, 0) < 0 ? -ENOMEM : 0;
+	r = d->inst->drv->block_status(d->inst, len, off, flags, ext);
+	if (r < 0)
+		return r;
+	/* A driver must describe at least the first byte; guard against one that does not. */
+	if (ext->n == 0)
+		return nbdv_extents_add(ext, len, 0) < 0 ? -ENOMEM : 0;
+	return 0;
+}
+
+int driver_cache(const struct nbdv_dev *d, uint64_t len, uint64_t off)
+{
+	if (!in_range(d, len, off))
+		return -EINVAL;
+	if (!(d->caps & NBDV_CAP_CACHE))
+		return 0;
+	return d->inst->drv->cache(d->inst, len, off, 0);
+}

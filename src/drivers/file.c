@@ -1,0 +1,304 @@
+/*
+ * nbdvault - `file` driver: a regular (sparse) file or a block device.
+ *
+ *  - FLUSH: fdatasync.  FUA: pwritev2(RWF_DSYNC), falling back to write + fdatasync.
+ *  - TRIM: fallocate(PUNCH_HOLE) on files, BLKDISCARD on block devices.
+ *  - WRITE_ZEROES: punch a hole when trimming is allowed, else ZERO_RANGE, else
+ *    BLKZEROOUT; failing all that, write zeroes, or -ENOTSUP when the client asked
+ *    for a fast zero.
+ *  - Block status: SEEK_DATA / SEEK_HOLE; holes read as zeroes.
+ * Every call may block, so they run on the executor's worker threads, concurrently:
+ * only positional I/O is used, and nothing in the instance changes after create().
+ */
+#include "build-config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "nbdvault/compiler.h"
+#include "nbdvault/driver.h"
+#include "nbdvault/log.h"
+#include "nbdvault/protocol.h"
+
+struct filedrv {
+	struct nbdv_drv_instance head; /* must be first */
+	int fd;			       /* open file or device */
+	uint64_t size;		       /* bytes */
+	bool is_blk;		       /* a block device */
+	bool readonly;		       /* opened O_RDONLY */
+};
+
+static struct filedrv *to_file(struct nbdv_drv_instance *inst)
+{
+	return (struct filedrv *)inst;
+}
+
+static int file_create(const struct nbdv_export_params *p, struct nbdv_drv_instance **out)
+{
+	struct filedrv *f;
+	struct stat st;
+	int fd, r;
+
+	fd = open(p->path, (p->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT && p->size_given && !p->readonly) {
+		fd = open(p->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+		if (fd >= 0 && ftruncate(fd, (off_t)p->size) < 0) {
+			r = -errno;
+			log_err("export %s: cannot size new file %s: %s", p->name, p->path,
+				strerror(errno));
+			close(fd);
+			unlink(p->path);
+			return r;
+		}
+		if (fd >= 0)
+			log_info("export %s: created sparse file %s", p->name, p->path);
+	}
+	if (fd < 0) {
+		r = -errno;
+		log_err("export %s: cannot open %s: %s", p->name, p->path, strerror(errno));
+		return r;
+	}
+	f = calloc(1, sizeof(*f));
+	if (!f) {
+		close(fd);
+		return -ENOMEM;
+	}
+	f->fd = fd;
+	f->readonly = p->readonly;
+	if (fstat(fd, &st) < 0)
+		goto err_errno;
+	if (S_ISBLK(st.st_mode)) {
+		f->is_blk = true;
+		if (ioctl(fd, BLKGETSIZE64, &f->size) < 0)
+			goto err_errno;
+	} else if (S_ISREG(st.st_mode)) {
+		f->size = (uint64_t)st.st_size;
+		if (p->size_given && p->size != f->size)
+			log_warn("export %s: %s exists with size %llu, not the configured %llu; "
+				 "serving the file's size",
+				 p->name, p->path, (unsigned long long)f->size,
+				 (unsigned long long)p->size);
+	} else {
+		log_err("export %s: %s is neither a regular file nor a block device", p->name,
+			p->path);
+		errno = EINVAL;
+		goto err_errno;
+	}
+	*out = &f->head;
+	return 0;
+err_errno:
+	r = -errno;
+	close(fd);
+	free(f);
+	return r;
+}
+
+static void file_destroy(struct nbdv_drv_instance *inst)
+{
+	struct filedrv *f = to_file(inst);
+
+	close(f->fd);
+	free(f);
+}
+
+static uint32_t file_caps(struct nbdv_drv_instance *inst)
+{
+	uint32_t caps = NBDV_CAP_FLUSH | NBDV_CAP_FUA | NBDV_CAP_EXTENTS | NBDV_CAP_CACHE |
+			NBDV_CAP_MULTI_CONN | NBDV_CAP_BLOCKING;
+
+	if (!to_file(inst)->readonly)
+		caps |= NBDV_CAP_WRITE | NBDV_CAP_TRIM | NBDV_CAP_ZERO | NBDV_CAP_FAST_ZERO;
+	return caps;
+}
+
+static uint64_t file_get_size(struct nbdv_drv_instance *inst)
+{
+	return to_file(inst)->size;
+}
+
+static int file_pread(struct nbdv_drv_instance *inst, void *buf, uint64_t len, uint64_t off,
+		      uint32_t flags)
+{
+	struct filedrv *f = to_file(inst);
+	char *p = buf;
+
+	while (len) {
+		ssize_t n = pread(f->fd, p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0) {
+			/* The file shrank under us: what is past its end reads as zeroes. */
+			memset(p, 0, len);
+			return 0;
+		}
+		p += n;
+		off += (uint64_t)n;
+		len -= (uint64_t)n;
+	}
+	return 0;
+}
+
+static int file_flush(struct nbdv_drv_instance *inst, uint32_t flags)
+{
+	return fdatasync(to_file(inst)->fd) < 0 ? -errno : 0;
+}
+
+static int file_pwrite(struct nbdv_drv_instance *inst, const void *buf, uint64_t len, uint64_t off,
+		       uint32_t flags)
+{
+	struct filedrv *f = to_file(inst);
+	const char *p = buf;
+	bool dsync = flags & NBDV_F_FUA;
+
+	while (len) {
+		struct iovec iov = { .iov_base = (void *)p, .iov_len = len };
+		ssize_t n;
+
+		n = pwritev2(f->fd, &iov, 1, (off_t)off, dsync ? RWF_DSYNC : 0);
+		if (n < 0 && dsync && (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL)) {
+			/* Older kernel or filesystem: plain write, then fdatasync below. */
+			n = pwrite(f->fd, p, len, (off_t)off);
+			if (n >= 0 && fdatasync(f->fd) < 0)
+				return -errno;
+		}
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		p += n;
+		off += (uint64_t)n;
+		len -= (uint64_t)n;
+	}
+	return 0;
+}
+
+static int fua_sync(struct filedrv *f, uint32_t flags)
+{
+	if ((flags & NBDV_F_FUA) && fdatasync(f->fd) < 0)
+		return -errno;
+	return 0;
+}
+
+static int file_trim(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags)
+{
+	struct filedrv *f = to_file(inst);
+
+	if (f->is_blk) {
+		uint64_t range[2] = { off, len };
+		/* Discard is a hint; a device without it simply keeps the data. */
+		if (ioctl(f->fd, BLKDISCARD, range) < 0 && errno != EOPNOTSUPP && errno != ENOTTY)
+			return -errno;
+	} else if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+			     (off_t)len) < 0 &&
+		   errno != EOPNOTSUPP) {
+		return -errno;
+	}
+	return fua_sync(f, flags);
+}
+
+static int file_zero(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags)
+{
+	static const char zeroes[64 * 1024];
+	struct filedrv *f = to_file(inst);
+	int r = 0;
+
+	if ((flags & NBDV_F_MAY_TRIM) && !f->is_blk &&
+	    fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) ==
+		    0)
+		return fua_sync(f, flags);
+	if (fallocate(f->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) ==
+	    0)
+		return fua_sync(f, flags);
+	if (f->is_blk && !(flags & NBDV_F_FAST)) {
+		uint64_t range[2] = { off, len };
+		if (ioctl(f->fd, BLKZEROOUT, range) == 0)
+			return fua_sync(f, flags);
+	}
+	/* No fast path: a client that asked for a fast zero gets ENOTSUP and no change. */
+	if (flags & NBDV_F_FAST)
+		return -ENOTSUP;
+	while (len && r == 0) {
+		uint64_t n = NBDV_MIN(len, (uint64_t)sizeof(zeroes));
+		r = file_pwrite(inst, zeroes, n, off, 0);
+		off += n;
+		len -= n;
+	}
+	return r ? r : fua_sync(f, flags);
+}
+
+static int file_block_status(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off,
+			     uint32_t flags, struct nbdv_extents *ext)
+{
+	struct filedrv *f = to_file(inst);
+	uint64_t end = off + len;
+	int r = 0;
+
+	if (f->is_blk)
+		return nbdv_extents_add(ext, len, 0) < 0 ? -ENOMEM : 0;
+	while (off < end && r == 0) {
+		off_t data = lseek(f->fd, (off_t)off, SEEK_DATA);
+		off_t hole;
+
+		if (data < 0 && errno == ENXIO) {
+			/* No data from here to the end of the file. */
+			r = nbdv_extents_add(ext, end - off, NBD_STATE_HOLE | NBD_STATE_ZERO);
+			break;
+		}
+		if (data < 0) {
+			/* The filesystem cannot tell: everything is data. */
+			r = nbdv_extents_add(ext, end - off, 0);
+			break;
+		}
+		if ((uint64_t)data > off) {
+			uint64_t n = NBDV_MIN((uint64_t)data, end) - off;
+			r = nbdv_extents_add(ext, n, NBD_STATE_HOLE | NBD_STATE_ZERO);
+			off += n;
+			if (r || off >= end)
+				break;
+		}
+		hole = lseek(f->fd, (off_t)off, SEEK_HOLE);
+		if (hole < 0 || (uint64_t)hole <= off)
+			hole = (off_t)end;
+		{
+			uint64_t n = NBDV_MIN((uint64_t)hole, end) - off;
+			r = nbdv_extents_add(ext, n, 0);
+			off += n;
+		}
+	}
+	return r < 0 ? r : 0;
+}
+
+static int file_cache(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags)
+{
+	int r = posix_fadvise(to_file(inst)->fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+	return -r;
+}
+
+const struct nbdv_driver nbdv_driver_file = {
+	.api_version = NBDV_DRIVER_API_VERSION,
+	.name = "file",
+	.description = "regular file (sparse-aware) or block device",
+	.create = file_create,
+	.destroy = file_destroy,
+	.caps = file_caps,
+	.get_size = file_get_size,
+	.pread = file_pread,
+	.pwrite = file_pwrite,
+	.flush = file_flush,
+	.trim = file_trim,
+	.zero = file_zero,
+	.block_status = file_block_status,
+	.cache = file_cache,
+};

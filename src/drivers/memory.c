@@ -1,0 +1,266 @@
+/*
+ * nbdvault - `memory` driver: a sparse RAM disk.
+ *
+ * Storage is a two-level table of 64 KiB chunks; only chunks that have been written
+ * hold memory, and trim or zeroing of a whole chunk gives it back.
+ *
+ *   l1[i] ──► l2 table (CHUNKS_PER_L2 pointers) ──► chunk (CHUNK_SIZE bytes) or NULL
+ *
+ * Calls never block, so the reactor runs them inline; one mutex keeps the table
+ * consistent when several reactors share an export.
+ */
+#include "build-config.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "nbdvault/compiler.h"
+#include "nbdvault/driver.h"
+#include "nbdvault/protocol.h"
+
+#define CHUNK_SHIFT 16
+#define CHUNK_SIZE (1ULL << CHUNK_SHIFT)
+#define L2_SHIFT 14 /* chunks per L2 table: 16384, i.e. 1 GiB */
+#define CHUNKS_PER_L2 (1ULL << L2_SHIFT)
+
+struct mem {
+	struct nbdv_drv_instance head; /* must be first */
+	uint64_t size;		       /* export size */
+	uint64_t n_l1;		       /* entries in l1 */
+	uint8_t ***l1;		       /* lazily allocated L2 tables */
+	pthread_mutex_t lock;	       /* protects l1 and every chunk */
+};
+
+static struct mem *to_mem(struct nbdv_drv_instance *inst)
+{
+	return (struct mem *)inst;
+}
+
+static int mem_create(const struct nbdv_export_params *p, struct nbdv_drv_instance **out)
+{
+	struct mem *m = calloc(1, sizeof(*m));
+	uint64_t chunks;
+
+	if (!m)
+		return -ENOMEM;
+	m->size = p->size;
+	chunks = (p->size + CHUNK_SIZE - 1) >> CHUNK_SHIFT;
+	m->n_l1 = (chunks + CHUNKS_PER_L2 - 1) >> L2_SHIFT;
+	m->l1 = calloc(m->n_l1 ? m->n_l1 : 1, sizeof(*m->l1));
+	if (!m->l1) {
+		free(m);
+		return -ENOMEM;
+	}
+	pthread_mutex_init(&m->lock, NULL);
+	*out = &m->head;
+	return 0;
+}
+
+static void mem_destroy(struct nbdv_drv_instance *inst)
+{
+	struct mem *m = to_mem(inst);
+
+	for (uint64_t i = 0; i < m->n_l1; i++) {
+		if (!m->l1[i])
+			continue;
+		for (uint64_t j = 0; j < CHUNKS_PER_L2; j++)
+			free(m->l1[i][j]);
+		free(m->l1[i]);
+	}
+	free(m->l1);
+	pthread_mutex_destroy(&m->lock);
+	free(m);
+}
+
+static uint32_t mem_caps(struct nbdv_drv_instance *inst)
+{
+	return NBDV_CAP_WRITE | NBDV_CAP_FLUSH | NBDV_CAP_FUA | NBDV_CAP_TRIM | NBDV_CAP_ZERO |
+	       NBDV_CAP_FAST_ZERO | NBDV_CAP_EXTENTS | NBDV_CAP_CACHE | NBDV_CAP_MULTI_CONN;
+}
+
+static uint64_t mem_get_size(struct nbdv_drv_instance *inst)
+{
+	return to_mem(inst)->size;
+}
+
+/* The chunk holding byte @off, or NULL; with @alloc, create it (zeroed).  Lock held. */
+static uint8_t *chunk_at(struct mem *m, uint64_t off, bool alloc)
+{
+	uint64_t c = off >> CHUNK_SHIFT;
+	uint8_t ***l2 = &m->l1[c >> L2_SHIFT];
+	uint8_t **slot;
+
+	if (!*l2) {
+		if (!alloc)
+			return NULL;
+		*l2 = calloc(CHUNKS_PER_L2, sizeof(**l2));
+		if (!*l2)
+			return NULL;
+	}
+	slot = &(*l2)[c & (CHUNKS_PER_L2 - 1)];
+	if (!*slot && alloc)
+		*slot = calloc(1, CHUNK_SIZE);
+	return *slot;
+}
+
+static void chunk_free(struct mem *m, uint64_t off)
+{
+	uint64_t c = off >> CHUNK_SHIFT;
+	uint8_t **l2 = m->l1[c >> L2_SHIFT];
+
+	if (l2) {
+		free(l2[c & (CHUNKS_PER_L2 - 1)]);
+		l2[c & (CHUNKS_PER_L2 - 1)] = NULL;
+	}
+}
+
+static int mem_pread(struct nbdv_drv_instance *inst, void *buf, uint64_t len, uint64_t off,
+		     uint32_t flags)
+{
+	struct mem *m = to_mem(inst);
+	uint8_t *dst = buf;
+
+	pthread_mutex_lock(&m->lock);
+	while (len) {
+		uint64_t in = off & (CHUNK_SIZE - 1);
+		uint64_t n = NBDV_MIN(len, CHUNK_SIZE - in);
+		uint8_t *c = chunk_at(m, off, false);
+
+		if (c)
+			memcpy(dst, c + in, n);
+		else
+			memset(dst, 0, n);
+		dst += n;
+		off += n;
+		len -= n;
+	}
+	pthread_mutex_unlock(&m->lock);
+	return 0;
+}
+
+static int mem_pwrite(struct nbdv_drv_instance *inst, const void *buf, uint64_t len, uint64_t off,
+		      uint32_t flags)
+{
+	struct mem *m = to_mem(inst);
+	const uint8_t *src = buf;
+	int r = 0;
+
+	pthread_mutex_lock(&m->lock);
+	while (len) {
+		uint64_t in = off & (CHUNK_SIZE - 1);
+		uint64_t n = NBDV_MIN(len, CHUNK_SIZE - in);
+		uint8_t *c = chunk_at(m, off, true);
+
+		if (!c) {
+			r = -ENOMEM;
+			break;
+		}
+		memcpy(c + in, src, n);
+		src += n;
+		off += n;
+		len -= n;
+	}
+	pthread_mutex_unlock(&m->lock);
+	return r;
+}
+
+static int mem_flush(struct nbdv_drv_instance *inst, uint32_t flags)
+{
+	return 0;
+}
+
+/*
+ * Zero [off, off+len): whole chunks are released when @may_free (they read as zero),
+ * partial chunks are cleared in place.  With !may_free a whole chunk is kept (or
+ * created) so that the range stays allocated, as NBD_CMD_FLAG_NO_HOLE asks.
+ */
+static int mem_clear(struct mem *m, uint64_t len, uint64_t off, bool may_free)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&m->lock);
+	while (len) {
+		uint64_t in = off & (CHUNK_SIZE - 1);
+		uint64_t n = NBDV_MIN(len, CHUNK_SIZE - in);
+		bool whole = in == 0 && (n == CHUNK_SIZE || off + n == m->size);
+
+		if (whole && may_free) {
+			chunk_free(m, off);
+		} else {
+			uint8_t *c = chunk_at(m, off, !may_free);
+			if (c)
+				memset(c + in, 0, n);
+			else if (!may_free)
+				r = -ENOMEM;
+		}
+		if (r)
+			break;
+		off += n;
+		len -= n;
+	}
+	pthread_mutex_unlock(&m->lock);
+	return r;
+}
+
+static int mem_trim(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags)
+{
+	return mem_clear(to_mem(inst), len, off, true);
+}
+
+static int mem_zero(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags)
+{
+	return mem_clear(to_mem(inst), len, off, flags & NBDV_F_MAY_TRIM);
+}
+
+static int mem_block_status(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off,
+			    uint32_t flags, struct nbdv_extents *ext)
+{
+	struct mem *m = to_mem(inst);
+	uint64_t end = off + len;
+	int r = 0;
+
+	pthread_mutex_lock(&m->lock);
+	while (off < end && r == 0) {
+		uint64_t c = off >> CHUNK_SHIFT;
+		uint64_t n;
+		uint32_t st;
+
+		if (!m->l1[c >> L2_SHIFT]) {
+			/* A missing L2 table is a 1 GiB hole: skip it in one step. */
+			n = (((c >> L2_SHIFT) + 1) << (L2_SHIFT + CHUNK_SHIFT)) - off;
+			st = NBD_STATE_HOLE | NBD_STATE_ZERO;
+		} else {
+			n = CHUNK_SIZE - (off & (CHUNK_SIZE - 1));
+			st = chunk_at(m, off, false) ? 0 : NBD_STATE_HOLE | NBD_STATE_ZERO;
+		}
+		n = NBDV_MIN(n, end - off);
+		r = nbdv_extents_add(ext, n, st);
+		off += n;
+	}
+	pthread_mutex_unlock(&m->lock);
+	return r < 0 ? r : 0;
+}
+
+static int mem_cache(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags)
+{
+	return 0;
+}
+
+const struct nbdv_driver nbdv_driver_memory = {
+	.api_version = NBDV_DRIVER_API_VERSION,
+	.name = "memory",
+	.description = "sparse RAM disk; contents are lost when the server stops",
+	.create = mem_create,
+	.destroy = mem_destroy,
+	.caps = mem_caps,
+	.get_size = mem_get_size,
+	.pread = mem_pread,
+	.pwrite = mem_pwrite,
+	.flush = mem_flush,
+	.trim = mem_trim,
+	.zero = mem_zero,
+	.block_status = mem_block_status,
+	.cache = mem_cache,
+};

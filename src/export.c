@@ -1,0 +1,112 @@
+/* nbdvault - run-time exports and their lazily opened driver instances. */
+#include "build-config.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "nbdvault/config.h"
+#include "nbdvault/export.h"
+#include "nbdvault/log.h"
+#include "nbdvault/protocol.h"
+
+struct nbdv_export *exports_new(const struct nbdv_config *cfg, size_t *n)
+{
+	struct nbdv_export *v = calloc(cfg->n_exports ? cfg->n_exports : 1, sizeof(*v));
+
+	if (!v)
+		return NULL;
+	for (size_t i = 0; i < cfg->n_exports; i++)
+		v[i].cfg = &cfg->exports[i];
+	*n = cfg->n_exports;
+	return v;
+}
+
+int exports_flush(struct nbdv_export *v, size_t n)
+{
+	int ret = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		int r;
+		if (!v[i].opened)
+			continue;
+		r = driver_flush(&v[i].dev);
+		if (r < 0) {
+			log_err("export %s: final flush failed: %s", v[i].cfg->name, strerror(-r));
+			if (!ret)
+				ret = r;
+		}
+	}
+	return ret;
+}
+
+void exports_free(struct nbdv_export *v, size_t n)
+{
+	if (!v)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		if (v[i].opened)
+			driver_close(&v[i].dev);
+	}
+	free(v);
+}
+
+struct nbdv_export *exports_find(struct nbdv_export *v, size_t n, const struct nbdv_config *cfg,
+				 const char *name, size_t namelen)
+{
+	const struct nbdv_export_cfg *ec = config_find_export(cfg, name, namelen);
+
+	for (size_t i = 0; ec && i < n; i++) {
+		if (v[i].cfg == ec)
+			return &v[i];
+	}
+	return NULL;
+}
+
+int export_open(struct nbdv_export *e, const struct nbdv_dev **dev)
+{
+	const struct nbdv_export_cfg *c = e->cfg;
+	struct nbdv_export_params p = {
+		.name = c->name,
+		.path = c->path,
+		.size = c->size,
+		.size_given = c->size_given,
+		.readonly = c->readonly,
+	};
+	int r;
+
+	if (!e->opened) {
+		r = driver_open(c->drv, &p, &e->dev);
+		if (r < 0) {
+			log_err("export %s: driver %s failed to open: %s", c->name, c->drv->name,
+				strerror(-r));
+			return r;
+		}
+		e->opened = true;
+		log_info("export %s: opened (%s, %llu bytes%s)", c->name, c->drv->name,
+			 (unsigned long long)e->dev.size, c->readonly ? ", read-only" : "");
+	}
+	*dev = &e->dev;
+	return 0;
+}
+
+uint16_t export_tflags(const struct nbdv_export *e, bool structured)
+{
+	uint32_t caps = e->dev.caps;
+	uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
+
+	if (!(caps & NBDV_CAP_WRITE)) {
+		f |= NBD_FLAG_READ_ONLY;
+	} else {
+		f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+		/* Fast zero is honest only if a slow zero can be refused (or never happens). */
+		if (caps & NBDV_CAP_FAST_ZERO)
+			f |= NBD_FLAG_SEND_FAST_ZERO;
+	}
+	if (structured)
+		f |= NBD_FLAG_SEND_DF;
+	f |= NBD_FLAG_SEND_CACHE;
+	if (caps & NBDV_CAP_MULTI_CONN)
+		f |= NBD_FLAG_CAN_MULTI_CONN;
+	return f;
+}

@@ -1,0 +1,402 @@
+/*
+ * nbdvault - fixed-newstyle handshake and option haggling (NBD spec, "Handshake").
+ *
+ * Each option arrives whole, already bounded by NBDV_MAX_OPTION; every length inside
+ * it is checked against what is left before it is used.  Replies never echo more than
+ * a short, escaped part of a client string (CVE-2020-10761 class).
+ */
+#include "build-config.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "nbdvault/config.h"
+#include "nbdvault/conn.h"
+#include "nbdvault/export.h"
+#include "nbdvault/handshake.h"
+#include "nbdvault/log.h"
+#include "nbdvault/protonames.h"
+#include "nbdvault/protocol.h"
+#include "nbdvault/server.h"
+
+#define META_BASE_ALLOCATION "base:allocation"
+#define META_BASE_ALLOCATION_ID 1
+
+/* Queue one option reply made of up to two pieces of data. */
+static int opt_reply2(struct nbdv_conn *c, uint32_t opt, uint32_t type, const void *a,
+		      size_t alen, const void *b, size_t blen)
+{
+	struct nbd_fixed_new_option_reply h = {
+		.magic = htobe64(NBD_REP_MAGIC),
+		.option = htobe32(opt),
+		.reply = htobe32(type),
+		.replylen = htobe32((uint32_t)(alen + blen)),
+	};
+	struct nbdv_outmsg *m = outmsg_new(sizeof(h) + alen + blen);
+
+	if (!m || outmsg_add_copy(m, &h, sizeof(h)) < 0 || outmsg_add_copy(m, a, alen) < 0 ||
+	    outmsg_add_copy(m, b, blen) < 0) {
+		outmsg_free(m);
+		return -ENOMEM;
+	}
+	conn_queue(c, m);
+	return 0;
+}
+
+static int opt_reply(struct nbdv_conn *c, uint32_t opt, uint32_t type, const void *data,
+		     size_t len)
+{
+	return opt_reply2(c, opt, type, data, len, NULL, 0);
+}
+
+/* Error reply with a short human-readable message; returns HS_CONTINUE or HS_CLOSE. */
+NBDV_PRINTF(4, 5)
+static enum hs_result opt_error(struct nbdv_conn *c, uint32_t opt, uint32_t type,
+				const char *fmt, ...)
+{
+	char msg[256];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	log_debug("c%u: %s: %s: %s", c->id, nbd_opt_name(opt), nbd_rep_name(type), msg);
+	if (opt_reply(c, opt, type, msg, NBDV_MIN((size_t)n, sizeof(msg) - 1)) < 0)
+		return HS_CLOSE;
+	return HS_CONTINUE;
+}
+
+static uint32_t get_be32(const uint8_t *p)
+{
+	uint32_t v;
+	memcpy(&v, p, 4);
+	return be32toh(v);
+}
+
+static uint16_t get_be16(const uint8_t *p)
+{
+	uint16_t v;
+	memcpy(&v, p, 2);
+	return be16toh(v);
+}
+
+int handshake_greeting(struct nbdv_conn *c)
+{
+	struct nbd_new_handshake g = {
+		.nbdmagic = htobe64(NBD_MAGIC),
+		.version = htobe64(NBD_IHAVEOPT),
+		.gflags = htobe16(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES),
+	};
+	struct nbdv_outmsg *m = outmsg_new(sizeof(g));
+
+	if (!m || outmsg_add_copy(m, &g, sizeof(g)) < 0) {
+		outmsg_free(m);
+		return -ENOMEM;
+	}
+	conn_queue(c, m);
+	return 0;
+}
+
+enum hs_result handshake_client_flags(struct nbdv_conn *c, uint32_t flags)
+{
+	if (flags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
+		/* Spec: the server MUST drop the connection on unknown client flags. */
+		log_info("c%u: unknown client flags 0x%x, closing", c->id, flags);
+		return HS_CLOSE;
+	}
+	c->no_zeroes = flags & NBD_FLAG_C_NO_ZEROES;
+	return HS_CONTINUE;
+}
+
+void handshake_option_too_big(struct nbdv_conn *c, uint32_t opt, uint32_t len)
+{
+	log_info("c%u: %s with %u bytes of data (limit %u), closing", c->id, nbd_opt_name(opt), len,
+		 NBDV_MAX_OPTION);
+	(void)opt_error(c, opt, NBD_REP_ERR_TOO_BIG, "option data too long (limit %u bytes)",
+			NBDV_MAX_OPTION);
+}
+
+/* A wire string is valid if it has no NUL byte (spec "Conventions"). */
+static bool valid_string(const uint8_t *s, uint32_t len)
+{
+	return memchr(s, '\0', len) == NULL;
+}
+
+static struct nbdv_export *find_export(struct nbdv_conn *c, const uint8_t *name, uint32_t len)
+{
+	struct nbdv_server *srv = c->srv;
+	return exports_find(srv->exports, srv->n_exports, srv->cfg, (const char *)name, len);
+}
+
+static enum hs_result opt_list(struct nbdv_conn *c, uint32_t opt, const uint8_t *data,
+			       uint32_t len)
+{
+	struct nbdv_server *srv = c->srv;
+
+	if (len != 0)
+		return opt_error(c, opt, NBD_REP_ERR_INVALID, "LIST takes no data");
+	for (size_t i = 0; i < srv->n_exports; i++) {
+		const struct nbdv_export_cfg *e = srv->exports[i].cfg;
+		size_t nlen = strlen(e->name);
+		size_t dlen = e->description ? strlen(e->description) : 0;
+		uint32_t be = htobe32((uint32_t)nlen);
+		uint8_t *payload = malloc(4 + nlen);
+		int r;
+
+		if (!payload)
+			return HS_CLOSE;
+		memcpy(payload, &be, 4);
+		memcpy(payload + 4, e->name, nlen);
+		/* What follows the name is shown to people: the export's description. */
+		r = opt_reply2(c, opt, NBD_REP_SERVER, payload, 4 + nlen, e->description, dlen);
+		free(payload);
+		if (r < 0)
+			return HS_CLOSE;
+	}
+	return opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0 ? HS_CLOSE : HS_CONTINUE;
+}
+
+static int send_info(struct nbdv_conn *c, uint32_t opt, uint16_t type, const void *data,
+		     size_t len)
+{
+	uint16_t be = htobe16(type);
+	return opt_reply2(c, opt, NBD_REP_INFO, &be, 2, data, len);
+}
+
+/* NBD_OPT_INFO and NBD_OPT_GO: name, then a list of requested NBD_INFO_* types. */
+static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8_t *data,
+				  uint32_t len)
+{
+	const struct nbdv_dev *dev;
+	struct nbdv_export *e;
+	uint32_t namelen;
+	uint16_t nreq;
+	bool want_name = false, want_desc = false;
+	char shown[80];
+	int r;
+
+	if (len < 6)
+		return opt_error(c, opt, NBD_REP_ERR_INVALID, "option data too short");
+	namelen = get_be32(data);
+	if (namelen > len - 6)
+		return opt_error(c, opt, NBD_REP_ERR_INVALID, "name length exceeds option length");
+	if (namelen > NBD_MAX_STRING)
+		return opt_error(c, opt, NBD_REP_ERR_TOO_BIG, "export name longer than %d bytes",
+				 NBD_MAX_STRING);
+	nreq = get_be16(data + 4 + namelen);
+	if (len != 6 + namelen + 2U * nreq)
+		return opt_error(c, opt, NBD_REP_ERR_INVALID,
+				 "information request count does not match option length");
+	if (!valid_string(data + 4, namelen))
+		return opt_error(c, opt, NBD_REP_ERR_INVALID, "export name contains NUL");
+	for (uint16_t i = 0; i < nreq; i++) {
+		uint16_t t = get_be16(data + 6 + namelen + 2U * i);
+		want_name |= t == NBD_INFO_NAME;
+		want_desc |= t == NBD_INFO_DESCRIPTION;
+	}
+	log_printable((const char *)data + 4, namelen, shown, sizeof(shown));
+	e = find_export(c, data + 4, namelen);
+	if (!e)
+		return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export '%s' not found", shown);
+	r = export_open(e, &dev);
+	if (r < 0)
+		return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export '%s' is not available: %s",
+				 shown, strerror(-r));
+
+	{
+		struct nbd_info_export ie = {
+			.info = htobe16(NBD_INFO_EXPORT),
+			.exportsize = htobe64(dev->size),
+			.eflags = htobe16(export_tflags(e, c->structured)),
+		};
+		if (opt_reply(c, opt, NBD_REP_INFO, &ie, sizeof(ie)) < 0)
+			return HS_CLOSE;
+	}
+	if (want_name && send_info(c, opt, NBD_INFO_NAME, e->cfg->name, strlen(e->cfg->name)) < 0)
+		return HS_CLOSE;
+	if (want_desc && e->cfg->description &&
+	    send_info(c, opt, NBD_INFO_DESCRIPTION, e->cfg->description,
+		      strlen(e->cfg->description)) < 0)
+		return HS_CLOSE;
+	{
+		struct nbd_info_block_size bs = {
+			.info = htobe16(NBD_INFO_BLOCK_SIZE),
+			.minimum = htobe32(1),
+			.preferred = htobe32(4096),
+			.maximum = htobe32(c->srv->cfg->max_request),
+		};
+		if (opt_reply(c, opt, NBD_REP_INFO, &bs, sizeof(bs)) < 0)
+			return HS_CLOSE;
+	}
+	if (opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0)
+		return HS_CLOSE;
+	if (opt == NBD_OPT_INFO)
+		return HS_CONTINUE;
+
+	/* GO: contexts chosen for another export do not carry over. */
+	if (c->meta_export != e)
+		c->meta_alloc = false;
+	c->exp = e;
+	c->dev = dev;
+	c->tflags = export_tflags(e, c->structured);
+	c->phase = CONN_TRANSMISSION;
+	log_info("c%u: serving export %s (%s replies%s)", c->id, e->cfg->name,
+		 c->structured ? "structured" : "simple", c->meta_alloc ? ", base:allocation" : "");
+	return HS_TRANSMISSION;
+}
+
+static enum hs_result opt_export_name(struct nbdv_conn *c, const uint8_t *data, uint32_t len)
+{
+	static const uint8_t zeroes[124];
+	struct nbd_export_name_reply r;
+	const struct nbdv_dev *dev;
+	struct nbdv_export *e;
+	char shown[80];
+	struct nbdv_outmsg *m;
+
+	/* This option cannot fail politely: every refusal is a disconnect (spec). */
+	log_printable((const char *)data, NBDV_MIN(len, 200U), shown, sizeof(shown));
+	if (len > NBD_MAX_STRING || !valid_string(data, len)) {
+		log_info("c%u: EXPORT_NAME with an invalid name, closing", c->id);
+		return HS_CLOSE;
+	}
+	e = find_export(c, data, len);
+	if (!e || export_open(e, &dev) < 0) {
+		log_info("c%u: EXPORT_NAME '%s': no such export, closing", c->id, shown);
+		return HS_CLOSE;
+	}
+	c->structured = false; /* EXPORT_NAME clients get simple replies only */
+	c->meta_alloc = false;
+	c->exp = e;
+	c->dev = dev;
+	c->tflags = export_tflags(e, false);
+	r.exportsize = htobe64(dev->size);
+	r.eflags = htobe16(c->tflags);
+	m = outmsg_new(sizeof(r) + sizeof(zeroes));
+	if (!m || outmsg_add_copy(m, &r, sizeof(r)) < 0 ||
+	    (!c->no_zeroes && outmsg_add_copy(m, zeroes, sizeof(zeroes)) < 0)) {
+		outmsg_free(m);
+		return HS_CLOSE;
+	}
+	conn_queue(c, m);
+	c->phase = CONN_TRANSMISSION;
+	log_info("c%u: serving export %s (EXPORT_NAME, simple replies)", c->id, e->cfg->name);
+	return HS_TRANSMISSION;
+}
+
+/* Does @q (length @qlen) select base:allocation?  For LIST, "base:" lists the namespace. */
+static bool meta_query_matches(const uint8_t *q, uint32_t qlen, bool list)
+{
+	static const char full[] = META_BASE_ALLOCATION;
+
+	if (qlen == sizeof(full) - 1 && memcmp(q, full, qlen) == 0)
+		return true;
+	return list && qlen == 5 && memcmp(q, "base:", 5) == 0;
+}
+
+/* NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: name, count, then queries. */
+static enum hs_result opt_meta_context(struct nbdv_conn *c, uint32_t opt, const uint8_t *data,
+				       uint32_t len)
+{
+	bool list = opt == NBD_OPT_LIST_META_CONTEXT;
+	const uint8_t *p = data, *end = data + len;
+	struct nbdv_export *e;
+	uint32_t namelen, nq;
+	bool match = false;
+
+	if (!c->structured)
+		return opt_error(c, opt, NBD_REP_ERR_INVALID,
+				 "negotiate structured replies first");
+	if (len < 8)
+		return opt_error(c, opt, NBD_REP_ERR_INVALID, "option data too short");
+	namelen = get_be32(p);
+	p += 4;
+	if (namelen > (uint32_t)(end - p) - 4)
+		return opt_error(c, opt, NBD_REP_ERR_INVALID, "name length exceeds option length");
+	if (namelen > NBD_MAX_STRING)
+		return opt_error(c, opt, NBD_REP_ERR_TOO_BIG, "export name longer than %d bytes",
+				 NBD_MAX_STRING);
+	if (!valid_string(p, namelen))
+		return opt_error(c, opt, NBD_REP_ERR_INVALID, "export name contains NUL");
+	e = find_export(c, p, namelen);
+	p += namelen;
+	nq = get_be32(p);
+	p += 4;
+	if (nq > (uint32_t)(end - p) / 4)
+		return opt_error(c, opt, NBD_REP_ERR_INVALID, "query count exceeds option length");
+	for (uint32_t i = 0; i < nq; i++) {
+		uint32_t qlen;
+		if (end - p < 4)
+			return opt_error(c, opt, NBD_REP_ERR_INVALID, "truncated query");
+		qlen = get_be32(p);
+		p += 4;
+		if (qlen > (uint32_t)(end - p))
+			return opt_error(c, opt, NBD_REP_ERR_INVALID,
+					 "query length exceeds option length");
+		if (qlen > NBD_MAX_STRING)
+			return opt_error(c, opt, NBD_REP_ERR_TOO_BIG, "query longer than %d bytes",
+					 NBD_MAX_STRING);
+		if (!valid_string(p, qlen))
+			return opt_error(c, opt, NBD_REP_ERR_INVALID, "query contains NUL");
+		match |= meta_query_matches(p, qlen, list);
+		p += qlen;
+	}
+	if (p != end)
+		return opt_error(c, opt, NBD_REP_ERR_INVALID, "trailing bytes after the queries");
+	if (!e)
+		return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export not found");
+	if (list && nq == 0)
+		match = true; /* an empty query lists every context */
+	if (match) {
+		uint32_t id = htobe32(list ? 0 : META_BASE_ALLOCATION_ID);
+		if (opt_reply2(c, opt, NBD_REP_META_CONTEXT, &id, 4, META_BASE_ALLOCATION,
+			       strlen(META_BASE_ALLOCATION)) < 0)
+			return HS_CLOSE;
+	}
+	if (!list) {
+		/* SET replaces the previous selection, even with an empty one. */
+		c->meta_alloc = match;
+		c->meta_export = e;
+	}
+	return opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0 ? HS_CLOSE : HS_CONTINUE;
+}
+
+enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t *data,
+				uint32_t len)
+{
+	log_debug("c%u: option %s, %u bytes", c->id, nbd_opt_name(opt), len);
+	switch (opt) {
+	case NBD_OPT_EXPORT_NAME:
+		return opt_export_name(c, data, len);
+	case NBD_OPT_ABORT:
+		(void)opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
+		return HS_CLOSE;
+	case NBD_OPT_LIST:
+		return opt_list(c, opt, data, len);
+	case NBD_OPT_STARTTLS:
+		if (len != 0)
+			return opt_error(c, opt, NBD_REP_ERR_INVALID, "STARTTLS takes no data");
+		return opt_error(c, opt, NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
+	case NBD_OPT_INFO:
+	case NBD_OPT_GO:
+		return opt_info_go(c, opt, data, len);
+	case NBD_OPT_STRUCTURED_REPLY:
+		if (len != 0)
+			return opt_error(c, opt, NBD_REP_ERR_INVALID,
+					 "STRUCTURED_REPLY takes no data");
+		c->structured = true;
+		return opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0 ? HS_CLOSE : HS_CONTINUE;
+	case NBD_OPT_LIST_META_CONTEXT:
+	case NBD_OPT_SET_META_CONTEXT:
+		return opt_meta_context(c, opt, data, len);
+	default:
+		return opt_error(c, opt, NBD_REP_ERR_UNSUP, "option %u is not supported", opt);
+	}
+}

@@ -1,0 +1,66 @@
+/* nbdvault - logging to stderr. */
+#include "build-config.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "nbdvault/log.h"
+
+static enum nbdv_log_level max_level = LOG_LVL_INFO;
+
+void log_set_level(enum nbdv_log_level lvl)
+{
+	max_level = lvl;
+}
+
+bool log_enabled(enum nbdv_log_level lvl)
+{
+	return lvl <= max_level;
+}
+
+void log_msg(enum nbdv_log_level lvl, const char *fmt, ...)
+{
+	static const char *const names[] = { "error", "warning", "info", "debug" };
+	char line[1024];
+	int saved = errno;
+	va_list ap;
+
+	if (!log_enabled(lvl))
+		goto out;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	/* One write per line so that lines from threads do not interleave. */
+	fprintf(stderr, "nbdvault: %s: %s\n", names[lvl], line);
+out:
+	errno = saved;
+}
+
+const char *log_printable(const char *s, size_t len, char *out, size_t outlen)
+{
+	size_t o = 0;
+
+	if (outlen < 8) {
+		if (outlen)
+			out[0] = '\0';
+		return out;
+	}
+	for (size_t i = 0; i < len; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (o + 8 >= outlen) {
+			memcpy(out + o, "...", 3);
+			o += 3;
+			break;
+		}
+		if (c >= 0x20 && c < 0x7f && c != '\\') {
+			out[o++] = (char)c;
+		} else {
+			o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", c);
+		}
+	}
+	out[o] = '\0';
+	return out;
+}

@@ -1,0 +1,512 @@
+/*
+ * nbdvault - transmission phase (NBD spec, "Transmission").
+ *
+ * A request header is checked (magic, command, flags, bounds, payload size) before
+ * anything is allocated for it; a WRITE payload is read straight into the buffer the
+ * driver will write from.  Valid requests become executor jobs; their completions
+ * build replies that may leave out of order, each carrying its request's cookie.
+ */
+#include "build-config.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "nbdvault/config.h"
+#include "nbdvault/conn.h"
+#include "nbdvault/executor.h"
+#include "nbdvault/export.h"
+#include "nbdvault/log.h"
+#include "nbdvault/protonames.h"
+#include "nbdvault/protocol.h"
+#include "nbdvault/server.h"
+#include "nbdvault/transmission.h"
+
+/* Most descriptors in one BLOCK_STATUS reply (the spec lets a server send fewer). */
+#define MAX_STATUS_EXTENTS 1024
+/* Most chunks a sparse READ reply is split into; the rest is sent as data. */
+#define MAX_READ_CHUNKS 32
+
+struct nbdv_req {
+	struct nbdv_job job;	      /* executor link; must be first */
+	struct nbdv_conn *conn;	      /* owner; may be dead when the job completes */
+	const struct nbdv_dev *dev;   /* export device */
+	uint64_t cookie;	      /* echoed in the reply */
+	uint64_t offset;	      /* request offset */
+	uint32_t count;		      /* request length */
+	uint16_t type;		      /* NBD_CMD_* */
+	uint16_t flags;		      /* NBD_CMD_FLAG_* */
+	uint32_t got;		      /* WRITE payload bytes received */
+	uint8_t *buf;		      /* READ/WRITE data, count bytes */
+	int err;		      /* 0 or -errno from the driver */
+	bool sparse;		      /* READ: ext describes holes to send as OFFSET_HOLE */
+	struct nbdv_extents ext;      /* BLOCK_STATUS result, or READ layout */
+};
+
+uint32_t transmission_nbd_errno(int err, bool fast_zero)
+{
+	switch (-err) {
+	case 0:
+		return 0;
+	case EPERM:
+	case EROFS:
+		return NBD_EPERM;
+	case EIO:
+		return NBD_EIO;
+	case ENOMEM:
+		return NBD_ENOMEM;
+	case EINVAL:
+		return NBD_EINVAL;
+	case ENOSPC:
+	case EDQUOT:
+	case EFBIG:
+		return NBD_ENOSPC;
+	case EOVERFLOW:
+		return NBD_EOVERFLOW;
+	case ENOTSUP:
+		/* ENOTSUP is only meaningful to a client that asked for a fast zero. */
+		return fast_zero ? NBD_ENOTSUP : NBD_EINVAL;
+	case ESHUTDOWN:
+		return NBD_ESHUTDOWN;
+	default:
+		return NBD_EIO;
+	}
+}
+
+static size_t req_bytes(const struct nbdv_req *r)
+{
+	return r->buf ? r->count : 0;
+}
+
+void transmission_req_free(struct nbdv_req *r)
+{
+	if (!r)
+		return;
+	extents_free(&r->ext);
+	free(r->buf);
+	free(r);
+}
+
+/* --- replies --- */
+
+static void queue_simple(struct nbdv_conn *c, uint64_t cookie, uint32_t error, void *data,
+			 uint32_t len)
+{
+	struct nbd_simple_reply h = {
+		.magic = htobe32(NBD_SIMPLE_REPLY_MAGIC),
+		.error = htobe32(error),
+		.cookie = cookie,
+	};
+	struct nbdv_outmsg *m = outmsg_new(sizeof(h));
+
+	if (!m) {
+		free(data);
+		conn_abort(c);
+		return;
+	}
+	(void)outmsg_add_copy(m, &h, sizeof(h));
+	if (data) {
+		m->owned = data;
+		outmsg_add_ref(m, data, len);
+	}
+	conn_queue(c, m);
+}
+
+/* One structured chunk: header, @head (copied), then @data (owned by the chunk if @own). */
+static int queue_chunk(struct nbdv_conn *c, uint64_t cookie, uint16_t flags, uint16_t type,
+		       const void *head, size_t hlen, void *data, size_t dlen, bool own)
+{
+	struct nbd_structured_reply h = {
+		.magic = htobe32(NBD_STRUCTURED_REPLY_MAGIC),
+		.flags = htobe16(flags),
+		.type = htobe16(type),
+		.cookie = cookie,
+		.length = htobe32((uint32_t)(hlen + dlen)),
+	};
+	struct nbdv_outmsg *m = outmsg_new(sizeof(h) + hlen);
+
+	if (!m) {
+		if (own)
+			free(data);
+		conn_abort(c);
+		return -ENOMEM;
+	}
+	(void)outmsg_add_copy(m, &h, sizeof(h));
+	(void)outmsg_add_copy(m, head, hlen);
+	outmsg_add_ref(m, data, dlen);
+	if (own)
+		m->owned = data;
+	conn_queue(c, m);
+	return 0;
+}
+
+/* Error reply: structured ERROR chunk with a message when negotiated, else simple. */
+static void queue_error(struct nbdv_conn *c, uint64_t cookie, uint32_t error, const char *msg)
+{
+	if (c->structured) {
+		size_t mlen = strlen(msg);
+		struct nbd_chunk_error e = { .error = htobe32(error), .len = htobe16((uint16_t)mlen) };
+		uint8_t head[sizeof(e) + 128];
+
+		mlen = NBDV_MIN(mlen, sizeof(head) - sizeof(e));
+		e.len = htobe16((uint16_t)mlen);
+		memcpy(head, &e, sizeof(e));
+		memcpy(head + sizeof(e), msg, mlen);
+		(void)queue_chunk(c, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, head,
+				  sizeof(e) + mlen, NULL, 0, false);
+	} else {
+		queue_simple(c, cookie, error, NULL, 0);
+	}
+}
+
+static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
+{
+	uint64_t pos = r->offset, end = r->offset + r->count;
+	uint8_t *buf = r->buf;
+
+	r->buf = NULL; /* the reply owns the data now */
+	if (!c->structured) {
+		queue_simple(c, r->cookie, 0, buf, r->count);
+		return;
+	}
+	if (r->count == 0) {
+		free(buf);
+		(void)queue_chunk(c, r->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NULL, 0,
+				  NULL, 0, false);
+		return;
+	}
+	/* Walk the layout: zero extents become OFFSET_HOLE, the rest OFFSET_DATA.  The last
+	 * chunk carries DONE and owns the buffer, so it is freed after every chunk left. */
+	for (uint32_t i = 0; pos < end; i++) {
+		bool hole = r->sparse && i < r->ext.n && (r->ext.e[i].flags & NBD_STATE_ZERO);
+		uint64_t n = r->sparse && i < r->ext.n ? r->ext.e[i].length : end - pos;
+		bool last = pos + n >= end;
+		uint16_t flags = last ? NBD_REPLY_FLAG_DONE : 0;
+		uint64_t be_off = htobe64(pos);
+
+		if (hole) {
+			struct nbd_chunk_offset_hole h = { be_off, htobe32((uint32_t)n) };
+			if (queue_chunk(c, r->cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, &h,
+					sizeof(h), last ? buf : NULL, 0, last) < 0) {
+				if (!last)
+					free(buf);
+				return;
+			}
+		} else {
+			if (queue_chunk(c, r->cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, &be_off, 8,
+					buf + (pos - r->offset), n, false) < 0) {
+				free(buf);
+				return;
+			}
+			if (last)
+				c->outq.tail->owned = buf;
+		}
+		pos += n;
+	}
+}
+
+static void reply_block_status(struct nbdv_conn *c, struct nbdv_req *r)
+{
+	size_t len = 4 + (size_t)r->ext.n * sizeof(struct nbd_block_descriptor);
+	uint8_t *payload = malloc(len);
+	uint32_t id = htobe32(1);
+
+	if (!payload) {
+		queue_error(c, r->cookie, NBD_ENOMEM, "out of memory");
+		return;
+	}
+	memcpy(payload, &id, 4);
+	for (uint32_t i = 0; i < r->ext.n; i++) {
+		struct nbd_block_descriptor d = {
+			.length = htobe32((uint32_t)r->ext.e[i].length),
+			.status_flags = htobe32(r->ext.e[i].flags),
+		};
+		memcpy(payload + 4 + i * sizeof(d), &d, sizeof(d));
+	}
+	(void)queue_chunk(c, r->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NULL, 0,
+			  payload, len, true);
+}
+
+/* --- execution --- */
+
+static void read_sparse(struct nbdv_req *r)
+{
+	uint64_t pos = r->offset;
+	uint32_t i;
+
+	/* Ask where the zeroes are; any part the answer does not cover is read as data. */
+	r->err = extents_init(&r->ext, r->offset, r->count, MAX_READ_CHUNKS - 1);
+	if (r->err == 0)
+		r->err = driver_block_status(r->dev, r->count, r->offset, 0, &r->ext);
+	if (r->err < 0) {
+		/* Sparseness is an optimisation: fall back to one plain read. */
+		r->ext.n = 0;
+		r->sparse = false;
+		r->err = driver_pread(r->dev, r->buf, r->count, r->offset);
+		return;
+	}
+	for (i = 0; i < r->ext.n && r->err == 0; i++) {
+		if (!(r->ext.e[i].flags & NBD_STATE_ZERO))
+			r->err = driver_pread(r->dev, r->buf + (pos - r->offset),
+					      r->ext.e[i].length, pos);
+		pos += r->ext.e[i].length;
+	}
+	if (r->err == 0 && pos < r->offset + r->count)
+		r->err = driver_pread(r->dev, r->buf + (pos - r->offset),
+				      r->offset + r->count - pos, pos);
+}
+
+static void req_run(struct nbdv_job *job)
+{
+	struct nbdv_req *r = (struct nbdv_req *)job;
+	uint32_t f = 0;
+
+	if (r->flags & NBD_CMD_FLAG_FUA)
+		f |= NBDV_F_FUA;
+	switch (r->type) {
+	case NBD_CMD_READ:
+		if (r->sparse)
+			read_sparse(r);
+		else
+			r->err = driver_pread(r->dev, r->buf, r->count, r->offset);
+		break;
+	case NBD_CMD_WRITE:
+		r->err = driver_pwrite(r->dev, r->buf, r->count, r->offset, f);
+		break;
+	case NBD_CMD_FLUSH:
+		r->err = driver_flush(r->dev);
+		break;
+	case NBD_CMD_TRIM:
+		r->err = driver_trim(r->dev, r->count, r->offset, f);
+		break;
+	case NBD_CMD_WRITE_ZEROES:
+		if (!(r->flags & NBD_CMD_FLAG_NO_HOLE))
+			f |= NBDV_F_MAY_TRIM;
+		if (r->flags & NBD_CMD_FLAG_FAST_ZERO)
+			f |= NBDV_F_FAST;
+		r->err = driver_zero(r->dev, r->count, r->offset, f);
+		break;
+	case NBD_CMD_CACHE:
+		r->err = driver_cache(r->dev, r->count, r->offset);
+		break;
+	case NBD_CMD_BLOCK_STATUS:
+		r->err = extents_init(&r->ext, r->offset, r->count,
+				      (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_STATUS_EXTENTS);
+		if (r->err == 0)
+			r->err = driver_block_status(r->dev, r->count, r->offset,
+						     (r->flags & NBD_CMD_FLAG_REQ_ONE) ?
+							     NBDV_F_REQ_ONE :
+							     0,
+						     &r->ext);
+		break;
+	default:
+		r->err = -EINVAL;
+		break;
+	}
+}
+
+static void req_done(struct nbdv_job *job)
+{
+	struct nbdv_req *r = (struct nbdv_req *)job;
+	struct nbdv_conn *c = r->conn;
+	size_t bytes = req_bytes(r);
+
+	if (c->phase != CONN_DEAD) {
+		if (r->err < 0) {
+			uint32_t e = transmission_nbd_errno(
+				r->err, r->type == NBD_CMD_WRITE_ZEROES &&
+						(r->flags & NBD_CMD_FLAG_FAST_ZERO));
+			if (e != NBD_ENOTSUP)
+				log_info("c%u: %s at %llu+%u failed: %s", c->id,
+					 nbd_cmd_name(r->type), (unsigned long long)r->offset,
+					 r->count, strerror(-r->err));
+			queue_error(c, r->cookie, e, strerror(-r->err));
+		} else if (r->type == NBD_CMD_READ) {
+			reply_read(c, r);
+		} else if (r->type == NBD_CMD_BLOCK_STATUS) {
+			reply_block_status(c, r);
+		} else {
+			queue_simple(c, r->cookie, 0, NULL, 0);
+		}
+	}
+	transmission_req_free(r);
+	conn_request_done(c, bytes);
+	conn_release(c);
+}
+
+/* --- validation --- */
+
+/* Flags each command may carry besides FUA (which is valid on every command). */
+static uint16_t allowed_flags(const struct nbdv_conn *c, uint16_t type)
+{
+	switch (type) {
+	case NBD_CMD_READ:
+		return c->structured ? NBD_CMD_FLAG_DF : 0;
+	case NBD_CMD_WRITE_ZEROES:
+		return NBD_CMD_FLAG_NO_HOLE |
+		       ((c->tflags & NBD_FLAG_SEND_FAST_ZERO) ? NBD_CMD_FLAG_FAST_ZERO : 0);
+	case NBD_CMD_BLOCK_STATUS:
+		return NBD_CMD_FLAG_REQ_ONE;
+	default:
+		return 0;
+	}
+}
+
+/* 0 if @r may run, else the NBD error to answer with and *why. */
+static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const char **why)
+{
+	const struct nbdv_dev *d = c->dev;
+	bool writes = r->type == NBD_CMD_WRITE || r->type == NBD_CMD_TRIM ||
+		      r->type == NBD_CMD_WRITE_ZEROES;
+	bool in_range = r->offset <= d->size && r->count <= d->size - r->offset;
+
+	switch (r->type) {
+	case NBD_CMD_READ:
+	case NBD_CMD_WRITE:
+	case NBD_CMD_FLUSH:
+	case NBD_CMD_TRIM:
+	case NBD_CMD_CACHE:
+	case NBD_CMD_WRITE_ZEROES:
+	case NBD_CMD_BLOCK_STATUS:
+		break;
+	default:
+		*why = "unknown command";
+		return NBD_EINVAL;
+	}
+	if (r->flags & ~(NBD_CMD_FLAG_FUA | allowed_flags(c, r->type))) {
+		*why = "flag not valid for this command";
+		return NBD_EINVAL;
+	}
+	if (writes && (c->tflags & NBD_FLAG_READ_ONLY)) {
+		*why = "export is read-only";
+		return NBD_EPERM;
+	}
+	if (r->type == NBD_CMD_FLUSH) {
+		if (r->offset || r->count) {
+			*why = "flush offset and length must be zero";
+			return NBD_EINVAL;
+		}
+		return 0;
+	}
+	if (!in_range) {
+		*why = "request extends beyond the end of the export";
+		return writes ? NBD_ENOSPC : NBD_EINVAL;
+	}
+	if ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) &&
+	    r->count > c->srv->cfg->max_request) {
+		*why = "request larger than the maximum block size";
+		return NBD_EINVAL;
+	}
+	if (r->type == NBD_CMD_BLOCK_STATUS) {
+		if (!c->meta_alloc) {
+			*why = "no metadata context was negotiated";
+			return NBD_EINVAL;
+		}
+		if (r->count == 0) {
+			*why = "block status length must not be zero";
+			return NBD_EINVAL;
+		}
+	}
+	return 0;
+}
+
+static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
+{
+	const char *why = NULL;
+	uint32_t e = validate(c, r, &why);
+
+	if (e) {
+		log_debug("c%u: %s at %llu+%u refused: %s", c->id, nbd_cmd_name(r->type),
+			  (unsigned long long)r->offset, r->count, why);
+		queue_error(c, r->cookie, e, why);
+		transmission_req_free(r);
+		return;
+	}
+	if (r->type == NBD_CMD_READ && r->count) {
+		r->buf = malloc(r->count);
+		if (!r->buf) {
+			queue_error(c, r->cookie, NBD_ENOMEM, "out of memory");
+			transmission_req_free(r);
+			return;
+		}
+		r->sparse = c->structured && !(r->flags & NBD_CMD_FLAG_DF) &&
+			    (c->dev->caps & NBDV_CAP_EXTENTS);
+	}
+	c->inflight++;
+	c->inflight_bytes += req_bytes(r);
+	executor_submit(c->srv->exec, &r->job, c->dev->caps & NBDV_CAP_BLOCKING);
+}
+
+enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
+{
+	struct nbd_request q;
+	struct nbdv_req *r;
+
+	memcpy(&q, hdr, sizeof(q));
+	if (be32toh(q.magic) != NBD_REQUEST_MAGIC) {
+		/* Framing is lost: nothing after this can be trusted (spec: hard disconnect). */
+		log_info("c%u: bad request magic 0x%08x, closing", c->id, be32toh(q.magic));
+		return TX_CLOSE;
+	}
+	r = calloc(1, sizeof(*r));
+	if (!r)
+		return TX_CLOSE;
+	r->job.run = req_run;
+	r->job.done = req_done;
+	r->conn = c;
+	r->dev = c->dev;
+	r->cookie = q.cookie; /* opaque: kept in wire order */
+	r->offset = be64toh(q.offset);
+	r->count = be32toh(q.count);
+	r->type = be16toh(q.type);
+	r->flags = be16toh(q.flags);
+	log_debug("c%u: %s flags 0x%x at %llu+%u", c->id, nbd_cmd_name(r->type), r->flags,
+		  (unsigned long long)r->offset, r->count);
+
+	if (r->type == NBD_CMD_DISC) {
+		transmission_req_free(r);
+		return TX_DISC;
+	}
+	if (r->type == NBD_CMD_WRITE) {
+		if (r->count > c->srv->cfg->max_request) {
+			/* The payload is never allocated; skipping it could take forever, so
+			 * answer and hang up. */
+			log_info("c%u: WRITE of %u bytes exceeds the %u-byte limit, closing", c->id,
+				 r->count, c->srv->cfg->max_request);
+			queue_error(c, r->cookie, NBD_EINVAL,
+				    "request larger than the maximum block size");
+			transmission_req_free(r);
+			return TX_CLOSE;
+		}
+		if (r->count) {
+			r->buf = malloc(r->count);
+			if (!r->buf) {
+				transmission_req_free(r);
+				return TX_CLOSE;
+			}
+			c->cur_req = r;
+			return TX_NEED_PAYLOAD;
+		}
+	}
+	dispatch(c, r);
+	return TX_OK;
+}
+
+uint8_t *transmission_payload_ptr(struct nbdv_req *r, uint32_t *missing)
+{
+	*missing = r->count - r->got;
+	return r->buf + r->got;
+}
+
+int transmission_payload_got(struct nbdv_conn *c, uint32_t n)
+{
+	struct nbdv_req *r = c->cur_req;
+
+	r->got += n;
+	if (r->got < r->count)
+		return 0;
+	c->cur_req = NULL;
+	dispatch(c, r);
+	return 1;
+}
