@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "nbdvault/conn.h"
@@ -134,12 +135,34 @@ void conn_close_graceful(struct nbdv_conn *c)
 	server_mark_dirty(c->srv, c);
 }
 
+/* Nothing in flight, queued, half-read or waiting in the socket. */
+static bool is_idle(const struct nbdv_conn *c)
+{
+	int unread = 0;
+
+	if (c->inflight || c->outq.head || c->rx != RX_REQ_HEADER || c->iend != c->istart ||
+	    c->tp->ops->pending(c->tp))
+		return false;
+	return ioctl(c->fd, FIONREAD, &unread) == 0 && unread == 0;
+}
+
+/* A draining connection closes as soon as it is idle: no request is cut short. */
+static void maybe_close_drained(struct nbdv_conn *c)
+{
+	if (c->draining && c->phase == CONN_TRANSMISSION && is_idle(c))
+		conn_close_graceful(c);
+}
+
 void conn_shutdown(struct nbdv_conn *c)
 {
-	if (c->phase == CONN_OPTIONS)
+	if (c->phase == CONN_OPTIONS) {
 		conn_abort(c);
-	else
-		conn_close_graceful(c);
+		return;
+	}
+	/* Keep reading so that requests already sent get an answer (ESHUTDOWN for new
+	 * ones, spec "Terminating the transmission phase") instead of a reset. */
+	c->draining = true;
+	maybe_close_drained(c);
 }
 
 void conn_request_done(struct nbdv_conn *c, size_t bytes)
@@ -167,7 +190,11 @@ static void conn_flush(struct nbdv_conn *c)
 			return;
 		}
 		if (w < 0) {
-			log_info("c%u: write failed: %s", c->id, strerror((int)-w));
+			/* A client that hung up is routine; anything else is worth a line. */
+			if (w == -EPIPE || w == -ECONNRESET)
+				log_debug("c%u: client went away: %s", c->id, strerror((int)-w));
+			else
+				log_info("c%u: write failed: %s", c->id, strerror((int)-w));
 			conn_abort(c);
 			return;
 		}
@@ -361,6 +388,7 @@ void conn_service(struct nbdv_conn *c)
 	 * wait in the input buffer; the socket may never become readable for them. */
 	if (c->phase == CONN_TRANSMISSION && !throttled(c) && avail(c))
 		process_input(c);
+	maybe_close_drained(c);
 	c->depth--;
 }
 

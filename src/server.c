@@ -255,6 +255,7 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	for (struct nbdv_conn *c = srv->conns, *next; c; c = next) {
 		next = c->next;
 		conn_shutdown(c);
+		conn_release(c);
 	}
 	ev_timer_init(&srv->shutdown_timer, shutdown_timeout_cb, SHUTDOWN_GRACE, 0.);
 	ev_timer_start(loop, &srv->shutdown_timer);

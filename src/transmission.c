@@ -416,6 +416,10 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	const char *why = NULL;
 	uint32_t e = validate(c, r, &why);
 
+	if (!e && c->srv->shutting_down) {
+		why = "server is shutting down";
+		e = NBD_ESHUTDOWN;
+	}
 	if (e) {
 		log_debug("c%u: %s at %llu+%u refused: %s", c->id, nbd_cmd_name(r->type),
 			  (unsigned long long)r->offset, r->count, why);

@@ -84,6 +84,7 @@ struct nbdv_conn {
 	const struct nbdv_dev *dev;	 /* its open driver instance */
 	uint16_t tflags;		 /* transmission flags sent to the client */
 	struct nbdv_req *cur_req;	 /* WRITE whose payload is being received */
+	bool draining;			 /* server shutting down: close when idle */
 	unsigned inflight;		 /* requests submitted and not yet replied */
 	size_t inflight_bytes;		 /* their data buffers */
 };
@@ -104,7 +105,8 @@ void conn_request_done(struct nbdv_conn *c, size_t bytes);
 void conn_service(struct nbdv_conn *c);
 /* Free @c if nothing refers to it any more; returns true if it was freed. */
 bool conn_release(struct nbdv_conn *c);
-/* Server shutdown: close in the option phase, drain and close in transmission. */
+/* Server shutdown: close in the option phase; in transmission answer new requests with
+ * ESHUTDOWN and close once idle. */
 void conn_shutdown(struct nbdv_conn *c);
 
 #endif /* NBDV_CONN_H */
