@@ -1,0 +1,285 @@
+"""Helpers for nbdvault's end-to-end tests: start the real server on a temporary
+config, talk raw NBD on a socket, and skip (exit 77) when a client tool is missing."""
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+NBDVAULT = os.environ.get("NBDVAULT", "nbdvault")
+
+NBD_MAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+REP_MAGIC = 0x0003E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS = 1, 2, 3, 5
+OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY = 6, 7, 8
+OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 9, 10
+REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
+REP_ERR = 1 << 31
+REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID = REP_ERR | 1, REP_ERR | 2, REP_ERR | 3
+REP_ERR_TLS_REQD, REP_ERR_UNKNOWN, REP_ERR_TOO_BIG = REP_ERR | 5, REP_ERR | 6, REP_ERR | 9
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE = 0, 1, 2, 3, 4, 5
+CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 6, 7
+EPERM, EIO, EINVAL, ENOSPC = 1, 5, 22, 28
+
+
+def require(*tools):
+    """Skip the whole test program (exit 77, meson's skip code) if a tool is absent."""
+    for t in tools:
+        if shutil.which(t) is None:
+            print(f"SKIP: {t} is not installed")
+            sys.exit(77)
+
+
+def require_libnbd():
+    try:
+        import nbd  # noqa: F401
+    except ImportError:
+        print("SKIP: python3-libnbd (module nbd) is not installed for", sys.executable)
+        sys.exit(77)
+
+
+def free_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Server:
+    """One nbdvault process on a fresh temporary directory.
+
+    exports: YAML text of the exports list entries (indented as list items), in which
+    {dir} is replaced by the temporary directory.  The server listens on a unix socket
+    ({dir}/sock) and, with tcp=True, on 127.0.0.1:<free port>."""
+
+    def __init__(self, exports=None, extra="", tcp=False, tmpdir=None):
+        self.dir = tmpdir or tempfile.mkdtemp(prefix="nbdvault-test-")
+        self.sock = os.path.join(self.dir, "sock")
+        self.port = free_port() if tcp else None
+        if exports is None:
+            exports = """
+  - name: mem
+    description: memory test export
+    driver: memory
+    size: 64M
+"""
+        listen = f"listen:\n  - unix: {self.sock}\n"
+        if tcp:
+            listen += f"  - address: 127.0.0.1\n    port: {self.port}\n"
+        self.config = os.path.join(self.dir, "nbdvault.yaml")
+        with open(self.config, "w") as f:
+            f.write(listen + extra.format(dir=self.dir) + "exports:" +
+                    exports.format(dir=self.dir))
+        self.log = os.path.join(self.dir, "server.log")
+        self.proc = None
+
+    def start(self, timeout=10):
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([NBDVAULT, "--config", self.config], stdout=logf,
+                                     stderr=logf)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logtext()}")
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(self.sock)
+                if self.port:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                        pass
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("server did not start listening:\n" + self.logtext())
+
+    def logtext(self):
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def uri(self, export="mem"):
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def tcp_uri(self, export="mem"):
+        return f"nbd://127.0.0.1:{self.port}/{export}"
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        """Signal the server and wait; returns its exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+            raise AssertionError("server did not exit in time:\n" + self.logtext())
+        self.proc = None
+        return rc
+
+    def kill9(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        """Stop the server; unless a test is already failing, insist that it exited 0
+        and that no sanitizer complained, then remove the directory."""
+        rc = self.stop() if self.proc is not None else 0
+        log = self.logtext()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if exc and exc[0] is not None:
+            return
+        for needle in ("runtime error:", "AddressSanitizer", "LeakSanitizer"):
+            assert needle not in log, f"sanitizer report in the server log:\n{log}"
+        assert rc == 0, f"server exited with status {rc}:\n{log}"
+
+
+class Raw:
+    """A raw NBD client on a socket, for what real clients refuse to send."""
+
+    def __init__(self, path=None, port=None, timeout=10):
+        if path:
+            self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.s.settimeout(timeout)
+            self.s.connect(path)
+        else:
+            self.s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def close(self):
+        self.s.close()
+
+    def recvn(self, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = self.s.recv(n - len(buf))
+            if not chunk:
+                raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return buf
+
+    def closed_by_server(self, timeout=5):
+        """True if the server closes the connection (EOF or reset) within timeout."""
+        self.s.settimeout(timeout)
+        try:
+            while True:
+                data = self.s.recv(65536)
+                if not data:
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def greet(self, flags=3):
+        magic, ihave, gflags = struct.unpack(">QQH", self.recvn(18))
+        assert magic == NBD_MAGIC and ihave == IHAVEOPT, "bad greeting"
+        self.s.sendall(struct.pack(">I", flags))
+        return gflags
+
+    def send_opt(self, opt, data=b"", length=None):
+        if length is None:
+            length = len(data)
+        self.s.sendall(struct.pack(">QII", IHAVEOPT, opt, length) + data)
+
+    def read_reply(self):
+        magic, opt, rtype, rlen = struct.unpack(">QIII", self.recvn(20))
+        assert magic == REP_MAGIC, f"bad option reply magic {magic:#x}"
+        return opt, rtype, self.recvn(rlen) if rlen else b""
+
+    def opt(self, opt, data=b""):
+        """Send an option; return the list of (type, data) replies up to the final one."""
+        self.send_opt(opt, data)
+        replies = []
+        while True:
+            o, rtype, payload = self.read_reply()
+            assert o == opt, f"reply for option {o}, expected {opt}"
+            replies.append((rtype, payload))
+            if rtype not in (REP_SERVER, REP_INFO, REP_META_CONTEXT):
+                return replies
+
+    def go(self, name=b"mem", structured=False, meta=False):
+        if structured:
+            assert self.opt(OPT_STRUCTURED_REPLY)[-1][0] == REP_ACK
+        if meta:
+            q = b"base:allocation"
+            data = struct.pack(">I", len(name)) + name + struct.pack(">II", 1, len(q)) + q
+            assert self.opt(OPT_SET_META_CONTEXT, data)[-1][0] == REP_ACK
+        replies = self.opt(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        assert replies[-1][0] == REP_ACK, f"GO failed: {replies}"
+        for rtype, payload in replies:
+            if rtype == REP_INFO and struct.unpack(">H", payload[:2])[0] == 0:
+                _, self.size, self.tflags = struct.unpack(">HQH", payload[:12])
+        return replies
+
+    def request(self, cmd, offset=0, length=0, flags=0, cookie=1, data=b"", magic=REQUEST_MAGIC):
+        self.s.sendall(struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length) + data)
+
+    def simple_reply(self, datalen=0):
+        magic, err, cookie = struct.unpack(">IIQ", self.recvn(16))
+        assert magic == SIMPLE_REPLY_MAGIC, f"expected a simple reply, got magic {magic:#x}"
+        data = self.recvn(datalen) if (datalen and err == 0) else b""
+        return err, cookie, data
+
+    def any_reply(self):
+        """Read one reply of either kind: ('simple', err, cookie, b'') or
+        ('chunk', flags, type, cookie, payload)."""
+        magic = struct.unpack(">I", self.recvn(4))[0]
+        if magic == SIMPLE_REPLY_MAGIC:
+            err, cookie = struct.unpack(">IQ", self.recvn(12))
+            return ("simple", err, cookie, b"")
+        assert magic == STRUCTURED_REPLY_MAGIC, f"bad reply magic {magic:#x}"
+        flags, rtype, cookie, length = struct.unpack(">HHQI", self.recvn(16))
+        return ("chunk", flags, rtype, cookie, self.recvn(length))
+
+    def error_of(self, reply):
+        """NBD error number carried by a reply from any_reply()."""
+        if reply[0] == "simple":
+            return reply[1]
+        _, flags, rtype, cookie, payload = reply
+        return struct.unpack(">I", payload[:4])[0] if rtype & 0x8000 else 0
+
+
+def disconnect(h):
+    """Politely end a libnbd handle's connection (libnbd 1.14 has no close())."""
+    try:
+        h.shutdown()
+    except Exception:
+        pass
+
+
+def check_serves(test, server, export="mem", size=None):
+    """Assert that a new libnbd connection reads back what it writes."""
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(server.uri(export))
+    data = os.urandom(4096)
+    h.pwrite(data, 8192)
+    test.assertEqual(h.pread(4096, 8192), data)
+    h.shutdown()
+
+
+def main():
+    unittest.main(verbosity=2)

@@ -1,0 +1,165 @@
+/*
+ * One conformance test, run against every registered driver through the same
+ * wrapper the server uses (driver_open / driver_*): the contract in driver.h.
+ */
+#include "build-config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "nbdvault/driver_registry.h"
+#include "nbdvault/protocol.h"
+
+#define SIZE (8ULL << 20)
+#define CH 65536ULL
+
+static char tmpdir[] = "/tmp/nbdvault-conformance-XXXXXX";
+
+static void fill(uint8_t *b, size_t n, uint8_t seed)
+{
+	for (size_t i = 0; i < n; i++)
+		b[i] = (uint8_t)(seed + i * 7);
+}
+
+static bool is_zero(const uint8_t *b, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (b[i])
+			return false;
+	return true;
+}
+
+/* Extents of [off, off+len); checks they are contiguous and cover at most len. */
+static uint32_t status(const struct nbdv_dev *d, uint64_t off, uint64_t len, uint32_t max,
+		       struct nbdv_extent *first)
+{
+	struct nbdv_extents ext;
+	uint64_t sum = 0;
+	uint32_t n;
+
+	CHECK(extents_init(&ext, off, len, max) == 0);
+	CHECK(driver_block_status(d, len, off, 0, &ext) == 0);
+	CHECK(ext.n >= 1 && ext.n <= max);
+	for (uint32_t i = 0; i < ext.n; i++) {
+		CHECK(ext.e[i].length > 0);
+		if (i)
+			CHECK(ext.e[i].flags != ext.e[i - 1].flags); /* merged */
+		sum += ext.e[i].length;
+	}
+	CHECK(sum <= len);
+	*first = ext.e[0];
+	n = ext.n;
+	extents_free(&ext);
+	return n;
+}
+
+static void conformance(const struct nbdv_driver *drv)
+{
+	struct nbdv_export_params p = { .name = drv->name, .size = SIZE, .size_given = true };
+	uint8_t *buf = malloc(4 * CH), *pat = malloc(4 * CH);
+	struct nbdv_extent e;
+	struct nbdv_dev d;
+	char path[256];
+	int r;
+
+	snprintf(path, sizeof(path), "%s/%s.img", tmpdir, drv->name);
+	if (strcmp(drv->name, "file") == 0)
+		p.path = path;
+	CHECK(drv->api_version == NBDV_DRIVER_API_VERSION && drv->description);
+	CHECK_MSG(driver_open(drv, &p, &d) == 0, "%s: open", drv->name);
+	CHECK(d.inst->drv == drv);
+	CHECK(d.size == SIZE);
+	CHECK(d.caps & NBDV_CAP_WRITE);
+
+	/* A fresh export reads as zeroes and, where extents are known, is a hole. */
+	CHECK(driver_pread(&d, buf, 4 * CH, 0) == 0 && is_zero(buf, 4 * CH));
+	CHECK(status(&d, 0, SIZE, 64, &e) == 1);
+	if (d.caps & NBDV_CAP_EXTENTS)
+		CHECK(e.flags == (NBD_STATE_HOLE | NBD_STATE_ZERO) && e.length == SIZE);
+
+	/* Unaligned write and read back, across a chunk boundary. */
+	fill(pat, 4 * CH, 3);
+	CHECK(driver_pwrite(&d, pat, 3 * CH + 1000, CH - 500, 0) == 0);
+	CHECK(driver_pread(&d, buf, 3 * CH + 1000, CH - 500) == 0);
+	CHECK(memcmp(buf, pat, 3 * CH + 1000) == 0);
+	CHECK(driver_pread(&d, buf, 500, CH - 1000) == 0 && is_zero(buf, 500));
+
+	/* FUA write and flush succeed; the data is there. */
+	CHECK(driver_pwrite(&d, pat, CH, 6 * CH, NBDV_F_FUA) == 0);
+	CHECK(driver_flush(&d) == 0);
+	CHECK(driver_pread(&d, buf, CH, 6 * CH) == 0 && memcmp(buf, pat, CH) == 0);
+
+	/* Block status after writes: data where written, contiguous, bounded. */
+	CHECK(status(&d, 0, 8 * CH, 64, &e) >= 2);
+	/* The leading hole may be reported at the driver's granularity, or not at all. */
+	CHECK(e.flags == 0 || e.length <= CH - 500);
+	CHECK(status(&d, 0, 8 * CH, 1, &e) == 1); /* REQ_ONE-sized collector */
+	CHECK(status(&d, CH, CH, 64, &e) == 1 && e.flags == 0 && e.length == CH);
+
+	/* Trim: the range reads as zeroes (or keeps data if the driver cannot trim). */
+	CHECK(driver_trim(&d, CH, 2 * CH, 0) == 0);
+	CHECK(driver_pread(&d, buf, CH, 2 * CH) == 0);
+	if (d.caps & NBDV_CAP_TRIM)
+		CHECK(is_zero(buf, CH));
+
+	/* Zero, with and without permission to trim, unaligned. */
+	CHECK(driver_zero(&d, CH, 6 * CH, NBDV_F_MAY_TRIM) == 0);
+	CHECK(driver_pread(&d, buf, CH, 6 * CH) == 0 && is_zero(buf, CH));
+	CHECK(driver_zero(&d, 1000, CH, 0) == 0);
+	CHECK(driver_pread(&d, buf, 1100, CH) == 0 && is_zero(buf, 1000));
+	CHECK(buf[1000] == pat[500 + 1000]);
+
+	/* Fast zero: either done, or refused with ENOTSUP and nothing changed. */
+	CHECK(driver_pwrite(&d, pat, CH, 4 * CH, 0) == 0);
+	r = driver_zero(&d, CH, 4 * CH, NBDV_F_FAST);
+	CHECK(r == 0 || r == -ENOTSUP);
+	CHECK(driver_pread(&d, buf, CH, 4 * CH) == 0);
+	CHECK(r == 0 ? is_zero(buf, CH) : memcmp(buf, pat, CH) == 0);
+
+	/* The last byte, and one past it through the wrapper. */
+	CHECK(driver_pwrite(&d, "Z", 1, SIZE - 1, 0) == 0);
+	CHECK(driver_pread(&d, buf, 1, SIZE - 1) == 0 && buf[0] == 'Z');
+	CHECK(driver_pread(&d, buf, 2, SIZE - 1) == -EINVAL);
+	CHECK(driver_pwrite(&d, buf, 1, SIZE, 0) == -EINVAL);
+	CHECK(driver_cache(&d, CH, 0) == 0);
+	driver_close(&d);
+
+	/* Reopen: what was written is still there (file), and read-only drops writes. */
+	if (strcmp(drv->name, "file") == 0) {
+		struct stat st;
+		p.readonly = true;
+		CHECK(driver_open(drv, &p, &d) == 0);
+		CHECK(!(d.caps & (NBDV_CAP_WRITE | NBDV_CAP_TRIM | NBDV_CAP_ZERO)));
+		CHECK(driver_pread(&d, buf, CH, CH) == 0 && memcmp(buf + 1000, pat + 500 + 1000, 100) == 0);
+		CHECK(driver_pwrite(&d, buf, 1, 0, 0) == -EINVAL);
+		driver_close(&d);
+		/* The file was created sparse: far fewer blocks than its size. */
+		CHECK(stat(path, &st) == 0 && (uint64_t)st.st_blocks * 512 < SIZE / 2);
+		unlink(path);
+		p.readonly = false;
+		p.size_given = false;
+		CHECK(driver_open(drv, &p, &d) == -ENOENT); /* no size: never created */
+	}
+	free(buf);
+	free(pat);
+	printf("driver %s: conformant\n", drv->name);
+}
+
+int main(void)
+{
+	size_t n;
+	const struct nbdv_driver *const *all = driver_all(&n);
+
+	CHECK(mkdtemp(tmpdir) != NULL);
+	CHECK(n >= 2);
+	for (size_t i = 0; i < n; i++)
+		conformance(all[i]);
+	CHECK(driver_lookup("memory") && driver_lookup("file") && !driver_lookup("nope"));
+	rmdir(tmpdir);
+	CHECKS_DONE("test-driver-conformance");
+}
