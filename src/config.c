@@ -25,7 +25,7 @@ struct parse_ctx {
 	yaml_document_t doc; /* the loaded document */
 	char *err;	     /* caller's error buffer */
 	size_t errlen;
-	bool failed;	     /* first error already recorded */
+	bool failed; /* first error already recorded */
 };
 
 /* Record the first error, at @node's position. */
@@ -68,9 +68,9 @@ static const char *type_name(const yaml_node_t *n)
 static int want_type(struct parse_ctx *ctx, const yaml_node_t *n, yaml_node_type_t t,
 		     const char *path)
 {
-	static const char *const want[] = { [YAML_SCALAR_NODE] = "a scalar",
-					    [YAML_SEQUENCE_NODE] = "a list",
-					    [YAML_MAPPING_NODE] = "a mapping" };
+	static const char *const want[] = {[YAML_SCALAR_NODE] = "a scalar",
+					   [YAML_SEQUENCE_NODE] = "a list",
+					   [YAML_MAPPING_NODE] = "a mapping"};
 	if (n->type == t)
 		return 0;
 	return fail(ctx, n, "%s: expected %s, found %s", path, want[t], type_name(n));
@@ -91,8 +91,8 @@ static int get_string(struct parse_ctx *ctx, const yaml_node_t *n, const char *p
 
 static int get_bool(struct parse_ctx *ctx, const yaml_node_t *n, const char *path, bool *out)
 {
-	static const char *const yes[] = { "true", "True", "TRUE", "yes", "Yes", "on", "On" };
-	static const char *const no[] = { "false", "False", "FALSE", "no", "No", "off", "Off" };
+	static const char *const yes[] = {"true", "True", "TRUE", "yes", "Yes", "on", "On"};
+	static const char *const no[] = {"false", "False", "FALSE", "no", "No", "off", "Off"};
 
 	if (want_type(ctx, n, YAML_SCALAR_NODE, path) < 0)
 		return -1;
@@ -122,8 +122,10 @@ static int get_uint(struct parse_ctx *ctx, const yaml_node_t *n, const char *pat
 	errno = 0;
 	v = strtoull(s, &end, 10);
 	if (*s < '0' || *s > '9' || *end != '\0' || errno == ERANGE || v < min || v > max)
-		return fail(ctx, n, "%s: expected an integer from %" PRIu64 " to %" PRIu64
-			    ", found '%.64s'", path, min, max, s);
+		return fail(ctx, n,
+			    "%s: expected an integer from %" PRIu64 " to %" PRIu64
+			    ", found '%.64s'",
+			    path, min, max, s);
 	*out = v;
 	return 0;
 }
@@ -178,8 +180,7 @@ static int get_size(struct parse_ctx *ctx, const yaml_node_t *n, const char *pat
 
 static int check_keys(struct parse_ctx *ctx, const yaml_node_t *map, const char *path)
 {
-	for_each_pair(ctx, map, a)
-	{
+	for_each_pair (ctx, map, a) {
 		yaml_node_t *ka = yaml_document_get_node(&ctx->doc, a->key);
 		if (ka->type != YAML_SCALAR_NODE)
 			return fail(ctx, ka, "%s: keys must be scalars", path);
@@ -200,8 +201,7 @@ static int parse_listen_entry(struct parse_ctx *ctx, const yaml_node_t *map, con
 	if (want_type(ctx, map, YAML_MAPPING_NODE, path) < 0 || check_keys(ctx, map, path) < 0)
 		return -1;
 	l->port = NBDV_DEFAULT_PORT;
-	for_each_pair(ctx, map, p)
-	{
+	for_each_pair (ctx, map, p) {
 		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
 		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
 		char sub[128];
@@ -222,7 +222,8 @@ static int parse_listen_entry(struct parse_ctx *ctx, const yaml_node_t *map, con
 			if (l->unix_path[0] == '\0')
 				return fail(ctx, v, "%s: must not be empty", sub);
 		} else {
-			return fail(ctx, k, "%s: unknown key '%.64s' (expected address, port or unix)",
+			return fail(ctx, k,
+				    "%s: unknown key '%.64s' (expected address, port or unix)",
 				    path, scalar(k));
 		}
 	}
@@ -233,30 +234,6 @@ static int parse_listen_entry(struct parse_ctx *ctx, const yaml_node_t *map, con
 	return 0;
 }
 
-static int parse_listen(struct parse_ctx *ctx, const yaml_node_t *seq, struct nbdv_config *cfg)
-{
-	size_t n;
-
-	if (want_type(ctx, seq, YAML_SEQUENCE_NODE, "listen") < 0)
-		return -1;
-	n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
-	if (n == 0)
-		return fail(ctx, seq, "listen: the list is empty");
-	cfg->listen = calloc(n, sizeof(*cfg->listen));
-	if (!cfg->listen)
-		return fail(ctx, seq, "listen: out of memory");
-	for (size_t i = 0; i < n; i++) {
-		yaml_node_t *item = yaml_document_get_node(&ctx->doc, seq->data.sequence.items.start[i]);
-		char path[64];
-
-		snprintf(path, sizeof(path), "listen[%zu]", i);
-		cfg->n_listen = i + 1;
-		if (parse_listen_entry(ctx, item, path, &cfg->listen[i]) < 0)
-			return -1;
-	}
-	return 0;
-}
-
 static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const char *path,
 			struct nbdv_export_cfg *e)
 {
@@ -264,8 +241,7 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 
 	if (want_type(ctx, map, YAML_MAPPING_NODE, path) < 0 || check_keys(ctx, map, path) < 0)
 		return -1;
-	for_each_pair(ctx, map, p)
-	{
+	for_each_pair (ctx, map, p) {
 		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
 		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
 		const char *key = scalar(k);
@@ -292,10 +268,11 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 		} else if (strcmp(key, "readonly") == 0) {
 			r = get_bool(ctx, v, sub, &e->readonly);
 		} else {
-			r = fail(ctx, k,
-				 "%s: unknown key '%.64s' (expected name, description, driver, path, "
-				 "size or readonly)",
-				 path, key);
+			r = fail(
+			    ctx, k,
+			    "%s: unknown key '%.64s' (expected name, description, driver, path, "
+			    "size or readonly)",
+			    path, key);
 		}
 		if (r < 0)
 			return -1;
@@ -325,28 +302,70 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 	return 0;
 }
 
-static int parse_exports(struct parse_ctx *ctx, const yaml_node_t *seq, struct nbdv_config *cfg)
+/*
+ * Parse the list @seq under @name into a new array of @n items of @size bytes each
+ * (*arr, owned by the config), calling @item for each with its "name[i]" path; *count
+ * follows the items parsed so far so that config_free() frees exactly those.
+ */
+static int parse_list(struct parse_ctx *ctx, const yaml_node_t *seq, const char *name, size_t size,
+		      void **arr, size_t *count,
+		      int (*item)(struct parse_ctx *ctx, const yaml_node_t *node, const char *path,
+				  void *elem))
 {
 	size_t n;
 
-	if (want_type(ctx, seq, YAML_SEQUENCE_NODE, "exports") < 0)
+	if (want_type(ctx, seq, YAML_SEQUENCE_NODE, name) < 0)
 		return -1;
 	n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
-	cfg->exports = calloc(n ? n : 1, sizeof(*cfg->exports));
-	if (!cfg->exports)
-		return fail(ctx, seq, "exports: out of memory");
+	*arr = calloc(n ? n : 1, size);
+	if (!*arr)
+		return fail(ctx, seq, "%s: out of memory", name);
 	for (size_t i = 0; i < n; i++) {
-		yaml_node_t *item = yaml_document_get_node(&ctx->doc, seq->data.sequence.items.start[i]);
+		yaml_node_t *node =
+		    yaml_document_get_node(&ctx->doc, seq->data.sequence.items.start[i]);
 		char path[64];
 
-		snprintf(path, sizeof(path), "exports[%zu]", i);
-		cfg->n_exports = i + 1;
-		if (parse_export(ctx, item, path, &cfg->exports[i]) < 0)
+		snprintf(path, sizeof(path), "%s[%zu]", name, i);
+		*count = i + 1;
+		if (item(ctx, node, path, (char *)*arr + i * size) < 0)
 			return -1;
+	}
+	return 0;
+}
+
+static int listen_item(struct parse_ctx *ctx, const yaml_node_t *node, const char *path, void *elem)
+{
+	return parse_listen_entry(ctx, node, path, elem);
+}
+
+static int export_item(struct parse_ctx *ctx, const yaml_node_t *node, const char *path, void *elem)
+{
+	return parse_export(ctx, node, path, elem);
+}
+
+static int parse_listen(struct parse_ctx *ctx, const yaml_node_t *seq, struct nbdv_config *cfg)
+{
+	if (parse_list(ctx, seq, "listen", sizeof(*cfg->listen), (void **)&cfg->listen,
+		       &cfg->n_listen, listen_item) < 0)
+		return -1;
+	if (cfg->n_listen == 0)
+		return fail(ctx, seq, "listen: the list is empty");
+	return 0;
+}
+
+static int parse_exports(struct parse_ctx *ctx, const yaml_node_t *seq, struct nbdv_config *cfg)
+{
+	if (parse_list(ctx, seq, "exports", sizeof(*cfg->exports), (void **)&cfg->exports,
+		       &cfg->n_exports, export_item) < 0)
+		return -1;
+	for (size_t i = 1; i < cfg->n_exports; i++) {
 		for (size_t j = 0; j < i; j++) {
 			if (strcmp(cfg->exports[j].name, cfg->exports[i].name) == 0)
-				return fail(ctx, item, "%s.name: duplicate export name '%.64s'",
-					    path, cfg->exports[i].name);
+				return fail(ctx,
+					    yaml_document_get_node(
+						&ctx->doc, seq->data.sequence.items.start[i]),
+					    "exports[%zu].name: duplicate export name '%.64s'", i,
+					    cfg->exports[i].name);
 		}
 	}
 	return 0;
@@ -357,8 +376,7 @@ static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nb
 	if (want_type(ctx, map, YAML_MAPPING_NODE, "limits") < 0 ||
 	    check_keys(ctx, map, "limits") < 0)
 		return -1;
-	for_each_pair(ctx, map, p)
-	{
+	for_each_pair (ctx, map, p) {
 		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
 		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
 		uint64_t size;
@@ -388,8 +406,7 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 	if (want_type(ctx, root, YAML_MAPPING_NODE, "top level") < 0 ||
 	    check_keys(ctx, root, "top level") < 0)
 		return -1;
-	for_each_pair(ctx, root, p)
-	{
+	for_each_pair (ctx, root, p) {
 		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
 		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
 		const char *key = scalar(k);
@@ -444,7 +461,7 @@ static int set_defaults(struct nbdv_config *cfg)
 
 int config_load(const char *path, struct nbdv_config **out, char *err, size_t errlen)
 {
-	struct parse_ctx ctx = { .file = path, .err = err, .errlen = errlen };
+	struct parse_ctx ctx = {.file = path, .err = err, .errlen = errlen};
 	struct nbdv_config *cfg = NULL;
 	yaml_parser_t parser;
 	FILE *f;

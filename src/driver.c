@@ -15,8 +15,8 @@ extern const struct nbdv_driver nbdv_driver_memory;
 
 /* Every driver, in one greppable place. */
 static const struct nbdv_driver *const drivers[] = {
-	&nbdv_driver_file,
-	&nbdv_driver_memory,
+    &nbdv_driver_file,
+    &nbdv_driver_memory,
 };
 
 const struct nbdv_driver *driver_lookup(const char *name)

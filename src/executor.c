@@ -9,15 +9,15 @@
 #include "nbdvault/log.h"
 
 struct nbdv_executor {
-	struct ev_loop *loop;	       /* the reactor completions go to */
-	ev_async wake;		       /* signalled when done_head is non-empty */
-	pthread_mutex_t lock;	       /* protects everything below */
-	pthread_cond_t cond;	       /* workers wait here for jobs */
-	struct nbdv_job *job_head;     /* pending jobs, FIFO */
+	struct ev_loop *loop;	   /* the reactor completions go to */
+	ev_async wake;		   /* signalled when done_head is non-empty */
+	pthread_mutex_t lock;	   /* protects everything below */
+	pthread_cond_t cond;	   /* workers wait here for jobs */
+	struct nbdv_job *job_head; /* pending jobs, FIFO */
 	struct nbdv_job **job_tail;
-	struct nbdv_job *done_head;    /* finished jobs, FIFO */
+	struct nbdv_job *done_head; /* finished jobs, FIFO */
 	struct nbdv_job **done_tail;
-	bool stopping;		       /* workers exit once the queue is empty */
+	bool stopping; /* workers exit once the queue is empty */
 	unsigned n_threads;
 	pthread_t *threads;
 };

@@ -67,11 +67,11 @@ int export_open(struct nbdv_export *e, const struct nbdv_dev **dev)
 {
 	const struct nbdv_export_cfg *c = e->cfg;
 	struct nbdv_export_params p = {
-		.name = c->name,
-		.path = c->path,
-		.size = c->size,
-		.size_given = c->size_given,
-		.readonly = c->readonly,
+	    .name = c->name,
+	    .path = c->path,
+	    .size = c->size,
+	    .size_given = c->size_given,
+	    .readonly = c->readonly,
 	};
 	int r;
 

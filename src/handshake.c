@@ -23,18 +23,18 @@
 #include "nbdvault/protocol.h"
 #include "nbdvault/server.h"
 
-#define META_BASE_ALLOCATION "base:allocation"
+#define META_BASE_ALLOCATION	"base:allocation"
 #define META_BASE_ALLOCATION_ID 1
 
 /* Queue one option reply made of up to two pieces of data. */
-static int opt_reply2(struct nbdv_conn *c, uint32_t opt, uint32_t type, const void *a,
-		      size_t alen, const void *b, size_t blen)
+static int opt_reply2(struct nbdv_conn *c, uint32_t opt, uint32_t type, const void *a, size_t alen,
+		      const void *b, size_t blen)
 {
 	struct nbd_fixed_new_option_reply h = {
-		.magic = htobe64(NBD_REP_MAGIC),
-		.option = htobe32(opt),
-		.reply = htobe32(type),
-		.replylen = htobe32((uint32_t)(alen + blen)),
+	    .magic = htobe64(NBD_REP_MAGIC),
+	    .option = htobe32(opt),
+	    .reply = htobe32(type),
+	    .replylen = htobe32((uint32_t)(alen + blen)),
 	};
 	struct nbdv_outmsg *m = outmsg_new(sizeof(h) + alen + blen);
 
@@ -47,16 +47,15 @@ static int opt_reply2(struct nbdv_conn *c, uint32_t opt, uint32_t type, const vo
 	return 0;
 }
 
-static int opt_reply(struct nbdv_conn *c, uint32_t opt, uint32_t type, const void *data,
-		     size_t len)
+static int opt_reply(struct nbdv_conn *c, uint32_t opt, uint32_t type, const void *data, size_t len)
 {
 	return opt_reply2(c, opt, type, data, len, NULL, 0);
 }
 
 /* Error reply with a short human-readable message; returns HS_CONTINUE or HS_CLOSE. */
 NBDV_PRINTF(4, 5)
-static enum hs_result opt_error(struct nbdv_conn *c, uint32_t opt, uint32_t type,
-				const char *fmt, ...)
+static enum hs_result opt_error(struct nbdv_conn *c, uint32_t opt, uint32_t type, const char *fmt,
+				...)
 {
 	char msg[256];
 	va_list ap;
@@ -90,9 +89,9 @@ static uint16_t get_be16(const uint8_t *p)
 int handshake_greeting(struct nbdv_conn *c)
 {
 	struct nbd_new_handshake g = {
-		.nbdmagic = htobe64(NBD_MAGIC),
-		.version = htobe64(NBD_IHAVEOPT),
-		.gflags = htobe16(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES),
+	    .nbdmagic = htobe64(NBD_MAGIC),
+	    .version = htobe64(NBD_IHAVEOPT),
+	    .gflags = htobe16(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES),
 	};
 	struct nbdv_outmsg *m = outmsg_new(sizeof(g));
 
@@ -135,8 +134,7 @@ static struct nbdv_export *find_export(struct nbdv_conn *c, const uint8_t *name,
 	return exports_find(srv->exports, srv->n_exports, srv->cfg, (const char *)name, len);
 }
 
-static enum hs_result opt_list(struct nbdv_conn *c, uint32_t opt, const uint8_t *data,
-			       uint32_t len)
+static enum hs_result opt_list(struct nbdv_conn *c, uint32_t opt, const uint8_t *data, uint32_t len)
 {
 	struct nbdv_server *srv = c->srv;
 
@@ -163,8 +161,7 @@ static enum hs_result opt_list(struct nbdv_conn *c, uint32_t opt, const uint8_t 
 	return opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0 ? HS_CLOSE : HS_CONTINUE;
 }
 
-static int send_info(struct nbdv_conn *c, uint32_t opt, uint16_t type, const void *data,
-		     size_t len)
+static int send_info(struct nbdv_conn *c, uint32_t opt, uint16_t type, const void *data, size_t len)
 {
 	uint16_t be = htobe16(type);
 	return opt_reply2(c, opt, NBD_REP_INFO, &be, 2, data, len);
@@ -212,9 +209,9 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 
 	{
 		struct nbd_info_export ie = {
-			.info = htobe16(NBD_INFO_EXPORT),
-			.exportsize = htobe64(dev->size),
-			.eflags = htobe16(export_tflags(e, c->structured)),
+		    .info = htobe16(NBD_INFO_EXPORT),
+		    .exportsize = htobe64(dev->size),
+		    .eflags = htobe16(export_tflags(e, c->structured)),
 		};
 		if (opt_reply(c, opt, NBD_REP_INFO, &ie, sizeof(ie)) < 0)
 			return HS_CLOSE;
@@ -227,10 +224,10 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 		return HS_CLOSE;
 	{
 		struct nbd_info_block_size bs = {
-			.info = htobe16(NBD_INFO_BLOCK_SIZE),
-			.minimum = htobe32(1),
-			.preferred = htobe32(4096),
-			.maximum = htobe32(c->srv->cfg->max_request),
+		    .info = htobe16(NBD_INFO_BLOCK_SIZE),
+		    .minimum = htobe32(1),
+		    .preferred = htobe32(4096),
+		    .maximum = htobe32(c->srv->cfg->max_request),
 		};
 		if (opt_reply(c, opt, NBD_REP_INFO, &bs, sizeof(bs)) < 0)
 			return HS_CLOSE;
@@ -312,8 +309,7 @@ static enum hs_result opt_meta_context(struct nbdv_conn *c, uint32_t opt, const 
 	bool match = false;
 
 	if (!c->structured)
-		return opt_error(c, opt, NBD_REP_ERR_INVALID,
-				 "negotiate structured replies first");
+		return opt_error(c, opt, NBD_REP_ERR_INVALID, "negotiate structured replies first");
 	if (len < 8)
 		return opt_error(c, opt, NBD_REP_ERR_INVALID, "option data too short");
 	namelen = get_be32(p);

@@ -23,7 +23,7 @@ bool log_enabled(enum nbdv_log_level lvl)
 
 void log_msg(enum nbdv_log_level lvl, const char *fmt, ...)
 {
-	static const char *const names[] = { "error", "warning", "info", "debug" };
+	static const char *const names[] = {"error", "warning", "info", "debug"};
 	char line[1024];
 	int saved = errno;
 	va_list ap;

@@ -47,9 +47,9 @@ static void print_exports(const struct nbdv_config *cfg)
 		if (e->size_given)
 			printf(" size=%llu", (unsigned long long)e->size);
 		printf("%s%s", e->readonly ? " readonly" : "",
-		       cfg->default_export && strcmp(cfg->default_export, e->name) == 0 ?
-			       " (default)" :
-			       "");
+		       cfg->default_export && strcmp(cfg->default_export, e->name) == 0
+			   ? " (default)"
+			   : "");
 		if (e->description)
 			printf(" description=\"%s\"", e->description);
 		printf("\n");
@@ -60,12 +60,12 @@ int main(int argc, char **argv)
 {
 	enum { OPT_CHECK = 256 };
 	static const struct option longopts[] = {
-		{ "config", required_argument, NULL, 'c' },
-		{ "check-config", no_argument, NULL, OPT_CHECK },
-		{ "verbose", no_argument, NULL, 'v' },
-		{ "version", no_argument, NULL, 'V' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+	    {"config", required_argument, NULL, 'c'},
+	    {"check-config", no_argument, NULL, OPT_CHECK},
+	    {"verbose", no_argument, NULL, 'v'},
+	    {"version", no_argument, NULL, 'V'},
+	    {"help", no_argument, NULL, 'h'},
+	    {NULL, 0, NULL, 0},
 	};
 	const char *config_path = NBDV_DEFAULT_CONFIG;
 	bool check_only = false;

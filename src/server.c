@@ -65,7 +65,7 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 /* Remove a stale unix socket left by a dead server; refuse to touch anything else. */
 static int clear_stale_unix(const char *path)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	struct stat st;
 	int fd, r;
 
@@ -103,7 +103,7 @@ static int add_listener(struct nbdv_server *srv, int fd, bool is_tcp, const char
 
 static int listen_unix(struct nbdv_server *srv, const char *path)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	int fd;
 
 	if (strlen(path) >= sizeof(sa.sun_path)) {
@@ -126,8 +126,9 @@ static int listen_unix(struct nbdv_server *srv, const char *path)
 
 static int listen_tcp(struct nbdv_server *srv, const char *address, uint16_t port)
 {
-	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-				  .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
+	struct addrinfo hints = {.ai_family = AF_UNSPEC,
+				 .ai_socktype = SOCK_STREAM,
+				 .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
 	struct addrinfo *res, *ai;
 	char portstr[8];
 	int r, n = 0;
@@ -244,8 +245,9 @@ static void shutdown_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
-	struct nbdv_server *srv = w->signum == SIGINT ? container_of(w, struct nbdv_server, sigint) :
-							container_of(w, struct nbdv_server, sigterm);
+	struct nbdv_server *srv = w->signum == SIGINT
+				      ? container_of(w, struct nbdv_server, sigint)
+				      : container_of(w, struct nbdv_server, sigterm);
 
 	if (srv->shutting_down)
 		return;
@@ -281,8 +283,8 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	}
 	for (size_t i = 0; i < cfg->n_listen; i++) {
 		const struct nbdv_listen_cfg *l = &cfg->listen[i];
-		int r = l->unix_path ? listen_unix(srv, l->unix_path) :
-				       listen_tcp(srv, l->address, l->port);
+		int r = l->unix_path ? listen_unix(srv, l->unix_path)
+				     : listen_tcp(srv, l->address, l->port);
 		if (r < 0)
 			return -1;
 	}

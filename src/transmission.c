@@ -29,19 +29,19 @@
 #define MAX_READ_CHUNKS 32
 
 struct nbdv_req {
-	struct nbdv_job job;	      /* executor link; must be first */
-	struct nbdv_conn *conn;	      /* owner; may be dead when the job completes */
-	const struct nbdv_dev *dev;   /* export device */
-	uint64_t cookie;	      /* echoed in the reply */
-	uint64_t offset;	      /* request offset */
-	uint32_t count;		      /* request length */
-	uint16_t type;		      /* NBD_CMD_* */
-	uint16_t flags;		      /* NBD_CMD_FLAG_* */
-	uint32_t got;		      /* WRITE payload bytes received */
-	uint8_t *buf;		      /* READ/WRITE data, count bytes */
-	int err;		      /* 0 or -errno from the driver */
-	bool sparse;		      /* READ: ext describes holes to send as OFFSET_HOLE */
-	struct nbdv_extents ext;      /* BLOCK_STATUS result, or READ layout */
+	struct nbdv_job job;	    /* executor link; must be first */
+	struct nbdv_conn *conn;	    /* owner; may be dead when the job completes */
+	const struct nbdv_dev *dev; /* export device */
+	uint64_t cookie;	    /* echoed in the reply */
+	uint64_t offset;	    /* request offset */
+	uint32_t count;		    /* request length */
+	uint16_t type;		    /* NBD_CMD_* */
+	uint16_t flags;		    /* NBD_CMD_FLAG_* */
+	uint32_t got;		    /* WRITE payload bytes received */
+	uint8_t *buf;		    /* READ/WRITE data, count bytes */
+	int err;		    /* 0 or -errno from the driver */
+	bool sparse;		    /* READ: ext describes holes to send as OFFSET_HOLE */
+	struct nbdv_extents ext;    /* BLOCK_STATUS result, or READ layout */
 };
 
 uint32_t transmission_nbd_errno(int err, bool fast_zero)
@@ -94,9 +94,9 @@ static void queue_simple(struct nbdv_conn *c, uint64_t cookie, uint32_t error, v
 			 uint32_t len)
 {
 	struct nbd_simple_reply h = {
-		.magic = htobe32(NBD_SIMPLE_REPLY_MAGIC),
-		.error = htobe32(error),
-		.cookie = cookie,
+	    .magic = htobe32(NBD_SIMPLE_REPLY_MAGIC),
+	    .error = htobe32(error),
+	    .cookie = cookie,
 	};
 	struct nbdv_outmsg *m = outmsg_new(sizeof(h));
 
@@ -118,11 +118,11 @@ static int queue_chunk(struct nbdv_conn *c, uint64_t cookie, uint16_t flags, uin
 		       const void *head, size_t hlen, void *data, size_t dlen, bool own)
 {
 	struct nbd_structured_reply h = {
-		.magic = htobe32(NBD_STRUCTURED_REPLY_MAGIC),
-		.flags = htobe16(flags),
-		.type = htobe16(type),
-		.cookie = cookie,
-		.length = htobe32((uint32_t)(hlen + dlen)),
+	    .magic = htobe32(NBD_STRUCTURED_REPLY_MAGIC),
+	    .flags = htobe16(flags),
+	    .type = htobe16(type),
+	    .cookie = cookie,
+	    .length = htobe32((uint32_t)(hlen + dlen)),
 	};
 	struct nbdv_outmsg *m = outmsg_new(sizeof(h) + hlen);
 
@@ -146,7 +146,8 @@ static void queue_error(struct nbdv_conn *c, uint64_t cookie, uint32_t error, co
 {
 	if (c->structured) {
 		size_t mlen = strlen(msg);
-		struct nbd_chunk_error e = { .error = htobe32(error), .len = htobe16((uint16_t)mlen) };
+		struct nbd_chunk_error e = {.error = htobe32(error),
+					    .len = htobe16((uint16_t)mlen)};
 		uint8_t head[sizeof(e) + 128];
 
 		mlen = NBDV_MIN(mlen, sizeof(head) - sizeof(e));
@@ -186,7 +187,7 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 		uint64_t be_off = htobe64(pos);
 
 		if (hole) {
-			struct nbd_chunk_offset_hole h = { be_off, htobe32((uint32_t)n) };
+			struct nbd_chunk_offset_hole h = {be_off, htobe32((uint32_t)n)};
 			if (queue_chunk(c, r->cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, &h,
 					sizeof(h), last ? buf : NULL, 0, last) < 0) {
 				if (!last)
@@ -219,8 +220,8 @@ static void reply_block_status(struct nbdv_conn *c, struct nbdv_req *r)
 	memcpy(payload, &id, 4);
 	for (uint32_t i = 0; i < r->ext.n; i++) {
 		struct nbd_block_descriptor d = {
-			.length = htobe32((uint32_t)r->ext.e[i].length),
-			.status_flags = htobe32(r->ext.e[i].flags),
+		    .length = htobe32((uint32_t)r->ext.e[i].length),
+		    .status_flags = htobe32(r->ext.e[i].flags),
 		};
 		memcpy(payload + 4 + i * sizeof(d), &d, sizeof(d));
 	}
@@ -294,11 +295,9 @@ static void req_run(struct nbdv_job *job)
 		r->err = extents_init(&r->ext, r->offset, r->count,
 				      (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_STATUS_EXTENTS);
 		if (r->err == 0)
-			r->err = driver_block_status(r->dev, r->count, r->offset,
-						     (r->flags & NBD_CMD_FLAG_REQ_ONE) ?
-							     NBDV_F_REQ_ONE :
-							     0,
-						     &r->ext);
+			r->err = driver_block_status(
+			    r->dev, r->count, r->offset,
+			    (r->flags & NBD_CMD_FLAG_REQ_ONE) ? NBDV_F_REQ_ONE : 0, &r->ext);
 		break;
 	default:
 		r->err = -EINVAL;
@@ -314,9 +313,9 @@ static void req_done(struct nbdv_job *job)
 
 	if (c->phase != CONN_DEAD) {
 		if (r->err < 0) {
-			uint32_t e = transmission_nbd_errno(
-				r->err, r->type == NBD_CMD_WRITE_ZEROES &&
-						(r->flags & NBD_CMD_FLAG_FAST_ZERO));
+			uint32_t e =
+			    transmission_nbd_errno(r->err, r->type == NBD_CMD_WRITE_ZEROES &&
+							       (r->flags & NBD_CMD_FLAG_FAST_ZERO));
 			if (e != NBD_ENOTSUP)
 				log_info("c%u: %s at %llu+%u failed: %s", c->id,
 					 nbd_cmd_name(r->type), (unsigned long long)r->offset,
@@ -357,8 +356,8 @@ static uint16_t allowed_flags(const struct nbdv_conn *c, uint16_t type)
 static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const char **why)
 {
 	const struct nbdv_dev *d = c->dev;
-	bool writes = r->type == NBD_CMD_WRITE || r->type == NBD_CMD_TRIM ||
-		      r->type == NBD_CMD_WRITE_ZEROES;
+	bool writes =
+	    r->type == NBD_CMD_WRITE || r->type == NBD_CMD_TRIM || r->type == NBD_CMD_WRITE_ZEROES;
 	bool in_range = r->offset <= d->size && r->count <= d->size - r->offset;
 
 	switch (r->type) {

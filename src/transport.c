@@ -22,7 +22,7 @@ static ssize_t plain_recv(struct nbdv_transport *t, void *buf, size_t len)
 
 static ssize_t plain_sendv(struct nbdv_transport *t, const struct iovec *iov, int iovcnt)
 {
-	struct msghdr mh = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt };
+	struct msghdr mh = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt};
 
 	for (;;) {
 		/* MSG_NOSIGNAL: a peer that went away is an error, not a SIGPIPE. */
@@ -51,12 +51,12 @@ static void plain_free(struct nbdv_transport *t)
 }
 
 static const struct nbdv_transport_ops plain_ops = {
-	.name = "plain",
-	.recv = plain_recv,
-	.sendv = plain_sendv,
-	.pending = plain_pending,
-	.shutdown = plain_shutdown,
-	.free = plain_free,
+    .name = "plain",
+    .recv = plain_recv,
+    .sendv = plain_sendv,
+    .pending = plain_pending,
+    .shutdown = plain_shutdown,
+    .free = plain_free,
 };
 
 struct nbdv_transport *transport_plain_new(int fd)

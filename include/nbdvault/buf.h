@@ -22,14 +22,14 @@
 #define NBDV_OUTMSG_IOV 4
 
 struct nbdv_outmsg {
-	struct nbdv_outmsg *next;	     /* queue link */
-	int niov;			     /* pieces in iov */
-	int cur;			     /* first piece not fully written */
-	struct iovec iov[NBDV_OUTMSG_IOV];   /* what to send, in order */
-	void *owned;			     /* freed with the message (may be NULL) */
-	size_t used;			     /* bytes of inl used */
-	size_t cap;			     /* bytes of inl available */
-	unsigned char inl[];		     /* inline storage for headers */
+	struct nbdv_outmsg *next;	   /* queue link */
+	int niov;			   /* pieces in iov */
+	int cur;			   /* first piece not fully written */
+	struct iovec iov[NBDV_OUTMSG_IOV]; /* what to send, in order */
+	void *owned;			   /* freed with the message (may be NULL) */
+	size_t used;			   /* bytes of inl used */
+	size_t cap;			   /* bytes of inl available */
+	unsigned char inl[];		   /* inline storage for headers */
 };
 
 struct nbdv_outq {

@@ -6,12 +6,13 @@
 
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
-/* Recover the enclosing struct from a pointer to one of its members (ev.pod "composite watchers"). */
-#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+/* Recover the enclosing struct from a pointer to one of its members (ev.pod "composite watchers").
+ */
+#define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 #define NBDV_PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
-#define NBDV_WUR __attribute__((warn_unused_result))
-#define NBDV_NONNULL(...) __attribute__((nonnull(__VA_ARGS__)))
+#define NBDV_WUR	       __attribute__((warn_unused_result))
+#define NBDV_NONNULL(...)      __attribute__((nonnull(__VA_ARGS__)))
 
 #define NBDV_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define NBDV_MAX(a, b) ((a) > (b) ? (a) : (b))

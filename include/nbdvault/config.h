@@ -14,10 +14,10 @@
 
 #include "nbdvault/compiler.h"
 
-#define NBDV_DEFAULT_CONFIG "/etc/nbdvault/nbdvault.yaml"
-#define NBDV_DEFAULT_PORT 10809
+#define NBDV_DEFAULT_CONFIG	 "/etc/nbdvault/nbdvault.yaml"
+#define NBDV_DEFAULT_PORT	 10809
 #define NBDV_DEFAULT_MAX_REQUEST (32U * 1024 * 1024)
-#define NBDV_DEFAULT_IO_THREADS 4
+#define NBDV_DEFAULT_IO_THREADS	 4
 
 struct nbdv_driver;
 
@@ -30,25 +30,25 @@ struct nbdv_listen_cfg {
 
 /* One `exports:` entry. */
 struct nbdv_export_cfg {
-	char *name;			 /* unique, 1..4096 bytes */
-	char *description;		 /* optional, NULL if absent */
-	char *driver_name;		 /* `driver:` as written */
-	const struct nbdv_driver *drv;	 /* resolved driver table */
-	char *path;			 /* file driver: backing path */
-	uint64_t size;			 /* `size:` in bytes (0 if absent) */
-	bool size_given;		 /* whether `size:` was present */
-	bool readonly;			 /* `readonly:` */
+	char *name;		       /* unique, 1..4096 bytes */
+	char *description;	       /* optional, NULL if absent */
+	char *driver_name;	       /* `driver:` as written */
+	const struct nbdv_driver *drv; /* resolved driver table */
+	char *path;		       /* file driver: backing path */
+	uint64_t size;		       /* `size:` in bytes (0 if absent) */
+	bool size_given;	       /* whether `size:` was present */
+	bool readonly;		       /* `readonly:` */
 };
 
 struct nbdv_config {
-	char *file;			 /* path the snapshot was read from */
-	struct nbdv_listen_cfg *listen;	 /* listeners, at least one */
+	char *file;			/* path the snapshot was read from */
+	struct nbdv_listen_cfg *listen; /* listeners, at least one */
 	size_t n_listen;
 	char *default_export;		 /* served for the empty name, or NULL */
 	struct nbdv_export_cfg *exports; /* exports in file order */
 	size_t n_exports;
-	uint32_t max_request;		 /* limits.max-request: maximum payload, bytes */
-	unsigned io_threads;		 /* io-threads: executor worker count */
+	uint32_t max_request; /* limits.max-request: maximum payload, bytes */
+	unsigned io_threads;  /* io-threads: executor worker count */
 };
 
 /*
@@ -56,8 +56,8 @@ struct nbdv_config {
  * with config_free).  On failure returns -1 and writes one line "FILE:LINE:COL: ..."
  * into @err.
  */
-int config_load(const char *path, struct nbdv_config **out, char *err, size_t errlen)
-	NBDV_WUR NBDV_NONNULL(1, 2, 3);
+int config_load(const char *path, struct nbdv_config **out, char *err, size_t errlen) NBDV_WUR
+    NBDV_NONNULL(1, 2, 3);
 
 void config_free(struct nbdv_config *cfg);
 

@@ -28,7 +28,7 @@
 /* Input buffer: one whole maximal option plus its header fits. */
 #define NBDV_IBUF_SIZE (NBDV_MAX_OPTION + 4096)
 /* Back-pressure: stop reading past this many requests or bytes in flight or queued. */
-#define NBDV_MAX_INFLIGHT_REQS 512
+#define NBDV_MAX_INFLIGHT_REQS	512
 #define NBDV_MAX_INFLIGHT_BYTES (96U * 1024 * 1024)
 
 struct nbdv_server;
@@ -53,40 +53,40 @@ enum conn_rx {
 };
 
 struct nbdv_conn {
-	struct nbdv_server *srv;	 /* owner */
-	struct nbdv_conn *prev, *next;	 /* server's list of connections */
-	struct nbdv_conn *dirty_next;	 /* server's list of connections with output to send */
-	bool dirty;			 /* on the dirty list */
-	unsigned id;			 /* for log lines: "c17" */
-	int fd;				 /* socket; -1 once closed */
-	bool is_tcp;			 /* TCP (vs unix) socket */
-	struct nbdv_transport *tp;	 /* plain or TLS */
-	ev_io rio;			 /* readable */
-	ev_io wio;			 /* writable, started only while output is blocked */
+	struct nbdv_server *srv;       /* owner */
+	struct nbdv_conn *prev, *next; /* server's list of connections */
+	struct nbdv_conn *dirty_next;  /* server's list of connections with output to send */
+	bool dirty;		       /* on the dirty list */
+	unsigned id;		       /* for log lines: "c17" */
+	int fd;			       /* socket; -1 once closed */
+	bool is_tcp;		       /* TCP (vs unix) socket */
+	struct nbdv_transport *tp;     /* plain or TLS */
+	ev_io rio;		       /* readable */
+	ev_io wio;		       /* writable, started only while output is blocked */
 	enum conn_phase phase;
 	enum conn_rx rx;
-	unsigned depth;			 /* nesting of our own callbacks */
+	unsigned depth; /* nesting of our own callbacks */
 
-	uint8_t *ibuf;			 /* input buffer, NBDV_IBUF_SIZE bytes */
-	size_t istart, iend;		 /* unread bytes are ibuf[istart, iend) */
-	struct nbdv_outq outq;		 /* replies not yet written */
+	uint8_t *ibuf;	       /* input buffer, NBDV_IBUF_SIZE bytes */
+	size_t istart, iend;   /* unread bytes are ibuf[istart, iend) */
+	struct nbdv_outq outq; /* replies not yet written */
 
 	/* Option phase. */
-	uint32_t opt;			 /* option being read */
-	uint32_t optlen;		 /* its payload length */
-	bool no_zeroes;			 /* client set NBD_FLAG_C_NO_ZEROES */
-	bool structured;		 /* structured replies negotiated */
-	bool meta_alloc;		 /* base:allocation selected */
+	uint32_t opt;			       /* option being read */
+	uint32_t optlen;		       /* its payload length */
+	bool no_zeroes;			       /* client set NBD_FLAG_C_NO_ZEROES */
+	bool structured;		       /* structured replies negotiated */
+	bool meta_alloc;		       /* base:allocation selected */
 	const struct nbdv_export *meta_export; /* export the meta context was set for */
 
 	/* Transmission phase. */
-	struct nbdv_export *exp;	 /* chosen export */
-	const struct nbdv_dev *dev;	 /* its open driver instance */
-	uint16_t tflags;		 /* transmission flags sent to the client */
-	struct nbdv_req *cur_req;	 /* WRITE whose payload is being received */
-	bool draining;			 /* server shutting down: close when idle */
-	unsigned inflight;		 /* requests submitted and not yet replied */
-	size_t inflight_bytes;		 /* their data buffers */
+	struct nbdv_export *exp;    /* chosen export */
+	const struct nbdv_dev *dev; /* its open driver instance */
+	uint16_t tflags;	    /* transmission flags sent to the client */
+	struct nbdv_req *cur_req;   /* WRITE whose payload is being received */
+	bool draining;		    /* server shutting down: close when idle */
+	unsigned inflight;	    /* requests submitted and not yet replied */
+	size_t inflight_bytes;	    /* their data buffers */
 };
 
 /* Take over accepted socket @fd; sends the greeting.  Returns NULL (fd closed) on failure. */

@@ -33,30 +33,30 @@
 #define NBDV_DRIVER_API_VERSION 1
 
 /* Capability bits returned by caps(). */
-#define NBDV_CAP_WRITE (1U << 0)      /* pwrite works (not a read-only medium) */
-#define NBDV_CAP_FLUSH (1U << 1)      /* flush() makes data durable */
-#define NBDV_CAP_FUA (1U << 2)	      /* native FUA; otherwise the wrapper flushes after */
-#define NBDV_CAP_TRIM (1U << 3)	      /* trim() implemented */
-#define NBDV_CAP_ZERO (1U << 4)	      /* zero() implemented; otherwise the wrapper writes zeroes */
-#define NBDV_CAP_FAST_ZERO (1U << 5)  /* zero() honours NBDV_F_FAST by failing with -ENOTSUP */
-#define NBDV_CAP_EXTENTS (1U << 6)    /* block_status() implemented */
-#define NBDV_CAP_CACHE (1U << 7)      /* cache() implemented */
+#define NBDV_CAP_WRITE	    (1U << 0) /* pwrite works (not a read-only medium) */
+#define NBDV_CAP_FLUSH	    (1U << 1) /* flush() makes data durable */
+#define NBDV_CAP_FUA	    (1U << 2) /* native FUA; otherwise the wrapper flushes after */
+#define NBDV_CAP_TRIM	    (1U << 3) /* trim() implemented */
+#define NBDV_CAP_ZERO	    (1U << 4) /* zero() implemented; otherwise the wrapper writes zeroes */
+#define NBDV_CAP_FAST_ZERO  (1U << 5) /* zero() honours NBDV_F_FAST by failing with -ENOTSUP */
+#define NBDV_CAP_EXTENTS    (1U << 6) /* block_status() implemented */
+#define NBDV_CAP_CACHE	    (1U << 7) /* cache() implemented */
 #define NBDV_CAP_MULTI_CONN (1U << 8) /* flush is visible across connections */
-#define NBDV_CAP_BLOCKING (1U << 9)   /* calls may block: run them on the worker pool */
+#define NBDV_CAP_BLOCKING   (1U << 9) /* calls may block: run them on the worker pool */
 
 /* Call flags. */
-#define NBDV_F_FUA (1U << 0)	  /* pwrite/trim/zero: durable on return */
+#define NBDV_F_FUA	(1U << 0) /* pwrite/trim/zero: durable on return */
 #define NBDV_F_MAY_TRIM (1U << 1) /* zero: may deallocate (no NBD_CMD_FLAG_NO_HOLE) */
-#define NBDV_F_FAST (1U << 2)	  /* zero: fail with -ENOTSUP rather than write zeroes slowly */
-#define NBDV_F_REQ_ONE (1U << 3)  /* block_status: one extent is enough */
+#define NBDV_F_FAST	(1U << 2) /* zero: fail with -ENOTSUP rather than write zeroes slowly */
+#define NBDV_F_REQ_ONE	(1U << 3) /* block_status: one extent is enough */
 
 /* Per-export settings handed to create().  Strings live as long as the config snapshot. */
 struct nbdv_export_params {
-	const char *name;	  /* export name */
-	const char *path;	  /* file driver: path, else NULL */
-	uint64_t size;		  /* requested size (0: not given) */
-	bool size_given;	  /* whether size was in the config */
-	bool readonly;		  /* open read-only */
+	const char *name; /* export name */
+	const char *path; /* file driver: path, else NULL */
+	uint64_t size;	  /* requested size (0: not given) */
+	bool size_given;  /* whether size was in the config */
+	bool readonly;	  /* open read-only */
 };
 
 /* Collects extents for block_status().  Opaque; see nbdv_extents_add(). */
@@ -68,7 +68,7 @@ struct nbdv_extents;
  * collector is full (stop: what was given is enough), or -ENOMEM.
  */
 int nbdv_extents_add(struct nbdv_extents *ext, uint64_t length, uint32_t flags)
-	__attribute__((warn_unused_result));
+    __attribute__((warn_unused_result));
 
 struct nbdv_driver;
 

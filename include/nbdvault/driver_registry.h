@@ -29,12 +29,12 @@ struct nbdv_extent {
 
 /* Extent collector; fields are read by transmission.c after block_status(). */
 struct nbdv_extents {
-	uint64_t start;		/* offset the query started at */
-	uint64_t end;		/* end of the queried range */
-	uint64_t next;		/* offset where the next added extent begins */
-	uint32_t max;		/* capacity of e[] */
-	uint32_t n;		/* entries used */
-	struct nbdv_extent *e;	/* entries, contiguous from start */
+	uint64_t start;	       /* offset the query started at */
+	uint64_t end;	       /* end of the queried range */
+	uint64_t next;	       /* offset where the next added extent begins */
+	uint32_t max;	       /* capacity of e[] */
+	uint32_t n;	       /* entries used */
+	struct nbdv_extent *e; /* entries, contiguous from start */
 };
 
 /* Set up a collector for [off, off+len) holding at most @max extents.  Returns 0 or -ENOMEM. */

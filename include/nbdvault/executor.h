@@ -18,9 +18,9 @@ struct ev_loop;
 struct nbdv_executor;
 
 struct nbdv_job {
-	struct nbdv_job *next;		     /* queue link, owned by the executor */
-	void (*run)(struct nbdv_job *job);   /* the work; may block on a worker */
-	void (*done)(struct nbdv_job *job);  /* completion, always on the reactor */
+	struct nbdv_job *next;		    /* queue link, owned by the executor */
+	void (*run)(struct nbdv_job *job);  /* the work; may block on a worker */
+	void (*done)(struct nbdv_job *job); /* completion, always on the reactor */
 };
 
 /* Start @threads workers delivering completions to @loop.  NULL on failure. */

@@ -23,7 +23,7 @@ bool log_enabled(enum nbdv_log_level lvl);
 
 void log_msg(enum nbdv_log_level lvl, const char *fmt, ...) NBDV_PRINTF(2, 3);
 
-#define log_err(...) log_msg(LOG_LVL_ERR, __VA_ARGS__)
+#define log_err(...)  log_msg(LOG_LVL_ERR, __VA_ARGS__)
 #define log_warn(...) log_msg(LOG_LVL_WARN, __VA_ARGS__)
 #define log_info(...) log_msg(LOG_LVL_INFO, __VA_ARGS__)
 #define log_debug(...)                                                                             \

@@ -21,29 +21,29 @@ struct nbdv_export;
 struct nbdv_executor;
 
 struct nbdv_listener {
-	ev_io io;		   /* readable = a connection to accept */
-	int fd;			   /* listening socket */
-	bool is_tcp;		   /* TCP (set TCP_NODELAY on accepted sockets) */
-	char *unix_path;	   /* unix socket path to remove at exit, or NULL */
-	struct nbdv_server *srv;   /* owner */
+	ev_io io;		 /* readable = a connection to accept */
+	int fd;			 /* listening socket */
+	bool is_tcp;		 /* TCP (set TCP_NODELAY on accepted sockets) */
+	char *unix_path;	 /* unix socket path to remove at exit, or NULL */
+	struct nbdv_server *srv; /* owner */
 };
 
 struct nbdv_server {
-	struct ev_loop *loop;		   /* the reactor */
-	struct nbdv_config *cfg;	   /* config snapshot, owned */
-	struct nbdv_export *exports;	   /* run-time exports, owned */
+	struct ev_loop *loop;	     /* the reactor */
+	struct nbdv_config *cfg;     /* config snapshot, owned */
+	struct nbdv_export *exports; /* run-time exports, owned */
 	size_t n_exports;
-	struct nbdv_executor *exec;	   /* worker pool for blocking drivers */
-	struct nbdv_listener *listeners;   /* owned */
+	struct nbdv_executor *exec;	 /* worker pool for blocking drivers */
+	struct nbdv_listener *listeners; /* owned */
 	size_t n_listeners;
-	struct nbdv_conn *conns;	   /* all live connections */
+	struct nbdv_conn *conns; /* all live connections */
 	unsigned n_conns;
-	struct nbdv_conn *dirty;	   /* connections with output to write */
-	ev_prepare flusher;		   /* writes dirty connections before each poll */
-	ev_signal sigint, sigterm;	   /* orderly shutdown */
-	ev_timer shutdown_timer;	   /* upper bound on the drain at shutdown */
+	struct nbdv_conn *dirty;   /* connections with output to write */
+	ev_prepare flusher;	   /* writes dirty connections before each poll */
+	ev_signal sigint, sigterm; /* orderly shutdown */
+	ev_timer shutdown_timer;   /* upper bound on the drain at shutdown */
 	bool shutting_down;
-	unsigned next_id;		   /* next connection id */
+	unsigned next_id; /* next connection id */
 };
 
 /* Bind every listener and set up the loop.  Takes ownership of @cfg.  Returns 0 or -1 (logged). */

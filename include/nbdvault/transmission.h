@@ -15,10 +15,10 @@ struct nbdv_req;
 #define NBDV_REQ_HEADER_SIZE 28
 
 enum tx_result {
-	TX_OK = 0,	    /* request dispatched or answered */
+	TX_OK = 0,	     /* request dispatched or answered */
 	TX_NEED_PAYLOAD = 1, /* WRITE: receive c->cur_req's payload, then transmission_payload() */
-	TX_DISC = 2,	    /* NBD_CMD_DISC: close once in-flight requests are done */
-	TX_CLOSE = -1,	    /* protocol violation: close now */
+	TX_DISC = 2,	     /* NBD_CMD_DISC: close once in-flight requests are done */
+	TX_CLOSE = -1,	     /* protocol violation: close now */
 };
 
 /* Parse one request header (NBDV_REQ_HEADER_SIZE bytes). */

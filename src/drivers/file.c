@@ -162,7 +162,7 @@ static int file_pwrite(struct nbdv_drv_instance *inst, const void *buf, uint64_t
 	bool dsync = flags & NBDV_F_FUA;
 
 	while (len) {
-		struct iovec iov = { .iov_base = (void *)p, .iov_len = len };
+		struct iovec iov = {.iov_base = (void *)p, .iov_len = len};
 		ssize_t n;
 
 		n = pwritev2(f->fd, &iov, 1, (off_t)off, dsync ? RWF_DSYNC : 0);
@@ -196,7 +196,7 @@ static int file_trim(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off,
 	struct filedrv *f = to_file(inst);
 
 	if (f->is_blk) {
-		uint64_t range[2] = { off, len };
+		uint64_t range[2] = {off, len};
 		/* Discard is a hint; a device without it simply keeps the data. */
 		if (ioctl(f->fd, BLKDISCARD, range) < 0 && errno != EOPNOTSUPP && errno != ENOTTY)
 			return -errno;
@@ -216,13 +216,13 @@ static int file_zero(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off,
 
 	if ((flags & NBDV_F_MAY_TRIM) && !f->is_blk &&
 	    fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) ==
-		    0)
+		0)
 		return fua_sync(f, flags);
 	if (fallocate(f->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) ==
 	    0)
 		return fua_sync(f, flags);
 	if (f->is_blk && !(flags & NBDV_F_FAST)) {
-		uint64_t range[2] = { off, len };
+		uint64_t range[2] = {off, len};
 		if (ioctl(f->fd, BLKZEROOUT, range) == 0)
 			return fua_sync(f, flags);
 	}
@@ -287,18 +287,18 @@ static int file_cache(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off
 }
 
 const struct nbdv_driver nbdv_driver_file = {
-	.api_version = NBDV_DRIVER_API_VERSION,
-	.name = "file",
-	.description = "regular file (sparse-aware) or block device",
-	.create = file_create,
-	.destroy = file_destroy,
-	.caps = file_caps,
-	.get_size = file_get_size,
-	.pread = file_pread,
-	.pwrite = file_pwrite,
-	.flush = file_flush,
-	.trim = file_trim,
-	.zero = file_zero,
-	.block_status = file_block_status,
-	.cache = file_cache,
+    .api_version = NBDV_DRIVER_API_VERSION,
+    .name = "file",
+    .description = "regular file (sparse-aware) or block device",
+    .create = file_create,
+    .destroy = file_destroy,
+    .caps = file_caps,
+    .get_size = file_get_size,
+    .pread = file_pread,
+    .pwrite = file_pwrite,
+    .flush = file_flush,
+    .trim = file_trim,
+    .zero = file_zero,
+    .block_status = file_block_status,
+    .cache = file_cache,
 };

@@ -20,9 +20,9 @@
 #include "nbdvault/driver.h"
 #include "nbdvault/protocol.h"
 
-#define CHUNK_SHIFT 16
-#define CHUNK_SIZE (1ULL << CHUNK_SHIFT)
-#define L2_SHIFT 14 /* chunks per L2 table: 16384, i.e. 1 GiB */
+#define CHUNK_SHIFT   16
+#define CHUNK_SIZE    (1ULL << CHUNK_SHIFT)
+#define L2_SHIFT      14 /* chunks per L2 table: 16384, i.e. 1 GiB */
 #define CHUNKS_PER_L2 (1ULL << L2_SHIFT)
 
 struct mem {
@@ -249,18 +249,18 @@ static int mem_cache(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off,
 }
 
 const struct nbdv_driver nbdv_driver_memory = {
-	.api_version = NBDV_DRIVER_API_VERSION,
-	.name = "memory",
-	.description = "sparse RAM disk; contents are lost when the server stops",
-	.create = mem_create,
-	.destroy = mem_destroy,
-	.caps = mem_caps,
-	.get_size = mem_get_size,
-	.pread = mem_pread,
-	.pwrite = mem_pwrite,
-	.flush = mem_flush,
-	.trim = mem_trim,
-	.zero = mem_zero,
-	.block_status = mem_block_status,
-	.cache = mem_cache,
+    .api_version = NBDV_DRIVER_API_VERSION,
+    .name = "memory",
+    .description = "sparse RAM disk; contents are lost when the server stops",
+    .create = mem_create,
+    .destroy = mem_destroy,
+    .caps = mem_caps,
+    .get_size = mem_get_size,
+    .pread = mem_pread,
+    .pwrite = mem_pwrite,
+    .flush = mem_flush,
+    .trim = mem_trim,
+    .zero = mem_zero,
+    .block_status = mem_block_status,
+    .cache = mem_cache,
 };

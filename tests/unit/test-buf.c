@@ -9,7 +9,7 @@
 
 int main(void)
 {
-	struct nbdv_outq q = { 0 };
+	struct nbdv_outq q = {0};
 	struct iovec iov[8];
 	char *owned = malloc(100);
 	struct nbdv_outmsg *a = outmsg_new(16), *b = outmsg_new(4);
@@ -20,7 +20,7 @@ int main(void)
 	memset(owned, 'x', 100);
 	CHECK(outmsg_add_copy(a, "head", 4) == 0);
 	CHECK(outmsg_add_copy(a, "0123456789abcdefg", 17) == -ENOSPC); /* over capacity */
-	CHECK(outmsg_add_copy(a, "", 0) == 0);			      /* empty: no piece */
+	CHECK(outmsg_add_copy(a, "", 0) == 0);			       /* empty: no piece */
 	a->owned = owned;
 	outmsg_add_ref(a, owned, 100);
 	CHECK(outmsg_add_copy(b, "tail", 4) == 0);

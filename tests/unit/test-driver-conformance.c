@@ -16,7 +16,7 @@
 #include "nbdvault/protocol.h"
 
 #define SIZE (8ULL << 20)
-#define CH 65536ULL
+#define CH   65536ULL
 
 static char tmpdir[] = "/tmp/nbdvault-conformance-XXXXXX";
 
@@ -60,7 +60,7 @@ static uint32_t status(const struct nbdv_dev *d, uint64_t off, uint64_t len, uin
 
 static void conformance(const struct nbdv_driver *drv)
 {
-	struct nbdv_export_params p = { .name = drv->name, .size = SIZE, .size_given = true };
+	struct nbdv_export_params p = {.name = drv->name, .size = SIZE, .size_given = true};
 	uint8_t *buf = malloc(4 * CH), *pat = malloc(4 * CH);
 	struct nbdv_extent e;
 	struct nbdv_dev d;
@@ -135,7 +135,8 @@ static void conformance(const struct nbdv_driver *drv)
 		p.readonly = true;
 		CHECK(driver_open(drv, &p, &d) == 0);
 		CHECK(!(d.caps & (NBDV_CAP_WRITE | NBDV_CAP_TRIM | NBDV_CAP_ZERO)));
-		CHECK(driver_pread(&d, buf, CH, CH) == 0 && memcmp(buf + 1000, pat + 500 + 1000, 100) == 0);
+		CHECK(driver_pread(&d, buf, CH, CH) == 0 &&
+		      memcmp(buf + 1000, pat + 500 + 1000, 100) == 0);
 		CHECK(driver_pwrite(&d, buf, 1, 0, 0) == -EINVAL);
 		driver_close(&d);
 		/* The file was created sparse: far fewer blocks than its size. */
