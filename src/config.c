@@ -234,6 +234,93 @@ static int parse_listen_entry(struct parse_ctx *ctx, const yaml_node_t *map, con
 	return 0;
 }
 
+/* `allow:` — a list of client identities, each "cn:NAME", "dn:DN" or "psk:USER". */
+static int parse_allow(struct parse_ctx *ctx, const yaml_node_t *seq, const char *path,
+		       struct nbdv_export_cfg *e)
+{
+	size_t n;
+
+	if (want_type(ctx, seq, YAML_SEQUENCE_NODE, path) < 0)
+		return -1;
+	n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+	e->allow = calloc(n ? n : 1, sizeof(*e->allow));
+	if (!e->allow)
+		return fail(ctx, seq, "%s: out of memory", path);
+	for (size_t i = 0; i < n; i++) {
+		yaml_node_t *v =
+		    yaml_document_get_node(&ctx->doc, seq->data.sequence.items.start[i]);
+		const char *a;
+		char sub[160];
+
+		snprintf(sub, sizeof(sub), "%s[%zu]", path, i);
+		e->n_allow = i + 1;
+		if (get_string(ctx, v, sub, &e->allow[i]) < 0)
+			return -1;
+		a = e->allow[i];
+		if ((strncmp(a, "cn:", 3) != 0 && strncmp(a, "dn:", 3) != 0 &&
+		     strncmp(a, "psk:", 4) != 0) ||
+		    strchr(a, ':')[1] == '\0')
+			return fail(
+			    ctx, v,
+			    "%s: '%.64s' is not an identity (use cn:NAME, dn:DN or psk:USER)", sub,
+			    a);
+	}
+	return 0;
+}
+
+static int parse_tls(struct parse_ctx *ctx, const yaml_node_t *map, struct nbdv_config *cfg)
+{
+	struct nbdv_tls_cfg *t = &cfg->tls;
+	const yaml_node_t *verify_node = NULL;
+
+	if (want_type(ctx, map, YAML_MAPPING_NODE, "tls") < 0 || check_keys(ctx, map, "tls") < 0)
+		return -1;
+	t->mode = TLS_REQUIRE;
+	for_each_pair (ctx, map, p) {
+		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
+		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
+		const char *key = scalar(k);
+		char sub[64];
+		int r;
+
+		snprintf(sub, sizeof(sub), "tls.%s", key);
+		if (strcmp(key, "mode") == 0) {
+			r = want_type(ctx, v, YAML_SCALAR_NODE, sub);
+			if (r == 0 && strcmp(scalar(v), "require") == 0)
+				t->mode = TLS_REQUIRE;
+			else if (r == 0 && strcmp(scalar(v), "optional") == 0)
+				t->mode = TLS_OPTIONAL;
+			else if (r == 0 && strcmp(scalar(v), "off") == 0)
+				t->mode = TLS_OFF;
+			else if (r == 0)
+				r = fail(ctx, v,
+					 "%s: expected require, optional or off, found '%.64s'",
+					 sub, scalar(v));
+		} else if (strcmp(key, "certificates") == 0) {
+			r = get_string(ctx, v, sub, &t->certificates);
+		} else if (strcmp(key, "verify-clients") == 0) {
+			r = get_bool(ctx, v, sub, &t->verify_clients);
+			verify_node = v;
+		} else if (strcmp(key, "psk-file") == 0) {
+			r = get_string(ctx, v, sub, &t->psk_file);
+		} else if (strcmp(key, "priority") == 0) {
+			r = get_string(ctx, v, sub, &t->priority);
+		} else {
+			r = fail(ctx, k,
+				 "tls: unknown key '%.64s' (expected mode, certificates, "
+				 "verify-clients, psk-file or priority)",
+				 key);
+		}
+		if (r < 0)
+			return -1;
+	}
+	if (t->mode != TLS_OFF && !t->certificates && !t->psk_file)
+		return fail(ctx, map, "tls: give certificates, psk-file or both");
+	if (t->verify_clients && !t->certificates)
+		return fail(ctx, verify_node, "tls.verify-clients: needs tls.certificates");
+	return 0;
+}
+
 static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const char *path,
 			struct nbdv_export_cfg *e)
 {
@@ -267,11 +354,20 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 			size_node = v;
 		} else if (strcmp(key, "readonly") == 0) {
 			r = get_bool(ctx, v, sub, &e->readonly);
+		} else if (strcmp(key, "tls") == 0) {
+			r = want_type(ctx, v, YAML_SCALAR_NODE, sub);
+			if (r == 0 && strcmp(scalar(v), "require") == 0)
+				e->tls_required = true;
+			else if (r == 0 && strcmp(scalar(v), "optional") != 0)
+				r = fail(ctx, v, "%s: expected require or optional, found '%.64s'",
+					 sub, scalar(v));
+		} else if (strcmp(key, "allow") == 0) {
+			r = parse_allow(ctx, v, sub, e);
 		} else {
 			r = fail(
 			    ctx, k,
 			    "%s: unknown key '%.64s' (expected name, description, driver, path, "
-			    "size or readonly)",
+			    "size, readonly, tls or allow)",
 			    path, key);
 		}
 		if (r < 0)
@@ -423,13 +519,15 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 			default_node = v;
 		} else if (strcmp(key, "limits") == 0) {
 			r = parse_limits(ctx, v, cfg);
+		} else if (strcmp(key, "tls") == 0) {
+			r = parse_tls(ctx, v, cfg);
 		} else if (strcmp(key, "io-threads") == 0) {
 			r = get_uint(ctx, v, "io-threads", 1, 256, &n);
 			cfg->io_threads = (unsigned)n;
 		} else {
 			r = fail(ctx, k,
 				 "unknown key '%.64s' (expected listen, default-export, exports, "
-				 "limits or io-threads)",
+				 "tls, limits or io-threads)",
 				 key);
 		}
 		if (r < 0)
@@ -437,6 +535,13 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 	}
 	if (!have_exports)
 		return fail(ctx, root, "missing required key 'exports'");
+	for (size_t i = 0; i < cfg->n_exports; i++) {
+		if (cfg->exports[i].n_allow && cfg->tls.mode == TLS_OFF)
+			return fail(ctx, root,
+				    "exports[%zu].allow: identities come from TLS, which is off "
+				    "(add a tls block)",
+				    i);
+	}
 	if (default_node &&
 	    !config_find_export(cfg, cfg->default_export, strlen(cfg->default_export)))
 		return fail(ctx, default_node, "default-export: no export is named '%.64s'",
@@ -446,6 +551,8 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 
 static int set_defaults(struct nbdv_config *cfg)
 {
+	if (!cfg->tls.priority && !(cfg->tls.priority = strdup(NBDV_TLS_PRIORITY)))
+		return -1;
 	if (!cfg->n_listen) {
 		cfg->listen = calloc(1, sizeof(*cfg->listen));
 		if (!cfg->listen)
@@ -526,7 +633,13 @@ void config_free(struct nbdv_config *cfg)
 		free(e->description);
 		free(e->driver_name);
 		free(e->path);
+		for (size_t j = 0; j < e->n_allow; j++)
+			free(e->allow[j]);
+		free(e->allow);
 	}
+	free(cfg->tls.certificates);
+	free(cfg->tls.psk_file);
+	free(cfg->tls.priority);
 	free(cfg->exports);
 	free(cfg->default_export);
 	free(cfg->file);

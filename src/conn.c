@@ -81,6 +81,8 @@ static bool throttled(const struct nbdv_conn *c)
 /* Start or stop the read watcher to match what the connection can take now. */
 static void update_reading(struct nbdv_conn *c)
 {
+	if (c->phase == CONN_TLS_HANDSHAKE)
+		return; /* tls_step() owns the watchers */
 	bool want = (c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) && !throttled(c);
 
 	if (want && !ev_is_active(&c->rio))
@@ -155,7 +157,7 @@ static void maybe_close_drained(struct nbdv_conn *c)
 
 void conn_shutdown(struct nbdv_conn *c)
 {
-	if (c->phase == CONN_OPTIONS) {
+	if (c->phase == CONN_OPTIONS || c->phase == CONN_TLS_HANDSHAKE) {
 		conn_abort(c);
 		return;
 	}
@@ -172,6 +174,57 @@ void conn_request_done(struct nbdv_conn *c, size_t bytes)
 	if (c->phase == CONN_DEAD)
 		return;
 	server_mark_dirty(c->srv, c);
+}
+
+/* Drive the TLS handshake; on success the option phase resumes inside TLS. */
+static void tls_step(struct nbdv_conn *c)
+{
+	const char *why = "";
+	int r = tls_handshake(c->tp, &why);
+
+	if (r == -EAGAIN) {
+		bool w = tls_wants_write(c->tp);
+		if (w) {
+			ev_io_stop(c->srv->loop, &c->rio);
+			ev_io_start(c->srv->loop, &c->wio);
+		} else {
+			ev_io_stop(c->srv->loop, &c->wio);
+			ev_io_start(c->srv->loop, &c->rio);
+		}
+		return;
+	}
+	if (r < 0) {
+		log_info("c%u: TLS handshake failed: %s", c->id, why);
+		conn_abort(c);
+		return;
+	}
+	c->tls_up = true;
+	tls_peer_info(c->tp, &c->peer);
+	log_info("c%u: TLS up: %s, %s, client %s%s%s%s", c->id, c->peer.protocol, c->peer.cipher,
+		 c->peer.psk_user ? "psk:"
+		 : c->peer.dn	  ? "dn:"
+				  : "anonymous",
+		 c->peer.psk_user ? c->peer.psk_user
+		 : c->peer.dn	  ? c->peer.dn
+				  : "",
+		 c->peer.cn ? " cn:" : "", c->peer.cn ? c->peer.cn : "");
+	c->phase = CONN_OPTIONS;
+	ev_io_stop(c->srv->loop, &c->wio);
+	update_reading(c);
+}
+
+static void start_tls(struct nbdv_conn *c)
+{
+	struct nbdv_transport *t = c->srv->tls ? tls_transport_new(c->srv->tls, c->fd) : NULL;
+
+	if (!t) {
+		conn_abort(c);
+		return;
+	}
+	c->tp->ops->free(c->tp);
+	c->tp = t;
+	c->tls_started = true;
+	tls_step(c);
 }
 
 static void conn_flush(struct nbdv_conn *c)
@@ -200,6 +253,11 @@ static void conn_flush(struct nbdv_conn *c)
 		}
 		outq_consume(&c->outq, (size_t)w);
 	}
+	if (c->phase == CONN_TLS_HANDSHAKE) {
+		if (!c->tls_started)
+			start_tls(c);
+		return;
+	}
 	ev_io_stop(c->srv->loop, &c->wio);
 	maybe_finish_close(c);
 	if (c->phase != CONN_DEAD)
@@ -213,6 +271,7 @@ bool conn_release(struct nbdv_conn *c)
 	server_conn_remove(c->srv, c);
 	log_info("c%u: closed", c->id);
 	c->tp->ops->free(c->tp);
+	tls_peer_clear(&c->peer);
 	free(c->ibuf);
 	free(c);
 	return true;
@@ -278,6 +337,15 @@ static void process_input(struct nbdv_conn *c)
 			r = handshake_option(c, c->opt, p, c->optlen);
 			if (r == HS_CLOSE) {
 				conn_close_graceful(c);
+				return;
+			}
+			if (r == HS_STARTTLS) {
+				/* Whatever the client sent after STARTTLS, before it could have
+				 * seen the ACK, is never parsed (spec "TLS support"). */
+				c->istart = c->iend = 0;
+				c->phase = CONN_TLS_HANDSHAKE;
+				c->rx = RX_OPT_HEADER;
+				ev_io_stop(c->srv->loop, &c->rio);
 				return;
 			}
 			c->rx = r == HS_TRANSMISSION ? RX_REQ_HEADER : RX_OPT_HEADER;
@@ -370,12 +438,19 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	struct nbdv_conn *c = container_of(w, struct nbdv_conn, rio);
 
 	c->depth++;
+	if (c->phase == CONN_TLS_HANDSHAKE) {
+		tls_step(c);
+		/* A client may send its first option in the same flight as its Finished. */
+		if (c->phase != CONN_OPTIONS || !c->tp->ops->pending(c->tp))
+			goto out;
+	}
 	do {
 		if (!read_once(c))
 			break;
 		process_input(c);
 	} while ((c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) &&
 		 c->tp->ops->pending(c->tp));
+out:
 	c->depth--;
 	conn_release(c);
 }
@@ -396,6 +471,13 @@ static void write_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct nbdv_conn *c = container_of(w, struct nbdv_conn, wio);
 
+	if (c->phase == CONN_TLS_HANDSHAKE && c->tls_started) {
+		c->depth++;
+		tls_step(c);
+		c->depth--;
+		conn_release(c);
+		return;
+	}
 	conn_service(c);
 	conn_release(c);
 }

@@ -134,6 +134,55 @@ static struct nbdv_export *find_export(struct nbdv_conn *c, const uint8_t *name,
 	return exports_find(srv->exports, srv->n_exports, srv->cfg, (const char *)name, len);
 }
 
+/* Has the TLS requirement for @e been met on this connection? */
+static bool tls_satisfied(const struct nbdv_conn *c, const struct nbdv_export *e)
+{
+	switch (c->srv->cfg->tls.mode) {
+	case TLS_OFF:
+		return true;
+	case TLS_OPTIONAL:
+		return c->tls_up || !e->cfg->tls_required;
+	case TLS_REQUIRE:
+	default:
+		return c->tls_up;
+	}
+}
+
+/* Is the client's TLS identity on @e's allow-list (or has @e none)? */
+static bool identity_allowed(const struct nbdv_conn *c, const struct nbdv_export *e)
+{
+	if (!e->cfg->n_allow)
+		return true;
+	if (!c->tls_up)
+		return false;
+	for (size_t i = 0; i < e->cfg->n_allow; i++) {
+		if (tls_peer_matches(&c->peer, e->cfg->allow[i]))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Refuse @opt on @e unless TLS and the allow-list permit it; returns true when a
+ * refusal was queued (*res says how to go on).  Runs before the driver is opened.
+ */
+static bool refuse_export(struct nbdv_conn *c, uint32_t opt, const struct nbdv_export *e,
+			  enum hs_result *res)
+{
+	if (!tls_satisfied(c, e)) {
+		*res = opt_error(c, opt, NBD_REP_ERR_TLS_REQD, "this export requires TLS");
+		return true;
+	}
+	if (!identity_allowed(c, e)) {
+		log_info("c%u: %s: client identity not allowed for export %s", c->id,
+			 nbd_opt_name(opt), e->cfg->name);
+		*res =
+		    opt_error(c, opt, NBD_REP_ERR_POLICY, "access to this export is not allowed");
+		return true;
+	}
+	return false;
+}
+
 static enum hs_result opt_list(struct nbdv_conn *c, uint32_t opt, const uint8_t *data, uint32_t len)
 {
 	struct nbdv_server *srv = c->srv;
@@ -145,9 +194,13 @@ static enum hs_result opt_list(struct nbdv_conn *c, uint32_t opt, const uint8_t 
 		size_t nlen = strlen(e->name);
 		size_t dlen = e->description ? strlen(e->description) : 0;
 		uint32_t be = htobe32((uint32_t)nlen);
-		uint8_t *payload = malloc(4 + nlen);
+		uint8_t *payload;
 		int r;
 
+		/* Exports this client may not open are not even named (spec: MAY omit). */
+		if (!tls_satisfied(c, &srv->exports[i]) || !identity_allowed(c, &srv->exports[i]))
+			continue;
+		payload = malloc(4 + nlen);
 		if (!payload)
 			return HS_CLOSE;
 		memcpy(payload, &be, 4);
@@ -176,6 +229,7 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 	uint32_t namelen;
 	uint16_t nreq;
 	bool want_name = false, want_desc = false;
+	enum hs_result res;
 	char shown[80];
 	int r;
 
@@ -202,6 +256,8 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 	e = find_export(c, data + 4, namelen);
 	if (!e)
 		return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export '%s' not found", shown);
+	if (refuse_export(c, opt, e, &res))
+		return res;
 	r = export_open(e, &dev);
 	if (r < 0)
 		return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export '%s' is not available: %s",
@@ -265,6 +321,10 @@ static enum hs_result opt_export_name(struct nbdv_conn *c, const uint8_t *data, 
 		return HS_CLOSE;
 	}
 	e = find_export(c, data, len);
+	if (e && (!tls_satisfied(c, e) || !identity_allowed(c, e))) {
+		log_info("c%u: EXPORT_NAME '%s': refused by TLS policy, closing", c->id, shown);
+		return HS_CLOSE;
+	}
 	if (!e || export_open(e, &dev) < 0) {
 		log_info("c%u: EXPORT_NAME '%s': no such export, closing", c->id, shown);
 		return HS_CLOSE;
@@ -306,6 +366,7 @@ static enum hs_result opt_meta_context(struct nbdv_conn *c, uint32_t opt, const 
 	const uint8_t *p = data, *end = data + len;
 	struct nbdv_export *e;
 	uint32_t namelen, nq;
+	enum hs_result res;
 	bool match = false;
 
 	if (!c->structured)
@@ -348,6 +409,8 @@ static enum hs_result opt_meta_context(struct nbdv_conn *c, uint32_t opt, const 
 		return opt_error(c, opt, NBD_REP_ERR_INVALID, "trailing bytes after the queries");
 	if (!e)
 		return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export not found");
+	if (refuse_export(c, opt, e, &res))
+		return res;
 	if (list && nq == 0)
 		match = true; /* an empty query lists every context */
 	if (match) {
@@ -368,6 +431,15 @@ enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t
 				uint32_t len)
 {
 	log_debug("c%u: option %s, %u bytes", c->id, nbd_opt_name(opt), len);
+	if (c->srv->cfg->tls.mode == TLS_REQUIRE && !c->tls_up && opt != NBD_OPT_STARTTLS &&
+	    opt != NBD_OPT_ABORT) {
+		/* FORCEDTLS: nothing is processed in plaintext (CVE-2019-14850 class). */
+		if (opt == NBD_OPT_EXPORT_NAME) {
+			log_info("c%u: EXPORT_NAME before STARTTLS, closing", c->id);
+			return HS_CLOSE;
+		}
+		return opt_error(c, opt, NBD_REP_ERR_TLS_REQD, "TLS is required: send STARTTLS");
+	}
 	switch (opt) {
 	case NBD_OPT_EXPORT_NAME:
 		return opt_export_name(c, data, len);
@@ -379,7 +451,18 @@ enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t
 	case NBD_OPT_STARTTLS:
 		if (len != 0)
 			return opt_error(c, opt, NBD_REP_ERR_INVALID, "STARTTLS takes no data");
-		return opt_error(c, opt, NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
+		if (c->srv->cfg->tls.mode == TLS_OFF)
+			return opt_error(c, opt, NBD_REP_ERR_POLICY,
+					 "TLS is not enabled on this server");
+		if (c->tls_started)
+			return opt_error(c, opt, NBD_REP_ERR_INVALID, "TLS is already active");
+		if (opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0)
+			return HS_CLOSE;
+		/* Nothing negotiated in plaintext survives into TLS (CVE-2021-3716 class). */
+		c->structured = false;
+		c->meta_alloc = false;
+		c->meta_export = NULL;
+		return HS_STARTTLS;
 	case NBD_OPT_INFO:
 	case NBD_OPT_GO:
 		return opt_info_go(c, opt, data, len);

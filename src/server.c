@@ -24,6 +24,7 @@
 #include "nbdvault/export.h"
 #include "nbdvault/log.h"
 #include "nbdvault/server.h"
+#include "nbdvault/tls.h"
 
 /* Seconds the drain at shutdown may take before remaining connections are cut. */
 #define SHUTDOWN_GRACE 30.0
@@ -265,6 +266,27 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 		ev_break(loop, EVBREAK_ALL);
 }
 
+/* SIGHUP: new handshakes use freshly loaded certificates, CRL and PSK keys; sessions
+ * already up keep theirs.  Invalid files leave the current credentials in place. */
+static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+	struct nbdv_server *srv = container_of(w, struct nbdv_server, sighup);
+	struct nbdv_tls *fresh;
+	char err[1024];
+
+	if (srv->cfg->tls.mode == TLS_OFF) {
+		log_info("SIGHUP: TLS is off, nothing to reload");
+		return;
+	}
+	if (tls_load(&srv->cfg->tls, &fresh, err, sizeof(err)) < 0) {
+		log_err("SIGHUP: keeping the current TLS credentials: %s", err);
+		return;
+	}
+	tls_unref(srv->tls);
+	srv->tls = fresh;
+	log_info("SIGHUP: TLS credentials reloaded for new connections");
+}
+
 int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 {
 	memset(srv, 0, sizeof(*srv));
@@ -273,6 +295,15 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	if (!srv->loop) {
 		log_err("cannot initialise the event loop");
 		return -1;
+	}
+	if (cfg->tls.mode != TLS_OFF) {
+		char err[1024];
+		if (tls_global_init() < 0)
+			return -1;
+		if (tls_load(&cfg->tls, &srv->tls, err, sizeof(err)) < 0) {
+			log_err("%s", err);
+			return -1;
+		}
 	}
 	srv->exports = exports_new(cfg, &srv->n_exports);
 	srv->listeners = calloc(cfg->n_listen, sizeof(*srv->listeners));
@@ -295,6 +326,8 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	ev_signal_init(&srv->sigterm, signal_cb, SIGTERM);
 	ev_signal_start(srv->loop, &srv->sigint);
 	ev_signal_start(srv->loop, &srv->sigterm);
+	ev_signal_init(&srv->sighup, sighup_cb, SIGHUP);
+	ev_signal_start(srv->loop, &srv->sighup);
 	signal(SIGPIPE, SIG_IGN);
 	return 0;
 }
@@ -331,11 +364,17 @@ void server_fini(struct nbdv_server *srv)
 		ev_prepare_stop(srv->loop, &srv->flusher);
 		ev_signal_stop(srv->loop, &srv->sigint);
 		ev_signal_stop(srv->loop, &srv->sigterm);
+		ev_signal_stop(srv->loop, &srv->sighup);
 	}
 	exports_free(srv->exports, srv->n_exports);
 	for (size_t i = 0; srv->listeners && i < srv->n_listeners; i++)
 		free(srv->listeners[i].unix_path);
 	free(srv->listeners);
+	if (srv->tls) {
+		tls_unref(srv->tls);
+		srv->tls = NULL;
+		tls_global_deinit();
+	}
 	config_free(srv->cfg);
 	srv->cfg = NULL;
 }

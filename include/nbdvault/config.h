@@ -28,6 +28,22 @@ struct nbdv_listen_cfg {
 	char *unix_path; /* unix socket path; NULL for TCP */
 };
 
+/* `tls.mode` (and the server's behaviour without a `tls` block: TLS_OFF). */
+enum nbdv_tls_mode {
+	TLS_OFF,      /* STARTTLS answered NBD_REP_ERR_POLICY */
+	TLS_OPTIONAL, /* clients choose; exports with `tls: require` need it */
+	TLS_REQUIRE,  /* nothing but STARTTLS and ABORT before TLS */
+};
+
+/* The `tls:` block. */
+struct nbdv_tls_cfg {
+	enum nbdv_tls_mode mode; /* TLS_OFF when there is no block */
+	char *certificates;	 /* directory with ca-cert.pem, server-*.pem, or NULL */
+	bool verify_clients;	 /* demand a client certificate from ca-cert.pem's CA */
+	char *psk_file;		 /* psktool file, or NULL */
+	char *priority;		 /* GnuTLS priority string (default NBDV_TLS_PRIORITY) */
+};
+
 /* One `exports:` entry. */
 struct nbdv_export_cfg {
 	char *name;		       /* unique, 1..4096 bytes */
@@ -38,6 +54,9 @@ struct nbdv_export_cfg {
 	uint64_t size;		       /* `size:` in bytes (0 if absent) */
 	bool size_given;	       /* whether `size:` was present */
 	bool readonly;		       /* `readonly:` */
+	bool tls_required;	       /* `tls: require` (matters in optional mode) */
+	char **allow;		       /* `allow:` identities ("cn:", "dn:", "psk:"), or NULL */
+	size_t n_allow;		       /* entries in allow */
 };
 
 struct nbdv_config {
@@ -47,8 +66,9 @@ struct nbdv_config {
 	char *default_export;		 /* served for the empty name, or NULL */
 	struct nbdv_export_cfg *exports; /* exports in file order */
 	size_t n_exports;
-	uint32_t max_request; /* limits.max-request: maximum payload, bytes */
-	unsigned io_threads;  /* io-threads: executor worker count */
+	uint32_t max_request;	 /* limits.max-request: maximum payload, bytes */
+	unsigned io_threads;	 /* io-threads: executor worker count */
+	struct nbdv_tls_cfg tls; /* `tls:` */
 };
 
 /*

@@ -4,11 +4,10 @@
  * State diagram (rx is what the connection waits for next):
  *
  *   accept ─► greeting sent ─► RX_CLIENT_FLAGS ─► RX_OPT_HEADER ◄──► RX_OPT_DATA
- *                                                      │  GO / EXPORT_NAME
- *                                                      ▼
- *                                RX_REQ_HEADER ◄──► RX_REQ_PAYLOAD (WRITE data)
- *   any phase ─► CONN_CLOSING (no more input; drain in-flight and output) ─► CONN_DEAD
- *   protocol violation or socket error ─► CONN_DEAD at once (in-flight jobs still finish)
+ *                                   STARTTLS ACK flushed ─► CONN_TLS_HANDSHAKE ─┘ (then options
+ * again) │  GO / EXPORT_NAME ▼ RX_REQ_HEADER ◄──► RX_REQ_PAYLOAD (WRITE data) any phase ─►
+ * CONN_CLOSING (no more input; drain in-flight and output) ─► CONN_DEAD protocol violation or
+ * socket error ─► CONN_DEAD at once (in-flight jobs still finish)
  *
  * The struct is freed only when it is dead, has no job in flight and no callback of
  * its own on the stack (depth == 0): see conn_release().
@@ -22,6 +21,7 @@
 
 #include "nbdvault/buf.h"
 #include "nbdvault/compiler.h"
+#include "nbdvault/tls.h"
 
 /* Longest option payload accepted; longer ones get NBD_REP_ERR_TOO_BIG and a close. */
 #define NBDV_MAX_OPTION (64 * 1024)
@@ -38,10 +38,11 @@ struct nbdv_dev;
 struct nbdv_req;
 
 enum conn_phase {
-	CONN_OPTIONS,	   /* handshake and option haggling */
-	CONN_TRANSMISSION, /* requests */
-	CONN_CLOSING,	   /* orderly close: finish in-flight work, drain output */
-	CONN_DEAD,	   /* fd closed; waiting for in-flight jobs before free */
+	CONN_OPTIONS,	    /* handshake and option haggling */
+	CONN_TLS_HANDSHAKE, /* STARTTLS acknowledged: flush the ACK, then the TLS handshake */
+	CONN_TRANSMISSION,  /* requests */
+	CONN_CLOSING,	    /* orderly close: finish in-flight work, drain output */
+	CONN_DEAD,	    /* fd closed; waiting for in-flight jobs before free */
 };
 
 enum conn_rx {
@@ -72,11 +73,14 @@ struct nbdv_conn {
 	struct nbdv_outq outq; /* replies not yet written */
 
 	/* Option phase. */
-	uint32_t opt;			       /* option being read */
-	uint32_t optlen;		       /* its payload length */
-	bool no_zeroes;			       /* client set NBD_FLAG_C_NO_ZEROES */
-	bool structured;		       /* structured replies negotiated */
-	bool meta_alloc;		       /* base:allocation selected */
+	uint32_t opt;		   /* option being read */
+	uint32_t optlen;	   /* its payload length */
+	bool no_zeroes;		   /* client set NBD_FLAG_C_NO_ZEROES */
+	bool tls_started;	   /* TLS transport installed (handshake running or done) */
+	bool tls_up;		   /* TLS handshake completed */
+	struct nbdv_tls_peer peer; /* identity from the TLS session */
+	bool structured;	   /* structured replies negotiated */
+	bool meta_alloc;	   /* base:allocation selected */
 	const struct nbdv_export *meta_export; /* export the meta context was set for */
 
 	/* Transmission phase. */

@@ -16,6 +16,7 @@ struct nbdv_conn;
 enum hs_result {
 	HS_CONTINUE = 0,     /* wait for the next option */
 	HS_TRANSMISSION = 1, /* export chosen: the connection is in transmission */
+	HS_STARTTLS = 2,     /* ACK queued: discard buffered input, then start TLS */
 	HS_CLOSE = -1,	     /* close the connection (after sending what is queued) */
 };
 

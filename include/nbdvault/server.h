@@ -19,6 +19,7 @@ struct nbdv_config;
 struct nbdv_conn;
 struct nbdv_export;
 struct nbdv_executor;
+struct nbdv_tls;
 
 struct nbdv_listener {
 	ev_io io;		 /* readable = a connection to accept */
@@ -41,6 +42,8 @@ struct nbdv_server {
 	struct nbdv_conn *dirty;   /* connections with output to write */
 	ev_prepare flusher;	   /* writes dirty connections before each poll */
 	ev_signal sigint, sigterm; /* orderly shutdown */
+	ev_signal sighup;	   /* reload TLS credentials */
+	struct nbdv_tls *tls;	   /* current TLS credentials, or NULL when TLS is off */
 	ev_timer shutdown_timer;   /* upper bound on the drain at shutdown */
 	bool shutting_down;
 	unsigned next_id; /* next connection id */

@@ -23,11 +23,20 @@ STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS = 1, 2, 3, 5
 OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY = 6, 7, 8
-OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 9, 10
+OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_EXTENDED_HEADERS = 9, 10, 11
 REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
 REP_ERR = 1 << 31
 REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID = REP_ERR | 1, REP_ERR | 2, REP_ERR | 3
 REP_ERR_TLS_REQD, REP_ERR_UNKNOWN, REP_ERR_TOO_BIG = REP_ERR | 5, REP_ERR | 6, REP_ERR | 9
+CERTS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "certs",
+                            "make-dev-certs")
+
+
+def make_pki(outdir, *args):
+    """Run certs/make-dev-certs into outdir; skip the test program without certtool."""
+    require("certtool", "psktool")
+    subprocess.run([CERTS_SCRIPT, outdir, *args], check=True, capture_output=True)
+    return outdir
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE = 0, 1, 2, 3, 4, 5
 CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 6, 7
 EPERM, EIO, EINVAL, ENOSPC = 1, 5, 22, 28
@@ -190,8 +199,25 @@ class Raw:
                     return True
         except (ConnectionResetError, BrokenPipeError):
             return True
+        except OSError as e:  # ssl.SSLError and friends: the peer went away mid-record
+            return "EOF" in str(e) or "reset" in str(e).lower() or "closed" in str(e).lower()
         except socket.timeout:
             return False
+
+    def starttls(self, ca, cert=None, key=None):
+        """NBD_OPT_STARTTLS, then a TLS handshake on the same socket (x509)."""
+        import ssl
+        replies = self.opt(OPT_STARTTLS)
+        assert replies[-1][0] == REP_ACK, f"STARTTLS refused: {replies}"
+        self.tls_wrap(ca, cert, key)
+
+    def tls_wrap(self, ca, cert=None, key=None):
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+        self.s = ctx.wrap_socket(self.s, server_hostname="localhost")
 
     def greet(self, flags=3):
         magic, ihave, gflags = struct.unpack(">QQH", self.recvn(18))

@@ -1,0 +1,499 @@
+#!/usr/bin/python3
+"""TLS: qemu and libnbd clients over x509 and PSK, every refusal, raw STARTTLS abuse,
+optional mode, SIGHUP reload and credential errors (issue 3, acceptance 1-4)."""
+
+import os
+import shutil
+import signal
+import ssl
+import struct
+import subprocess
+import tempfile
+import time
+import unittest
+
+import nbdv
+
+nbdv.require("certtool", "psktool", "qemu-img", "qemu-io", "nbdinfo", "nbdcopy")
+nbdv.require_libnbd()
+import nbd  # noqa: E402
+
+EXPORTS = """
+  - name: secure
+    description: needs TLS
+    driver: memory
+    size: 64M
+  - name: backup
+    driver: memory
+    size: 16M
+    allow: ["cn:backup-host", "psk:alice"]
+  - name: vmonly
+    driver: memory
+    size: 16M
+    allow: ["dn:CN=vm7,O=nbdvault dev"]
+  - name: qemu
+    driver: memory
+    size: 16M
+"""
+
+
+def tls_block(pki, mode="require", psk=True, extra=""):
+    out = f"tls:\n  mode: {mode}\n  certificates: {pki}\n  verify-clients: true\n"
+    if psk:
+        out += f"  psk-file: {pki}/keys.psk\n"
+    return out + extra
+
+
+def run(*args, ok=True):
+    p = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    if ok and p.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def crl_revoking(pki, cert):
+    tmpl = os.path.join(pki, "crl.tmpl")
+    with open(tmpl, "w") as f:
+        f.write("crl_next_update = 30\ncrl_number = 2\n")
+    run("certtool", "--generate-crl", "--load-ca-privkey", f"{pki}/ca-key.pem",
+        "--load-ca-certificate", f"{pki}/ca-cert.pem", "--load-certificate", cert,
+        "--template", tmpl, "--outfile", f"{pki}/ca-crl.pem")
+
+
+def new_server_cert(pki, cn):
+    """Replace the server certificate and key with new ones signed by the same CA."""
+    tmpl = os.path.join(pki, "srv2.tmpl")
+    with open(tmpl, "w") as f:
+        f.write(f'cn = "{cn}"\ndns_name = "localhost"\nip_address = "127.0.0.1"\n'
+                "tls_www_server\nencryption_key\nsigning_key\nexpiration_days = 30\n")
+    run("certtool", "--generate-privkey", "--key-type=ecdsa", "--curve=secp256r1",
+        "--outfile", f"{pki}/new-key.pem")
+    run("certtool", "--generate-certificate", "--load-privkey", f"{pki}/new-key.pem",
+        "--load-ca-certificate", f"{pki}/ca-cert.pem", "--load-ca-privkey",
+        f"{pki}/ca-key.pem", "--template", tmpl, "--outfile", f"{pki}/new-cert.pem")
+    os.replace(f"{pki}/new-key.pem", f"{pki}/server-key.pem")
+    os.replace(f"{pki}/new-cert.pem", f"{pki}/server-cert.pem")
+
+
+def pem_der(path):
+    with open(path) as f:
+        return ssl.PEM_cert_to_DER_cert(f.read())
+
+
+class TlsTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="nbdvault-tls-")
+        cls.pki = nbdv.make_pki(os.path.join(cls.tmp, "pki"), "--client", "backup-host",
+                                "--client", "vm7", "--client", "revoked",
+                                "--psk", "alice", "--psk", "bob")
+        crl_revoking(cls.pki, f"{cls.pki}/clients/revoked/client-cert.pem")
+        # A client certificate from another CA, next to our CA (so the server verifies).
+        rogue = nbdv.make_pki(os.path.join(cls.tmp, "rogue"), "--client", "vm7")
+        cls.rogue = os.path.join(cls.tmp, "rogue-client")
+        os.mkdir(cls.rogue)
+        shutil.copy(f"{cls.pki}/ca-cert.pem", cls.rogue)
+        for f in ("client-cert.pem", "client-key.pem"):
+            shutil.copy(f"{rogue}/clients/vm7/{f}", cls.rogue)
+        # Only the CA: no client certificate at all.
+        cls.nocert = os.path.join(cls.tmp, "nocert")
+        os.mkdir(cls.nocert)
+        shutil.copy(f"{cls.pki}/ca-cert.pem", cls.nocert)
+        # PSK files: a wrong key for alice, and an identity the server does not know.
+        cls.wrong_psk = os.path.join(cls.tmp, "wrong.psk")
+        run("psktool", "-u", "alice", "-p", cls.wrong_psk)
+        cls.unknown_psk = os.path.join(cls.tmp, "unknown.psk")
+        run("psktool", "-u", "mallory", "-p", cls.unknown_psk)
+        # qemu's tls-creds-psk wants a directory holding keys.psk.
+        cls.qemu_psk = os.path.join(cls.tmp, "qemu-psk")
+        os.mkdir(cls.qemu_psk)
+        shutil.copy(f"{cls.pki}/keys.psk", cls.qemu_psk)
+        cls.srv = nbdv.Server(EXPORTS, extra=tls_block(cls.pki), tcp=True).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.srv.__exit__(None, None, None)
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def tearDown(self):
+        self.assertTrue(self.srv.alive(), "server died:\n" + self.srv.logtext())
+        # Whatever a test did, an authorised client still reads back what it writes.
+        h = self.libnbd(certs=self.client("vm7"))
+        h.pwrite(b"ok" * 2048, 60 << 20)
+        self.assertEqual(h.pread(4096, 60 << 20), b"ok" * 2048)
+        nbdv.disconnect(h)
+
+    def client(self, name):
+        return f"{self.pki}/clients/{name}"
+
+    def x509_uri(self, export, certs):
+        return f"nbds://127.0.0.1:{self.srv.port}/{export}?tls-certificates={certs}"
+
+    def psk_uri(self, export, user="alice", psk=None):
+        return (f"nbds://{user}@127.0.0.1:{self.srv.port}/{export}"
+                f"?tls-psk-file={psk or self.pki + '/keys.psk'}")
+
+    def libnbd(self, export="secure", certs=None, psk=None, user="alice", tls=True):
+        h = nbd.NBD()
+        h.set_export_name(export)
+        if tls:
+            h.set_tls(nbd.TLS_REQUIRE)
+            if certs:
+                h.set_tls_certificates(certs)
+            else:
+                h.set_tls_psk_file(psk or f"{self.pki}/keys.psk")
+                h.set_tls_username(user)
+        h.connect_tcp("127.0.0.1", str(self.srv.port))
+        return h
+
+    def qemu_opts(self, export, creds):
+        return (f"driver=nbd,host=127.0.0.1,port={self.srv.port},export={export},"
+                "tls-creds=tls0")
+
+    def x509_object(self, name="vm7"):
+        return f"tls-creds-x509,id=tls0,dir={self.client(name)},endpoint=client,verify-peer=on"
+
+    def psk_object(self):
+        return f"tls-creds-psk,id=tls0,dir={self.qemu_psk},username=alice,endpoint=client"
+
+    def refused(self, **kw):
+        with self.assertRaises(nbd.Error):
+            h = self.libnbd(**kw)
+            h.pread(512, 0)
+
+    # --- acceptance 1: real clients ---
+
+    def test_qemu_x509_round_trip_and_compare(self):
+        src = os.path.join(self.tmp, "src.img")
+        with open(src, "wb") as f:
+            f.truncate(16 << 20)
+            f.seek(3 << 20)
+            f.write(os.urandom(2 << 20))
+        opts = self.qemu_opts("qemu", "x509")  # an export no other test writes
+        run("qemu-img", "convert", "-n", "--object", self.x509_object(), "-f", "raw", src,
+            "--target-image-opts", opts)
+        p = run("qemu-img", "compare", "--object", self.x509_object(), "--image-opts",
+                f"driver=raw,file.driver=file,file.filename={src}", opts)
+        self.assertIn("identical", p.stdout)
+        p = run("qemu-io", "--object", self.x509_object(), "--image-opts", opts,
+                "-c", "write -P 0x42 8M 1M", "-c", "read -P 0x42 8M 1M")
+        self.assertNotIn("verification failed", p.stdout)
+        self.assertIn("TLS up: TLS1.3", self.srv.logtext())
+
+    def test_qemu_psk_round_trip(self):
+        opts = self.qemu_opts("secure", "psk")
+        p = run("qemu-io", "--object", self.psk_object(), "--image-opts", opts,
+                "-c", "write -P 0x24 24M 1M", "-c", "read -P 0x24 24M 1M")
+        self.assertNotIn("verification failed", p.stdout)
+        self.assertEqual(p.stdout.count("bytes at offset"), 2)
+
+    def test_nbdinfo_nbdcopy_x509_and_psk(self):
+        out = run("nbdinfo", self.x509_uri("secure", self.client("vm7"))).stdout
+        self.assertIn("with TLS", out)
+        out = run("nbdinfo", self.psk_uri("secure")).stdout
+        self.assertIn("with TLS", out)
+        src = os.path.join(self.tmp, "copy.img")
+        with open(src, "wb") as f:
+            f.write(os.urandom(4 << 20))
+        run("nbdcopy", src, self.x509_uri("secure", self.client("vm7")))
+        back = os.path.join(self.tmp, "back.img")
+        run("nbdcopy", self.psk_uri("secure"), back)
+        with open(src, "rb") as a, open(back, "rb") as b:
+            self.assertEqual(a.read(), b.read(4 << 20))
+
+    # --- acceptance 2: refusals ---
+
+    def test_plaintext_client_refused(self):
+        self.refused(tls=False)
+        out = run("nbdinfo", "--list", f"nbd://127.0.0.1:{self.srv.port}", ok=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertNotIn("secure", out.stdout)
+
+    def test_client_cert_from_another_ca(self):
+        self.refused(certs=self.rogue)
+        self.assertIn("client certificate rejected", self.srv.logtext())
+
+    def test_no_client_certificate(self):
+        self.refused(certs=self.nocert)
+
+    def test_revoked_certificate(self):
+        self.refused(certs=self.client("revoked"))
+        self.assertIn("revoked", self.srv.logtext())
+
+    def test_wrong_psk_key(self):
+        self.refused(psk=self.wrong_psk)
+
+    def test_unknown_psk_identity(self):
+        self.refused(psk=self.unknown_psk, user="mallory")
+        self.assertIn("unknown PSK identity", self.srv.logtext())
+
+    def listing(self, **kw):
+        h = nbd.NBD()
+        h.set_opt_mode(True)
+        h.set_tls(nbd.TLS_REQUIRE)
+        if "certs" in kw:
+            h.set_tls_certificates(kw["certs"])
+        else:
+            h.set_tls_psk_file(f"{self.pki}/keys.psk")
+            h.set_tls_username(kw["user"])
+        h.connect_tcp("127.0.0.1", str(self.srv.port))
+        names = []
+        h.opt_list(lambda name, desc: names.append(name))
+        h.opt_abort()
+        return names
+
+    def test_allow_lists(self):
+        self.assertEqual(self.listing(certs=self.client("vm7")), ["secure", "vmonly", "qemu"])
+        self.assertEqual(self.listing(certs=self.client("backup-host")),
+                         ["secure", "backup", "qemu"])
+        self.assertEqual(self.listing(user="alice"), ["secure", "backup", "qemu"])
+        self.assertEqual(self.listing(user="bob"), ["secure", "qemu"])
+        for kw in ({"certs": self.client("vm7")}, {"user": "bob"}):
+            with self.assertRaises(nbd.Error) as cm:
+                self.libnbd(export="backup", **kw)
+            self.assertIn("not allowed", str(cm.exception).lower() + self.srv.logtext())
+        h = self.libnbd(export="backup", certs=self.client("backup-host"))
+        h.pwrite(b"b" * 512, 0)
+        nbdv.disconnect(h)
+        h = self.libnbd(export="vmonly", certs=self.client("vm7"))
+        h.pread(512, 0)
+        nbdv.disconnect(h)
+
+    # --- acceptance 3: raw sockets ---
+
+    def raw(self):
+        r = nbdv.Raw(self.srv.sock)
+        self.addCleanup(r.close)
+        r.greet()
+        return r
+
+    def test_every_option_before_starttls_gets_tls_reqd(self):
+        before = self.srv.logtext().count("opened (")
+        name = b"secure"
+        payloads = {
+            nbdv.OPT_LIST: b"",
+            4: b"",  # PEEK_EXPORT
+            nbdv.OPT_INFO: struct.pack(">I", 6) + name + b"\0\0",
+            nbdv.OPT_GO: struct.pack(">I", 6) + name + b"\0\0",
+            nbdv.OPT_STRUCTURED_REPLY: b"",
+            nbdv.OPT_LIST_META_CONTEXT: struct.pack(">I", 6) + name + struct.pack(">I", 0),
+            nbdv.OPT_SET_META_CONTEXT: struct.pack(">I", 6) + name + struct.pack(">I", 0),
+            nbdv.OPT_EXTENDED_HEADERS: b"",
+            12: b"x",
+            0x7777: b"",
+        }
+        r = self.raw()
+        for opt, data in payloads.items():
+            replies = r.opt(opt, data)
+            self.assertEqual([t for t, _ in replies], [nbdv.REP_ERR_TLS_REQD], f"option {opt}")
+        self.assertEqual(self.srv.logtext().count("opened ("), before,
+                         "an export was opened before TLS")
+        self.assertEqual(r.opt(nbdv.OPT_ABORT)[-1][0], nbdv.REP_ACK)
+
+    def test_export_name_before_tls_closes(self):
+        r = self.raw()
+        r.send_opt(nbdv.OPT_EXPORT_NAME, b"secure")
+        self.assertTrue(r.closed_by_server())
+
+    def test_starttls_injection_is_discarded(self):
+        r = self.raw()
+        name = b"secure"
+        inject = (struct.pack(">QII", nbdv.IHAVEOPT, nbdv.OPT_STRUCTURED_REPLY, 0) +
+                  struct.pack(">QII", nbdv.IHAVEOPT, nbdv.OPT_GO, 6 + len(name)) +
+                  struct.pack(">I", len(name)) + name + b"\0\0")
+        r.s.sendall(struct.pack(">QII", nbdv.IHAVEOPT, nbdv.OPT_STARTTLS, 0) + inject)
+        opt, rtype, _ = r.read_reply()
+        self.assertEqual((opt, rtype), (nbdv.OPT_STARTTLS, nbdv.REP_ACK))
+        # Any plaintext reply to the injected options would break this handshake.
+        r.tls_wrap(f"{self.pki}/ca-cert.pem", f"{self.client('vm7')}/client-cert.pem",
+                   f"{self.client('vm7')}/client-key.pem")
+        # Inside TLS, the first reply is to our LIST, not to the injected options.
+        replies = r.opt(nbdv.OPT_LIST)
+        self.assertEqual(replies[-1][0], nbdv.REP_ACK)
+        # The injected STRUCTURED_REPLY was never negotiated: reads use simple replies.
+        r.go(name)
+        r.request(nbdv.CMD_READ, 0, 512, cookie=9)
+        self.assertEqual(r.simple_reply(512)[:2], (0, 9))
+
+    def test_garbage_instead_of_client_hello(self):
+        r = self.raw()
+        self.assertEqual(r.opt(nbdv.OPT_STARTTLS)[-1][0], nbdv.REP_ACK)
+        r.s.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(300))
+        self.assertTrue(r.closed_by_server())
+        self.assertIn("TLS handshake failed", self.srv.logtext())
+
+    def test_starttls_twice_and_with_data(self):
+        r = self.raw()
+        self.assertEqual(r.opt(nbdv.OPT_STARTTLS, b"x")[-1][0], nbdv.REP_ERR_INVALID)
+        r.starttls(f"{self.pki}/ca-cert.pem", f"{self.client('vm7')}/client-cert.pem",
+                   f"{self.client('vm7')}/client-key.pem")
+        self.assertEqual(r.opt(nbdv.OPT_STARTTLS)[-1][0], nbdv.REP_ERR_INVALID)
+        replies = r.opt(nbdv.OPT_INFO, struct.pack(">I", 6) + b"secure" + b"\0\0")
+        self.assertEqual(replies[-1][0], nbdv.REP_ACK)  # and never TLS_REQD inside TLS
+
+    def test_disconnect_sends_close_notify(self):
+        r = self.raw()
+        r.starttls(f"{self.pki}/ca-cert.pem", f"{self.client('vm7')}/client-cert.pem",
+                   f"{self.client('vm7')}/client-key.pem")
+        r.go(b"secure")
+        r.request(nbdv.CMD_DISC)
+        # A clean TLS end: the ssl module sees close_notify as an orderly EOF (b"").
+        r.s.settimeout(5)
+        self.assertEqual(r.s.recv(100), b"")
+
+    def test_many_requests_in_flight_over_tls(self):
+        h = self.libnbd(certs=self.client("vm7"))
+        blobs = [os.urandom(200000) for _ in range(32)]
+        cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b)), (30 << 20) + i * 200000)
+                   for i, b in enumerate(blobs)]
+        while h.aio_in_flight():
+            h.poll(-1)
+        bufs = [nbd.Buffer(200000) for _ in blobs]
+        cookies = [h.aio_pread(bufs[i], (30 << 20) + i * 200000) for i in range(32)]
+        while h.aio_in_flight():
+            h.poll(-1)
+        for i, c in enumerate(cookies):
+            self.assertTrue(h.aio_command_completed(c))
+            self.assertEqual(bytes(bufs[i].to_bytearray()), blobs[i])
+        nbdv.disconnect(h)
+
+
+class TlsModesTest(unittest.TestCase):
+    """Optional mode, state reset across STARTTLS, SIGHUP, and credential errors."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="nbdvault-tls2-")
+        cls.pki = nbdv.make_pki(os.path.join(cls.tmp, "pki"), "--client", "vm7")
+        cls.vm7 = f"{cls.pki}/clients/vm7"
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def wrap(self, r):
+        r.starttls(f"{self.pki}/ca-cert.pem", f"{self.vm7}/client-cert.pem",
+                   f"{self.vm7}/client-key.pem")
+
+    def test_optional_mode(self):
+        exports = """
+  - name: public
+    driver: memory
+    size: 1M
+  - name: secret
+    driver: memory
+    size: 1M
+    tls: require
+"""
+        with nbdv.Server(exports, extra=tls_block(self.pki, "optional", psk=False)) as srv:
+            r = nbdv.Raw(srv.sock)
+            r.greet()
+            names = [p[4:] for t, p in r.opt(nbdv.OPT_LIST) if t == nbdv.REP_SERVER]
+            self.assertEqual(names, [b"public"])
+            info = struct.pack(">I", 6) + b"secret" + b"\0\0"
+            self.assertEqual(r.opt(nbdv.OPT_INFO, info)[-1][0], nbdv.REP_ERR_TLS_REQD)
+            self.assertNotIn("export secret: opened", srv.logtext())
+            # Negotiated in plaintext, then STARTTLS: nothing carries over.
+            self.assertEqual(r.opt(nbdv.OPT_STRUCTURED_REPLY)[-1][0], nbdv.REP_ACK)
+            self.wrap(r)
+            names = [p[4:] for t, p in r.opt(nbdv.OPT_LIST) if t == nbdv.REP_SERVER]
+            self.assertEqual(names, [b"public", b"secret"])
+            r.go(b"secret")
+            r.request(nbdv.CMD_READ, 0, 512, cookie=5)
+            self.assertEqual(r.simple_reply(512)[:2], (0, 5))  # simple: SR was reset
+            r.close()
+            # Plaintext clients still use the public export.
+            h = nbd.NBD()
+            h.connect_uri(srv.uri("public"))
+            h.pwrite(b"p" * 512, 0)
+            nbdv.disconnect(h)
+
+    def test_sighup_reloads_certificates(self):
+        pki = os.path.join(self.tmp, "hup")
+        shutil.copytree(self.pki, pki)
+        exports = "\n  - name: d\n    driver: memory\n    size: 1M\n"
+        with nbdv.Server(exports, extra=tls_block(pki, psk=False)) as srv:
+            def peer_cert():
+                r = nbdv.Raw(srv.sock)
+                r.greet()
+                r.starttls(f"{pki}/ca-cert.pem", f"{self.vm7}/client-cert.pem",
+                           f"{self.vm7}/client-key.pem")
+                der = r.s.getpeercert(binary_form=True)
+                r.opt(nbdv.OPT_ABORT)
+                r.close()
+                return der
+
+            old = pem_der(f"{pki}/server-cert.pem")
+            self.assertEqual(peer_cert(), old)
+            early = nbdv.Raw(srv.sock)
+            early.greet()
+            self.wrap(early)
+            early.go(b"d")
+            new_server_cert(pki, "reloaded")
+            srv.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "reloaded for new connections" not in srv.logtext():
+                self.assertLess(time.monotonic(), deadline, srv.logtext())
+                time.sleep(0.05)
+            new = pem_der(f"{pki}/server-cert.pem")
+            self.assertNotEqual(new, old)
+            self.assertEqual(peer_cert(), new)
+            # The connection opened before the reload keeps working.
+            early.request(nbdv.CMD_WRITE, 0, 512, cookie=1, data=b"e" * 512)
+            self.assertEqual(early.simple_reply()[:2], (0, 1))
+            # A broken key: the reload is refused and the working credentials stay.
+            with open(f"{pki}/server-key.pem", "w") as f:
+                f.write("-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
+            srv.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "keeping the current TLS credentials" not in srv.logtext():
+                self.assertLess(time.monotonic(), deadline, srv.logtext())
+                time.sleep(0.05)
+            self.assertEqual(peer_cert(), new)
+            early.request(nbdv.CMD_READ, 0, 512, cookie=2)
+            self.assertEqual(early.simple_reply(512), (0, 2, b"e" * 512))
+            early.close()
+
+    def start_fails(self, extra, *needles):
+        srv = nbdv.Server(extra=extra)
+        try:
+            p = subprocess.run([nbdv.NBDVAULT, "-c", srv.config], capture_output=True,
+                               text=True, timeout=30)
+            self.assertEqual(p.returncode, 1, p.stderr)
+            for n in needles:
+                self.assertIn(n, p.stderr)
+        finally:
+            shutil.rmtree(srv.dir, ignore_errors=True)
+
+    def test_credential_errors(self):
+        bad = os.path.join(self.tmp, "bad")
+        shutil.copytree(self.pki, bad)
+        os.unlink(f"{bad}/server-key.pem")
+        self.start_fails(tls_block(bad, psk=False), f"{bad}/server-key.pem", "cannot read")
+        shutil.copy(f"{self.vm7}/client-key.pem", f"{bad}/server-key.pem")
+        self.start_fails(tls_block(bad, psk=False), "server-cert.pem", "server-key.pem")
+        self.start_fails(tls_block(self.pki, psk=False, extra='  priority: "NORMAL:+BOGUS"\n'),
+                         "tls.priority", "NORMAL:+BOGUS")
+        self.start_fails(f"tls:\n  psk-file: {self.tmp}/missing.psk\n",
+                         f"{self.tmp}/missing.psk", "cannot read")
+        with open(f"{self.tmp}/bad.psk", "w") as f:
+            f.write("alice:0011\nno-colon-here\n")
+        self.start_fails(f"tls:\n  psk-file: {self.tmp}/bad.psk\n", "bad.psk:2")
+
+    def test_world_readable_key_warns(self):
+        loose = os.path.join(self.tmp, "loose")
+        shutil.copytree(self.pki, loose)
+        os.chmod(f"{loose}/server-key.pem", 0o644)
+        with nbdv.Server(extra=tls_block(loose, psk=False)) as srv:
+            self.assertIn("server-key.pem is readable by other users", srv.logtext())
+
+    def test_tls_off_refuses_starttls(self):
+        with nbdv.Server() as srv:
+            r = nbdv.Raw(srv.sock)
+            r.greet()
+            self.assertEqual(r.opt(nbdv.OPT_STARTTLS)[-1][0], nbdv.REP_ERR_POLICY)
+            r.close()
+
+
+if __name__ == "__main__":
+    nbdv.main()
