@@ -536,6 +536,15 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 	if (!have_exports)
 		return fail(ctx, root, "missing required key 'exports'");
 	for (size_t i = 0; i < cfg->n_exports; i++) {
+		const struct nbdv_export_cfg *e = &cfg->exports[i];
+		for (size_t j = 0; j < e->n_allow; j++) {
+			/* Certificate identities exist only when certificates are verified. */
+			if (e->allow[j][0] != 'p' && !cfg->tls.verify_clients)
+				return fail(ctx, root,
+					    "exports[%zu].allow[%zu]: '%.64s' needs "
+					    "tls.verify-clients: true",
+					    i, j, e->allow[j]);
+		}
 		if (cfg->exports[i].n_allow && cfg->tls.mode == TLS_OFF)
 			return fail(ctx, root,
 				    "exports[%zu].allow: identities come from TLS, which is off "

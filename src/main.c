@@ -12,6 +12,7 @@
 #include "nbdvault/driver.h"
 #include "nbdvault/log.h"
 #include "nbdvault/server.h"
+#include "nbdvault/tls.h"
 
 static void usage(FILE *f)
 {
@@ -107,6 +108,22 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	if (check_only) {
+		/* Credential files are part of the configuration: check them too. */
+		if (cfg->tls.mode != TLS_OFF) {
+			struct nbdv_tls *tls;
+			int r = tls_global_init();
+			if (r == 0 && tls_load(&cfg->tls, &tls, err, sizeof(err)) < 0) {
+				fprintf(stderr, "nbdvault: %s\n", err);
+				r = -1;
+			} else if (r == 0) {
+				tls_unref(tls);
+			}
+			tls_global_deinit();
+			if (r < 0) {
+				config_free(cfg);
+				return 1;
+			}
+		}
 		printf("%s: OK\n", config_path);
 		print_exports(cfg);
 		config_free(cfg);

@@ -5,7 +5,9 @@ each invalid fixture makes the binary exit non-zero naming FILE:LINE:COLUMN."""
 import glob
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import unittest
 
 import nbdv
@@ -36,15 +38,41 @@ class CliTest(unittest.TestCase):
                     self.assertEqual(p.stderr.count("\n"), 1, "one line, no noise")
 
     def test_check_config_lists_exports(self):
-        p = run("--check-config", "--config", os.path.join(DATA, "valid", "full.yaml"))
+        tmp = tempfile.mkdtemp(prefix="nbdvault-cli-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pki = nbdv.make_pki(os.path.join(tmp, "pki"))
+        with open(os.path.join(DATA, "valid", "full.yaml")) as f:
+            text = f.read().replace("/etc/nbdvault/pki", pki).replace(
+                "/etc/nbdvault/keys.psk", pki + "/keys.psk")
+        cfg = os.path.join(tmp, "full.yaml")
+        with open(cfg, "w") as f:
+            f.write(text)
+        p = run("--check-config", "--config", cfg)
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertIn("export disk0: driver=file path=/var/tmp/disk0.img size=10737418240 "
                       "(default) description=\"Scratch disk\"", p.stdout)
         self.assertIn("export scratch: driver=memory size=524288 readonly", p.stdout)
         self.assertIn("listen unix:/tmp/nbdvault-valid.sock", p.stdout)
+        # The credential files are checked too, without starting anything.
+        os.unlink(os.path.join(pki, "server-key.pem"))
+        p = run("--check-config", "--config", cfg)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn(os.path.join(pki, "server-key.pem") + ": cannot read", p.stderr)
 
     def test_example_config_is_valid(self):
-        p = run("--check-config", "-c", EXAMPLE)
+        # The README's run command serves this file with certs/out made by
+        # certs/make-dev-certs; check it against such a PKI made here.
+        tmp = tempfile.mkdtemp(prefix="nbdvault-cli-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pki = nbdv.make_pki(os.path.join(tmp, "pki"))
+        with open(EXAMPLE) as f:
+            text = f.read()
+        self.assertIn("mode: require", text)
+        self.assertIn("verify-clients: true", text)
+        cfg = os.path.join(tmp, "example.yaml")
+        with open(cfg, "w") as f:
+            f.write(text.replace("certs/out", pki))
+        p = run("--check-config", "-c", cfg)
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertIn("driver=file", p.stdout)
 

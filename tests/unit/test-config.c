@@ -69,6 +69,13 @@ static void test_full(const char *dir)
 	CHECK(!cfg->exports[0].readonly);
 	CHECK(cfg->exports[1].readonly && cfg->exports[1].size == 512 * 1024);
 	CHECK(cfg->exports[1].description == NULL);
+	CHECK(cfg->tls.mode == TLS_OPTIONAL && cfg->tls.verify_clients);
+	CHECK(strcmp(cfg->tls.certificates, "/etc/nbdvault/pki") == 0);
+	CHECK(strcmp(cfg->tls.psk_file, "/etc/nbdvault/keys.psk") == 0);
+	CHECK(strcmp(cfg->tls.priority, "NORMAL:-VERS-ALL:+VERS-TLS1.3") == 0);
+	CHECK(!cfg->exports[0].tls_required && cfg->exports[0].n_allow == 0);
+	CHECK(cfg->exports[1].tls_required && cfg->exports[1].n_allow == 3);
+	CHECK(strcmp(cfg->exports[1].allow[1], "dn:CN=vm7,O=Example") == 0);
 	CHECK(config_find_export(cfg, "", 0) == &cfg->exports[0]);
 	CHECK(config_find_export(cfg, "scratch", 7) == &cfg->exports[1]);
 	CHECK(config_find_export(cfg, "scratc", 6) == NULL);
@@ -80,6 +87,7 @@ static void test_full(const char *dir)
 	CHECK(cfg->listen[0].port == 10809);
 	CHECK(cfg->max_request == 32 * 1024 * 1024);
 	CHECK(cfg->default_export == NULL && config_find_export(cfg, "", 0) == NULL);
+	CHECK(cfg->tls.mode == TLS_OFF && strcmp(cfg->tls.priority, NBDV_TLS_PRIORITY) == 0);
 	config_free(cfg);
 }
 
