@@ -467,6 +467,43 @@ static int parse_exports(struct parse_ctx *ctx, const yaml_node_t *seq, struct n
 	return 0;
 }
 
+int config_parse_duration(const char *s, double *out)
+{
+	char *end;
+	double v;
+
+	if (*s < '0' || *s > '9')
+		return -EINVAL;
+	errno = 0;
+	v = strtod(s, &end);
+	if (errno == ERANGE)
+		return -EINVAL;
+	if (strcmp(end, "ms") == 0)
+		v /= 1000;
+	else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
+		v *= 60;
+	else if (strcmp(end, "h") == 0)
+		v *= 3600;
+	else if (*end != '\0' && strcmp(end, "s") != 0)
+		return -EINVAL;
+	if (v > 7 * 24 * 3600.0)
+		return -EINVAL;
+	*out = v;
+	return 0;
+}
+
+static int get_duration(struct parse_ctx *ctx, const yaml_node_t *n, const char *path, double *out)
+{
+	if (want_type(ctx, n, YAML_SCALAR_NODE, path) < 0)
+		return -1;
+	if (config_parse_duration(scalar(n), out) < 0)
+		return fail(ctx, n,
+			    "%s: '%.64s' is not a duration (a number with s, ms, m or h; 0 is off; "
+			    "at most a week)",
+			    path, scalar(n));
+	return 0;
+}
+
 static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nbdv_config *cfg)
 {
 	if (want_type(ctx, map, YAML_MAPPING_NODE, "limits") < 0 ||
@@ -475,19 +512,39 @@ static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nb
 	for_each_pair (ctx, map, p) {
 		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
 		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
-		uint64_t size;
+		const char *key = scalar(k);
+		uint64_t n;
+		char sub[64];
+		int r;
 
-		if (strcmp(scalar(k), "max-request") == 0) {
-			if (get_size(ctx, v, "limits.max-request", &size) < 0)
-				return -1;
+		snprintf(sub, sizeof(sub), "limits.%s", key);
+		if (strcmp(key, "max-request") == 0) {
+			r = get_size(ctx, v, sub, &n);
 			/* 512 bytes .. 1 GiB: a larger payload could not be buffered sanely. */
-			if (size < 512 || size > (1U << 30))
-				return fail(ctx, v, "limits.max-request: must be from 512 to 1G");
-			cfg->max_request = (uint32_t)size;
+			if (r == 0 && (n < 512 || n > (1U << 30)))
+				r = fail(ctx, v, "%s: must be from 512 to 1G", sub);
+			cfg->max_request = (uint32_t)n;
+		} else if (strcmp(key, "max-inflight-bytes") == 0) {
+			r = get_size(ctx, v, sub, &n);
+			if (r == 0 && (n < (1U << 20) || n > (64ULL << 30)))
+				r = fail(ctx, v, "%s: must be from 1M to 64G", sub);
+			cfg->max_inflight_bytes = n;
+		} else if (strcmp(key, "max-connections") == 0) {
+			r = get_uint(ctx, v, sub, 1, 1000000, &n);
+			cfg->max_connections = (unsigned)n;
+		} else if (strcmp(key, "handshake-timeout") == 0) {
+			r = get_duration(ctx, v, sub, &cfg->handshake_timeout);
+		} else if (strcmp(key, "idle-timeout") == 0) {
+			r = get_duration(ctx, v, sub, &cfg->idle_timeout);
 		} else {
-			return fail(ctx, k, "limits: unknown key '%.64s' (expected max-request)",
-				    scalar(k));
+			r = fail(
+			    ctx, k,
+			    "limits: unknown key '%.64s' (expected max-connections, "
+			    "handshake-timeout, idle-timeout, max-request or max-inflight-bytes)",
+			    key);
 		}
+		if (r < 0)
+			return -1;
 	}
 	return 0;
 }
@@ -607,6 +664,9 @@ int config_load(const char *path, struct nbdv_config **out, char *err, size_t er
 		goto out_doc;
 	}
 	cfg->max_request = NBDV_DEFAULT_MAX_REQUEST;
+	cfg->max_inflight_bytes = NBDV_DEFAULT_MAX_INFLIGHT_BYTES;
+	cfg->max_connections = NBDV_DEFAULT_MAX_CONNECTIONS;
+	cfg->handshake_timeout = NBDV_DEFAULT_HANDSHAKE_TIMEOUT;
 	cfg->io_threads = NBDV_DEFAULT_IO_THREADS;
 	if (parse_root(&ctx, yaml_document_get_root_node(&ctx.doc), cfg) < 0)
 		goto out_doc;

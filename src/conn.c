@@ -11,6 +11,7 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include "nbdvault/config.h"
 #include "nbdvault/conn.h"
 #include "nbdvault/handshake.h"
 #include "nbdvault/log.h"
@@ -22,6 +23,7 @@
 static void read_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void process_input(struct nbdv_conn *c);
 static void write_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents);
 
 struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const char *peer)
 {
@@ -41,6 +43,11 @@ struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const c
 	c->rx = RX_CLIENT_FLAGS;
 	ev_io_init(&c->rio, read_cb, fd, EV_READ);
 	ev_io_init(&c->wio, write_cb, fd, EV_WRITE);
+	/* Until it reaches transmission, a client has limits.handshake-timeout in all
+	 * (slow-loris, half-open TLS); the timer becomes the idle timer after GO. */
+	ev_timer_init(&c->timer, timer_cb, srv->cfg->handshake_timeout, 0.);
+	if (srv->cfg->handshake_timeout > 0)
+		ev_timer_start(srv->loop, &c->timer);
 	server_conn_add(srv, c);
 	log_info("c%u: connection from %s", c->id, peer);
 	if (handshake_greeting(c) < 0) {
@@ -75,7 +82,7 @@ void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m)
 static bool throttled(const struct nbdv_conn *c)
 {
 	return c->inflight >= NBDV_MAX_INFLIGHT_REQS ||
-	       c->inflight_bytes + c->outq.bytes >= NBDV_MAX_INFLIGHT_BYTES;
+	       c->inflight_bytes + c->outq.bytes >= c->srv->cfg->max_inflight_bytes;
 }
 
 /* Start or stop the read watcher to match what the connection can take now. */
@@ -95,6 +102,7 @@ static void close_fd(struct nbdv_conn *c)
 {
 	ev_io_stop(c->srv->loop, &c->rio);
 	ev_io_stop(c->srv->loop, &c->wio);
+	ev_timer_stop(c->srv->loop, &c->timer);
 	if (c->fd >= 0) {
 		close(c->fd);
 		c->fd = -1;
@@ -282,6 +290,16 @@ static size_t avail(const struct nbdv_conn *c)
 	return c->iend - c->istart;
 }
 
+/* The handshake is over: replace its deadline with the idle timeout, if any. */
+static void start_idle_timer(struct nbdv_conn *c)
+{
+	ev_timer_stop(c->srv->loop, &c->timer);
+	if (c->srv->cfg->idle_timeout > 0) {
+		ev_timer_set(&c->timer, 0., c->srv->cfg->idle_timeout);
+		ev_timer_again(c->srv->loop, &c->timer);
+	}
+}
+
 /*
  * Consume whole units from the input buffer.  Stops when a unit is incomplete, the
  * connection leaves the reading phases, or back-pressure applies.
@@ -348,6 +366,8 @@ static void process_input(struct nbdv_conn *c)
 				ev_io_stop(c->srv->loop, &c->rio);
 				return;
 			}
+			if (r == HS_TRANSMISSION)
+				start_idle_timer(c);
 			c->rx = r == HS_TRANSMISSION ? RX_REQ_HEADER : RX_OPT_HEADER;
 			break;
 		case RX_REQ_HEADER:
@@ -388,6 +408,13 @@ static void process_input(struct nbdv_conn *c)
 	}
 }
 
+/* Activity in transmission pushes the idle deadline back (ev.pod's ev_timer_again). */
+static void touch_idle_timer(struct nbdv_conn *c)
+{
+	if (c->phase == CONN_TRANSMISSION && c->srv->cfg->idle_timeout > 0)
+		ev_timer_again(c->srv->loop, &c->timer);
+}
+
 /* One read from the transport; returns false when the connection stopped reading. */
 static bool read_once(struct nbdv_conn *c)
 {
@@ -400,6 +427,7 @@ static bool read_once(struct nbdv_conn *c)
 
 		n = c->tp->ops->recv(c->tp, dst, missing);
 		if (n > 0) {
+			touch_idle_timer(c);
 			if (transmission_payload_got(c, (uint32_t)n))
 				c->rx = RX_REQ_HEADER;
 			return true;
@@ -415,6 +443,7 @@ static bool read_once(struct nbdv_conn *c)
 		n = c->tp->ops->recv(c->tp, c->ibuf + c->iend, NBDV_IBUF_SIZE - c->iend);
 		if (n > 0) {
 			c->iend += (size_t)n;
+			touch_idle_timer(c);
 			return true;
 		}
 	}
@@ -465,6 +494,27 @@ void conn_service(struct nbdv_conn *c)
 		process_input(c);
 	maybe_close_drained(c);
 	c->depth--;
+}
+
+static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct nbdv_conn *c = container_of(w, struct nbdv_conn, timer);
+
+	c->depth++;
+	if (c->phase == CONN_OPTIONS || c->phase == CONN_TLS_HANDSHAKE) {
+		log_info("c%u: handshake not finished within %g s, closing", c->id,
+			 c->srv->cfg->handshake_timeout);
+		conn_abort(c);
+	} else if (c->phase == CONN_TRANSMISSION) {
+		if (c->inflight || c->outq.head) {
+			ev_timer_again(loop, &c->timer); /* busy on our side, not idle */
+		} else {
+			log_info("c%u: idle for %g s, closing", c->id, c->srv->cfg->idle_timeout);
+			conn_close_graceful(c);
+		}
+	}
+	c->depth--;
+	conn_release(c);
 }
 
 static void write_cb(struct ev_loop *loop, ev_io *w, int revents)

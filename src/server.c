@@ -43,6 +43,25 @@ static void peer_name(const struct sockaddr_storage *ss, socklen_t len, char *ou
 	}
 }
 
+static void resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct nbdv_server *srv = container_of(w, struct nbdv_server, resume_timer);
+
+	for (size_t i = 0; i < srv->n_listeners; i++) {
+		if (srv->listeners[i].fd >= 0)
+			ev_io_start(loop, &srv->listeners[i].io);
+	}
+}
+
+static void pause_listeners(struct nbdv_server *srv)
+{
+	for (size_t i = 0; i < srv->n_listeners; i++)
+		ev_io_stop(srv->loop, &srv->listeners[i].io);
+	ev_timer_stop(srv->loop, &srv->resume_timer);
+	ev_timer_set(&srv->resume_timer, 1.0, 0.);
+	ev_timer_start(srv->loop, &srv->resume_timer);
+}
+
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct nbdv_listener *l = container_of(w, struct nbdv_listener, io);
@@ -53,8 +72,24 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 
 	fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
 	if (fd < 0) {
-		if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
+		if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+			/* Out of descriptors: the pending connection would wake us again at
+			 * once.  Pause every listener and retry in a second instead of spinning. */
+			log_warn("accept: %s: pausing listeners for 1 s", strerror(errno));
+			pause_listeners(l->srv);
+		} else if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
 			log_warn("accept: %s", strerror(errno));
+		}
+		return;
+	}
+	if (l->srv->n_conns >= l->srv->cfg->max_connections) {
+		/* Over limits.max-connections: close at once, and say so at most once a second. */
+		if (ev_now(loop) - l->srv->last_cap_log >= 1.0) {
+			log_warn("refusing connections: limits.max-connections (%u) reached",
+				 l->srv->cfg->max_connections);
+			l->srv->last_cap_log = ev_now(loop);
+		}
+		close(fd);
 		return;
 	}
 	if (l->is_tcp && setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0)
@@ -115,7 +150,8 @@ static int listen_unix(struct nbdv_server *srv, const char *path)
 		return -1;
 	memcpy(sa.sun_path, path, strlen(path));
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 128) < 0) {
+	if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+	    listen(fd, SOMAXCONN) < 0) {
 		log_err("listen: unix socket %s: %s", path, strerror(errno));
 		if (fd >= 0)
 			close(fd);
@@ -154,7 +190,7 @@ static int listen_tcp(struct nbdv_server *srv, const char *address, uint16_t por
 			setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
 		peer_name((struct sockaddr_storage *)ai->ai_addr, ai->ai_addrlen, name,
 			  sizeof(name));
-		if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 128) < 0) {
+		if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, SOMAXCONN) < 0) {
 			log_err("listen: %s: %s", name, strerror(errno));
 			close(fd);
 			freeaddrinfo(res);
@@ -221,6 +257,7 @@ static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 
 static void stop_listeners(struct nbdv_server *srv)
 {
+	ev_timer_stop(srv->loop, &srv->resume_timer);
 	for (size_t i = 0; i < srv->n_listeners; i++) {
 		struct nbdv_listener *l = &srv->listeners[i];
 		if (l->fd < 0)
@@ -319,6 +356,7 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 		if (r < 0)
 			return -1;
 	}
+	ev_timer_init(&srv->resume_timer, resume_cb, 1.0, 0.);
 	ev_prepare_init(&srv->flusher, flusher_cb);
 	ev_prepare_start(srv->loop, &srv->flusher);
 	ev_unref(srv->loop);

@@ -14,10 +14,13 @@
 
 #include "nbdvault/compiler.h"
 
-#define NBDV_DEFAULT_CONFIG	 "/etc/nbdvault/nbdvault.yaml"
-#define NBDV_DEFAULT_PORT	 10809
-#define NBDV_DEFAULT_MAX_REQUEST (32U * 1024 * 1024)
-#define NBDV_DEFAULT_IO_THREADS	 4
+#define NBDV_DEFAULT_CONFIG		"/etc/nbdvault/nbdvault.yaml"
+#define NBDV_DEFAULT_PORT		10809
+#define NBDV_DEFAULT_MAX_REQUEST	(32U * 1024 * 1024)
+#define NBDV_DEFAULT_IO_THREADS		4
+#define NBDV_DEFAULT_MAX_INFLIGHT_BYTES (96ULL * 1024 * 1024)
+#define NBDV_DEFAULT_MAX_CONNECTIONS	1024
+#define NBDV_DEFAULT_HANDSHAKE_TIMEOUT	10.0
 
 struct nbdv_driver;
 
@@ -66,9 +69,13 @@ struct nbdv_config {
 	char *default_export;		 /* served for the empty name, or NULL */
 	struct nbdv_export_cfg *exports; /* exports in file order */
 	size_t n_exports;
-	uint32_t max_request;	 /* limits.max-request: maximum payload, bytes */
-	unsigned io_threads;	 /* io-threads: executor worker count */
-	struct nbdv_tls_cfg tls; /* `tls:` */
+	uint32_t max_request;	     /* limits.max-request: maximum payload, bytes */
+	uint64_t max_inflight_bytes; /* limits.max-inflight-bytes, per connection */
+	unsigned max_connections;    /* limits.max-connections */
+	double handshake_timeout;    /* limits.handshake-timeout, seconds (0: off) */
+	double idle_timeout;	     /* limits.idle-timeout, seconds (0: off) */
+	unsigned io_threads;	     /* io-threads: executor worker count */
+	struct nbdv_tls_cfg tls;     /* `tls:` */
 };
 
 /*
@@ -90,5 +97,7 @@ const struct nbdv_export_cfg *config_find_export(const struct nbdv_config *cfg, 
  * sets *out, or -EINVAL.  Exposed for the unit tests.
  */
 int config_parse_size(const char *s, uint64_t *out) NBDV_WUR;
+/* Parse a duration such as "10s", "500ms", "2m", "1h" or "30" (seconds).  0 or -EINVAL. */
+int config_parse_duration(const char *s, double *out) NBDV_WUR;
 
 #endif /* NBDV_CONFIG_H */

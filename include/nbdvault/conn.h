@@ -27,9 +27,8 @@
 #define NBDV_MAX_OPTION (64 * 1024)
 /* Input buffer: one whole maximal option plus its header fits. */
 #define NBDV_IBUF_SIZE (NBDV_MAX_OPTION + 4096)
-/* Back-pressure: stop reading past this many requests or bytes in flight or queued. */
-#define NBDV_MAX_INFLIGHT_REQS	512
-#define NBDV_MAX_INFLIGHT_BYTES (96U * 1024 * 1024)
+/* Back-pressure: stop reading past this many requests (or limits.max-inflight-bytes). */
+#define NBDV_MAX_INFLIGHT_REQS 512
 
 struct nbdv_server;
 struct nbdv_transport;
@@ -64,6 +63,7 @@ struct nbdv_conn {
 	struct nbdv_transport *tp;     /* plain or TLS */
 	ev_io rio;		       /* readable */
 	ev_io wio;		       /* writable, started only while output is blocked */
+	ev_timer timer;		       /* handshake deadline, then idle timeout */
 	enum conn_phase phase;
 	enum conn_rx rx;
 	unsigned depth; /* nesting of our own callbacks */

@@ -45,6 +45,8 @@ struct nbdv_server {
 	ev_signal sighup;	   /* reload TLS credentials */
 	struct nbdv_tls *tls;	   /* current TLS credentials, or NULL when TLS is off */
 	ev_timer shutdown_timer;   /* upper bound on the drain at shutdown */
+	ev_timer resume_timer;	   /* restarts listeners paused on EMFILE */
+	ev_tstamp last_cap_log;	   /* when max-connections was last logged */
 	bool shutting_down;
 	unsigned next_id; /* next connection id */
 };

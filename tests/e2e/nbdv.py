@@ -171,9 +171,18 @@ class Raw:
 
     def __init__(self, path=None, port=None, timeout=10):
         if path:
-            self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.s.settimeout(timeout)
-            self.s.connect(path)
+            deadline = time.monotonic() + timeout
+            while True:
+                self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.s.settimeout(timeout)
+                try:
+                    self.s.connect(path)
+                    break
+                except BlockingIOError:  # listen backlog full: the server is busy
+                    self.s.close()
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
         else:
             self.s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
 

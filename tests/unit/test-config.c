@@ -47,6 +47,26 @@ static void test_sizes(void)
 	}
 }
 
+static void test_durations(void)
+{
+	static const struct {
+		const char *s;
+		double v;
+		int ok;
+	} cases[] = {
+	    {"0", 0, 1},     {"10", 10, 1},    {"10s", 10, 1},	{"500ms", 0.5, 1}, {"2m", 120, 1},
+	    {"1h", 3600, 1}, {"1.5s", 1.5, 1}, {"", 0, 0},	{"s", 0, 0},	   {"10 s", 0, 0},
+	    {"-1s", 0, 0},   {"10x", 0, 0},    {"1000h", 0, 0},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		double v = -1;
+		int r = config_parse_duration(cases[i].s, &v);
+		CHECK_MSG((r == 0) == cases[i].ok, "'%s' -> %d", cases[i].s, r);
+		if (r == 0)
+			CHECK_MSG(v == cases[i].v, "'%s' -> %g", cases[i].s, v);
+	}
+}
+
 static void test_full(const char *dir)
 {
 	char path[4096], err[1024];
@@ -61,6 +81,8 @@ static void test_full(const char *dir)
 	CHECK(strcmp(cfg->default_export, "disk0") == 0);
 	CHECK(cfg->io_threads == 8);
 	CHECK(cfg->max_request == 1024 * 1024);
+	CHECK(cfg->max_connections == 50 && cfg->handshake_timeout == 2.5);
+	CHECK(cfg->idle_timeout == 600 && cfg->max_inflight_bytes == 8ULL << 20);
 	CHECK(cfg->n_exports == 2);
 	CHECK(strcmp(cfg->exports[0].name, "disk0") == 0);
 	CHECK(strcmp(cfg->exports[0].description, "Scratch disk") == 0);
@@ -86,6 +108,8 @@ static void test_full(const char *dir)
 	CHECK(cfg->n_listen == 1 && strcmp(cfg->listen[0].address, "::") == 0);
 	CHECK(cfg->listen[0].port == 10809);
 	CHECK(cfg->max_request == 32 * 1024 * 1024);
+	CHECK(cfg->max_connections == 1024 && cfg->handshake_timeout == 10.0);
+	CHECK(cfg->idle_timeout == 0 && cfg->max_inflight_bytes == 96ULL << 20);
 	CHECK(cfg->default_export == NULL && config_find_export(cfg, "", 0) == NULL);
 	CHECK(cfg->tls.mode == TLS_OFF && strcmp(cfg->tls.priority, NBDV_TLS_PRIORITY) == 0);
 	config_free(cfg);
@@ -139,6 +163,7 @@ int main(int argc, char **argv)
 
 	CHECK(argc == 2);
 	test_sizes();
+	test_durations();
 	test_full(argv[1]);
 	test_invalid(argv[1]);
 	CHECK(config_load("/nonexistent/nbdvault.yaml", &cfg, err, sizeof(err)) < 0);

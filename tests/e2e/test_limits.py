@@ -1,0 +1,188 @@
+#!/usr/bin/python3
+"""limits: handshake deadline, idle timeout, connection cap, back-pressure, and
+half-open connections that must not hurt working clients (issue 5)."""
+
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import time
+import unittest
+
+import nbdv
+
+nbdv.require_libnbd()
+import nbd  # noqa: E402
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def limits(**kw):
+    return "limits:\n" + "".join(f"  {k.replace('_', '-')}: {v}\n" for k, v in kw.items())
+
+
+class LimitsTest(unittest.TestCase):
+    def test_handshake_timeout(self):
+        with nbdv.Server(extra=limits(handshake_timeout="1s")) as srv:
+            silent = nbdv.Raw(srv.sock)            # connects, never speaks
+            partial = nbdv.Raw(srv.sock)           # greets, half an option
+            partial.greet()
+            partial.s.sendall(struct.pack(">Q", nbdv.IHAVEOPT))
+            working = nbdv.Raw(srv.sock)           # reaches transmission in time
+            working.greet()
+            working.go()
+            t = time.monotonic()
+            self.assertTrue(silent.closed_by_server(timeout=5))
+            self.assertTrue(partial.closed_by_server(timeout=5))
+            self.assertGreater(time.monotonic() - t, 0.5)
+            self.assertIn("handshake not finished within 1 s", srv.logtext())
+            time.sleep(0.5)
+            working.request(nbdv.CMD_READ, 0, 512, cookie=1)
+            self.assertEqual(working.simple_reply(512)[:2], (0, 1))
+            self.assertNotIn("opened (", srv.logtext().split("c2:")[0])
+            for r in (silent, partial, working):
+                r.close()
+
+    def test_half_open_tls_handshake_times_out(self):
+        tmp = tempfile.mkdtemp(prefix="nbdvault-lim-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pki = nbdv.make_pki(os.path.join(tmp, "pki"))
+        extra = f"tls:\n  certificates: {pki}\n" + limits(handshake_timeout="1s")
+        with nbdv.Server(extra=extra) as srv:
+            r = nbdv.Raw(srv.sock)
+            r.greet()
+            self.assertEqual(r.opt(nbdv.OPT_STARTTLS)[-1][0], nbdv.REP_ACK)
+            r.s.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+            self.assertTrue(r.closed_by_server(timeout=5))
+            r.close()
+
+    def test_idle_timeout(self):
+        with nbdv.Server(extra=limits(idle_timeout="1s")) as srv:
+            idle = nbdv.Raw(srv.sock)
+            idle.greet()
+            idle.go()
+            busy = nbdv.Raw(srv.sock)
+            busy.greet()
+            busy.go()
+            t = time.monotonic()
+            while time.monotonic() - t < 2.5:
+                busy.request(nbdv.CMD_READ, 0, 512, cookie=2)
+                self.assertEqual(busy.simple_reply(512)[:2], (0, 2))
+                time.sleep(0.25)
+            self.assertTrue(idle.closed_by_server(timeout=1))
+            self.assertIn("idle for 1 s, closing", srv.logtext())
+            busy.request(nbdv.CMD_READ, 0, 512, cookie=3)
+            self.assertEqual(busy.simple_reply(512)[:2], (0, 3))
+            idle.close()
+            busy.close()
+
+    def test_max_connections(self):
+        with nbdv.Server(extra=limits(max_connections=3)) as srv:
+            # The start-up probe's connection may still be closing: let it go first.
+            time.sleep(0.2)
+            held = [nbdv.Raw(srv.sock) for _ in range(3)]
+            for r in held:
+                r.greet()
+            extra = nbdv.Raw(srv.sock)
+            self.assertTrue(extra.closed_by_server(timeout=3))
+            self.assertIn("limits.max-connections (3) reached", srv.logtext())
+            held.pop().close()
+            deadline = time.monotonic() + 5
+            while True:
+                r = nbdv.Raw(srv.sock)
+                try:
+                    r.greet()
+                    break
+                except (EOFError, ConnectionResetError):
+                    r.close()
+                    self.assertLess(time.monotonic(), deadline)
+                    time.sleep(0.05)
+            r.go()
+            r.request(nbdv.CMD_READ, 0, 512, cookie=4)
+            self.assertEqual(r.simple_reply(512)[:2], (0, 4))
+            for x in held + [r, extra]:
+                x.close()
+
+    def test_backpressure_bounds_queued_replies(self):
+        with nbdv.Server(extra=limits(max_inflight_bytes="4M")) as srv:
+            pid = srv.proc.pid
+            r = nbdv.Raw(srv.sock)
+            r.greet()
+            r.go()
+            before = rss_kib(pid)
+            n, size = 1024, 256 * 1024  # 256 MiB of replies if nothing held back
+            r.s.settimeout(10)
+            r.s.sendall(b"".join(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_READ,
+                                             i, 0, size) for i in range(n)))
+            time.sleep(1.0)  # the server works until back-pressure stops it
+            grown = rss_kib(pid) - before
+            self.assertLess(grown, 48 * 1024, f"server grew {grown} KiB with replies unread")
+            for i in range(n):
+                err, cookie, data = r.simple_reply(size)
+                self.assertEqual((err, cookie, len(data)), (0, i, size))
+            r.close()
+
+    def test_max_request_advertised(self):
+        with nbdv.Server(extra=limits(max_request="1M")) as srv:
+            h = nbd.NBD()
+            h.connect_uri(srv.uri())
+            self.assertEqual(h.get_block_size(nbd.SIZE_MAXIMUM), 1 << 20)
+            nbdv.disconnect(h)
+            r = nbdv.Raw(srv.sock)
+            r.greet()
+            r.go()
+            r.request(nbdv.CMD_WRITE, 0, (1 << 20) + 1, cookie=5)
+            self.assertEqual(r.simple_reply()[:2], (nbdv.EINVAL, 5))
+            self.assertTrue(r.closed_by_server())
+            r.close()
+
+    def test_200_half_open_do_not_starve_50_clients(self):
+        def workload(uri, idx, results):
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            buf = os.urandom(4096)
+            base = idx * 40 * 4096  # each client its own region
+            for i in range(40):
+                h.pwrite(buf, base + i * 4096)
+                if h.pread(4096, base + i * 4096) != buf:
+                    results.append("mismatch")
+            nbdv.disconnect(h)
+            results.append("ok")
+
+        def run_clients(uri):
+            results, threads = [], []
+            t = time.monotonic()
+            for idx in range(50):
+                th = threading.Thread(target=workload, args=(uri, idx, results))
+                th.start()
+                threads.append(th)
+            for th in threads:
+                th.join(120)
+            return time.monotonic() - t, results
+
+        with nbdv.Server(extra=limits(handshake_timeout="2s")) as srv:
+            baseline, results = run_clients(srv.uri())
+            self.assertEqual(results, ["ok"] * 50)
+            half = [nbdv.Raw(srv.sock) for _ in range(200)]
+            for i, r in enumerate(half):
+                if i % 2:
+                    r.greet()  # some get as far as the client flags
+            loaded, results = run_clients(srv.uri())
+            self.assertEqual(results, ["ok"] * 50)
+            # Same work with 200 idle sockets open: no worse than 3x (plus 1 s slack).
+            self.assertLess(loaded, 3 * baseline + 1.0, f"{loaded:.2f}s vs {baseline:.2f}s")
+            t = time.monotonic()
+            for r in half:
+                self.assertTrue(r.closed_by_server(timeout=max(0.1, 6 - (time.monotonic() - t))))
+                r.close()
+
+
+if __name__ == "__main__":
+    nbdv.main()
