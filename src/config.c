@@ -388,11 +388,12 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 		if (!e->path)
 			return fail(ctx, map, "%s: missing required key 'path' for driver file",
 				    path);
-	} else if (e->path) {
-		return fail(ctx, map, "%s: key 'path' is only for driver file", path);
+	} else if (e->path && strcmp(e->driver_name, "faulty") != 0) {
+		return fail(ctx, map, "%s: key 'path' is only for drivers file and faulty", path);
 	}
-	if (strcmp(e->driver_name, "memory") == 0 && !e->size_given)
-		return fail(ctx, map, "%s: missing required key 'size' for driver memory", path);
+	if (strcmp(e->driver_name, "file") != 0 && !e->size_given)
+		return fail(ctx, map, "%s: missing required key 'size' for driver %s", path,
+			    e->driver_name);
 	if (size_node && e->size == 0)
 		return fail(ctx, size_node, "%s.size: must be greater than 0", path);
 	return 0;

@@ -12,11 +12,13 @@
 
 extern const struct nbdv_driver nbdv_driver_file;
 extern const struct nbdv_driver nbdv_driver_memory;
+extern const struct nbdv_driver nbdv_driver_faulty;
 
 /* Every driver, in one greppable place. */
 static const struct nbdv_driver *const drivers[] = {
     &nbdv_driver_file,
     &nbdv_driver_memory,
+    &nbdv_driver_faulty,
 };
 
 const struct nbdv_driver *driver_lookup(const char *name)
@@ -31,7 +33,7 @@ const struct nbdv_driver *driver_lookup(const char *name)
 
 const char *driver_names(void)
 {
-	return "file, memory";
+	return "file, memory, faulty";
 }
 
 const struct nbdv_driver *const *driver_all(size_t *n)

@@ -1,0 +1,282 @@
+#!/usr/bin/python3
+"""Faults and crashes (issue 5): injected EIO and stalls, a full filesystem, clients
+vanishing at every stage, SIGHUP storms, and kill -9 under a mixed write load."""
+
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+import nbdv
+
+nbdv.require_libnbd()
+import nbd  # noqa: E402
+
+FAULTY = """
+  - name: f
+    driver: faulty
+    path: {dir}/control
+    size: 16M
+"""
+
+
+def control(srv, text):
+    path = os.path.join(srv.dir, "control")
+    if text is None:
+        if os.path.exists(path):
+            os.unlink(path)
+    else:
+        with open(path + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(path + ".tmp", path)
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class FaultsTest(unittest.TestCase):
+    def test_eio_reaches_client_and_server_keeps_serving(self):
+        with nbdv.Server(FAULTY) as srv:
+            h = nbd.NBD()
+            h.connect_uri(srv.uri("f"))
+            h.pwrite(b"a" * 4096, 0)
+            control(srv, "EIO")
+            for op in (lambda: h.pread(4096, 0), lambda: h.pwrite(b"b" * 512, 0),
+                       lambda: h.flush(), lambda: h.zero(4096, 0)):
+                with self.assertRaises(nbd.Error) as cm:
+                    op()
+                self.assertEqual(cm.exception.errno, "EIO")
+            control(srv, "EIO 1048576 4096")  # only one range fails
+            self.assertEqual(h.pread(4096, 0), b"a" * 4096)
+            with self.assertRaises(nbd.Error):
+                h.pread(8192, 1048576 - 4096)
+            control(srv, None)
+            self.assertEqual(h.pread(4096, 1048576), bytes(4096))
+            nbdv.disconnect(h)
+            # Simple replies carry the error too, with no payload after it.
+            r = nbdv.Raw(srv.sock)
+            r.greet()
+            r.go(b"f")
+            control(srv, "EIO")
+            r.request(nbdv.CMD_READ, 0, 4096, cookie=1)
+            self.assertEqual(r.simple_reply(4096), (nbdv.EIO, 1, b""))
+            control(srv, None)
+            r.request(nbdv.CMD_READ, 0, 4096, cookie=2)
+            self.assertEqual(r.simple_reply(4096), (0, 2, b"a" * 4096))
+            r.close()
+            self.assertIn("failed: Input/output error", srv.logtext())
+
+    def test_slow_request_stalls_nothing_else(self):
+        with nbdv.Server(FAULTY) as srv:
+            control(srv, "delay 3 8388608 4096")
+            a = nbdv.Raw(srv.sock)
+            a.greet()
+            a.go(b"f")
+            b = nbdv.Raw(srv.sock)
+            b.greet()
+            b.go(b"f")
+            t = time.monotonic()
+            a.request(nbdv.CMD_READ, 8388608, 4096, cookie=100)  # stalls 3 s
+            for i in range(20):
+                a.request(nbdv.CMD_READ, i * 4096, 4096, cookie=i)
+                b.request(nbdv.CMD_WRITE, i * 4096, 4096, cookie=i, data=b"w" * 4096)
+            got_a = [a.simple_reply(4096)[1] for _ in range(20)]
+            got_b = [b.simple_reply()[1] for _ in range(20)]
+            fast = time.monotonic() - t
+            self.assertEqual(sorted(got_a), list(range(20)))  # answered before cookie 100
+            self.assertEqual(sorted(got_b), list(range(20)))
+            self.assertLess(fast, 2.5, "other requests waited for the slow one")
+            self.assertEqual(a.simple_reply(4096)[:2], (0, 100))
+            self.assertGreater(time.monotonic() - t, 2.5)
+            a.close()
+            b.close()
+            control(srv, None)
+
+    def test_enospc_on_full_filesystem(self):
+        mnt = tempfile.mkdtemp(prefix="nbdvault-full-")
+        self.addCleanup(shutil.rmtree, mnt, True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", mnt],
+                          capture_output=True).returncode != 0:
+            self.skipTest("cannot mount a tmpfs here")
+        self.addCleanup(subprocess.run, ["umount", "-l", mnt])
+        exports = f"""
+  - name: small
+    driver: file
+    path: {mnt}/disk.img
+    size: 16M
+"""
+        with nbdv.Server(exports) as srv:
+            h = nbd.NBD()
+            h.connect_uri(srv.uri("small"))
+            data = os.urandom(1 << 20)
+            h.pwrite(data, 0)
+            with self.assertRaises(nbd.Error) as cm:
+                for i in range(1, 8):
+                    h.pwrite(data, i << 20)
+            self.assertEqual(cm.exception.errno, "ENOSPC")
+            # The export still serves what it holds, and trimming frees space again.
+            self.assertEqual(h.pread(1 << 20, 0), data)
+            h.trim(8 << 20, 1 << 20)
+            h.pwrite(data, 9 << 20)
+            self.assertEqual(h.pread(1 << 20, 9 << 20), data)
+            nbdv.disconnect(h)
+
+    def test_disconnect_at_every_stage_leaks_nothing(self):
+        tmp = tempfile.mkdtemp(prefix="nbdvault-disc-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pki = nbdv.make_pki(os.path.join(tmp, "pki"))
+        extra = f"tls:\n  mode: optional\n  certificates: {pki}\n"
+        exports = FAULTY + "  - name: mem\n    driver: memory\n    size: 16M\n"
+        with nbdv.Server(exports, extra=extra) as srv:
+            pid = srv.proc.pid
+            time.sleep(0.2)
+            base_fds = fd_count(pid)
+
+            def stage(n):
+                r = nbdv.Raw(srv.sock)
+                if n >= 1:
+                    r.greet()
+                if n == 2:  # mid-option
+                    r.s.sendall(struct.pack(">QII", nbdv.IHAVEOPT, nbdv.OPT_LIST, 100) + b"x")
+                if n == 3:  # mid-TLS handshake
+                    r.opt(nbdv.OPT_STARTTLS)
+                    r.s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+                if n >= 4:
+                    r.go(b"f" if n == 6 else b"mem")
+                if n == 4:  # mid-WRITE payload
+                    r.request(nbdv.CMD_WRITE, 0, 65536, data=b"p" * 1000)
+                if n == 5:  # 64 requests in flight
+                    for i in range(64):
+                        r.request(nbdv.CMD_READ, i * 4096, 4096, cookie=i)
+                if n == 6:  # requests stuck in a slow driver
+                    for i in range(8):
+                        r.request(nbdv.CMD_WRITE, i * 4096, 4096, cookie=i, data=b"s" * 4096)
+                if n == 7:  # RST instead of FIN
+                    r.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                r.close()
+
+            control(srv, "delay 0.5")
+            for n in range(8):
+                for _ in range(5):
+                    stage(n)
+            time.sleep(1.5)  # the slow driver calls finish; their connections go away
+            control(srv, None)
+            nbdv.check_serves(self, srv)
+            deadline = time.monotonic() + 5
+            while fd_count(pid) > base_fds and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertEqual(fd_count(pid), base_fds, os.listdir(f"/proc/{pid}/fd"))
+            # A vanished TLS peer costs no CPU afterwards.
+            cpu0 = sum(map(int, open(f"/proc/{pid}/stat").read().split()[13:15]))
+            time.sleep(1.0)
+            cpu1 = sum(map(int, open(f"/proc/{pid}/stat").read().split()[13:15]))
+            self.assertLessEqual(cpu1 - cpu0, 5, "server busy with no clients")
+
+    def test_sighup_storm(self):
+        tmp = tempfile.mkdtemp(prefix="nbdvault-hup-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pki = nbdv.make_pki(os.path.join(tmp, "pki"))
+        extra = f"tls:\n  mode: optional\n  certificates: {pki}\n"
+        with nbdv.Server(extra=extra) as srv:
+            stop = threading.Event()
+            errors = []
+
+            def clients(idx):
+                while not stop.is_set():
+                    try:
+                        h = nbd.NBD()
+                        h.connect_uri(srv.uri())
+                        data = os.urandom(4096)
+                        h.pwrite(data, idx * 65536)  # each thread its own block
+                        if h.pread(4096, idx * 65536) != data:
+                            errors.append("mismatch")
+                        nbdv.disconnect(h)
+                    except Exception as e:  # noqa: BLE001
+                        errors.append(e)
+
+            threads = [threading.Thread(target=clients, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for _ in range(200):
+                srv.proc.send_signal(signal.SIGHUP)
+                time.sleep(0.005)
+            stop.set()
+            for t in threads:
+                t.join(30)
+            self.assertEqual(errors, [])
+            self.assertTrue(srv.alive())
+            self.assertIn("TLS credentials reloaded", srv.logtext())
+
+
+class CrashTest(unittest.TestCase):
+    ROUNDS = 6
+
+    def test_kill9_under_mixed_load_keeps_acknowledged_writes(self):
+        exports = """
+  - name: disk
+    driver: file
+    path: {dir}/disk.img
+    size: 64M
+"""
+        rnd = random.Random(os.getpid())
+        with nbdv.Server(exports) as srv:
+            for rnd_no in range(self.ROUNDS):
+                durable = {}  # offset -> bytes that must survive
+                lock = threading.Lock()
+                stop = threading.Event()
+
+                def writer(cid):
+                    h = nbd.NBD()
+                    h.connect_uri(srv.uri("disk"))
+                    pending = {}
+                    base = (rnd_no * 4 + cid) * (2 << 20)  # never rewrite a block
+                    try:
+                        for i in range(512):
+                            if stop.is_set():
+                                break
+                            off = base + i * 4096
+                            data = os.urandom(4096)
+                            if i % 3 == 0:
+                                h.pwrite(data, off, nbd.CMD_FLAG_FUA)
+                                with lock:
+                                    durable[off] = data
+                            else:
+                                h.pwrite(data, off)
+                                pending[off] = data
+                                if i % 7 == 0:
+                                    h.flush()
+                                    with lock:
+                                        durable.update(pending)
+                                    pending.clear()
+                    except nbd.Error:
+                        pass  # the server died under us
+                    finally:
+                        nbdv.disconnect(h)
+
+                threads = [threading.Thread(target=writer, args=(c,)) for c in range(4)]
+                for t in threads:
+                    t.start()
+                time.sleep(rnd.uniform(0.05, 0.6))
+                srv.kill9()
+                stop.set()
+                for t in threads:
+                    t.join(30)
+                srv.start()
+                h = nbd.NBD()
+                h.connect_uri(srv.uri("disk"))
+                for off, data in durable.items():
+                    self.assertEqual(h.pread(4096, off), data, f"round {rnd_no} offset {off}")
+                nbdv.disconnect(h)
+                self.assertGreater(len(durable), 0)
+
+
+if __name__ == "__main__":
+    nbdv.main()
