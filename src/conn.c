@@ -25,16 +25,27 @@ static void process_input(struct nbdv_conn *c);
 static void write_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents);
 
-struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const char *peer)
+/* Start @w unless the connection has no fd (in-memory transports, fuzzing). */
+static void watch(struct nbdv_conn *c, ev_io *w)
+{
+	if (c->fd >= 0)
+		ev_io_start(c->srv->loop, w);
+}
+
+struct nbdv_conn *conn_new_transport(struct nbdv_server *srv, struct nbdv_transport *tp, int fd,
+				     bool is_tcp, const char *peer)
 {
 	struct nbdv_conn *c = calloc(1, sizeof(*c));
 
-	if (!c)
-		goto err_close;
-	c->ibuf = malloc(NBDV_IBUF_SIZE);
-	c->tp = transport_plain_new(fd);
-	if (!c->ibuf || !c->tp)
-		goto err_free;
+	if (!c || !(c->ibuf = malloc(NBDV_IBUF_SIZE))) {
+		log_err("out of memory accepting a connection from %s", peer);
+		free(c);
+		tp->ops->free(tp);
+		if (fd >= 0)
+			close(fd);
+		return NULL;
+	}
+	c->tp = tp;
 	c->srv = srv;
 	c->fd = fd;
 	c->is_tcp = is_tcp;
@@ -46,7 +57,7 @@ struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const c
 	/* Until it reaches transmission, a client has limits.handshake-timeout in all
 	 * (slow-loris, half-open TLS); the timer becomes the idle timer after GO. */
 	ev_timer_init(&c->timer, timer_cb, srv->cfg->handshake_timeout, 0.);
-	if (srv->cfg->handshake_timeout > 0)
+	if (srv->cfg->handshake_timeout > 0 && fd >= 0)
 		ev_timer_start(srv->loop, &c->timer);
 	server_conn_add(srv, c);
 	log_info("c%u: connection from %s", c->id, peer);
@@ -55,18 +66,20 @@ struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const c
 		conn_release(c);
 		return NULL;
 	}
-	ev_io_start(srv->loop, &c->rio);
+	watch(c, &c->rio);
 	return c;
-err_free:
-	if (c && c->tp)
-		c->tp->ops->free(c->tp);
-	if (c)
-		free(c->ibuf);
-	free(c);
-err_close:
-	log_err("out of memory accepting a connection from %s", peer);
-	close(fd);
-	return NULL;
+}
+
+struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const char *peer)
+{
+	struct nbdv_transport *tp = transport_plain_new(fd);
+
+	if (!tp) {
+		log_err("out of memory accepting a connection from %s", peer);
+		close(fd);
+		return NULL;
+	}
+	return conn_new_transport(srv, tp, fd, is_tcp, peer);
 }
 
 void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m)
@@ -93,7 +106,7 @@ static void update_reading(struct nbdv_conn *c)
 	bool want = (c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) && !throttled(c);
 
 	if (want && !ev_is_active(&c->rio))
-		ev_io_start(c->srv->loop, &c->rio);
+		watch(c, &c->rio);
 	else if (!want && ev_is_active(&c->rio))
 		ev_io_stop(c->srv->loop, &c->rio);
 }
@@ -194,10 +207,10 @@ static void tls_step(struct nbdv_conn *c)
 		bool w = tls_wants_write(c->tp);
 		if (w) {
 			ev_io_stop(c->srv->loop, &c->rio);
-			ev_io_start(c->srv->loop, &c->wio);
+			watch(c, &c->wio);
 		} else {
 			ev_io_stop(c->srv->loop, &c->wio);
-			ev_io_start(c->srv->loop, &c->rio);
+			watch(c, &c->rio);
 		}
 		return;
 	}
@@ -246,7 +259,7 @@ static void conn_flush(struct nbdv_conn *c)
 		ssize_t w = c->tp->ops->sendv(c->tp, iov, n);
 
 		if (w == -EAGAIN) {
-			ev_io_start(c->srv->loop, &c->wio);
+			watch(c, &c->wio);
 			update_reading(c);
 			return;
 		}
@@ -301,6 +314,25 @@ static void start_idle_timer(struct nbdv_conn *c)
 }
 
 /*
+ * Hand one option to the handshake in a buffer of exactly its size, so that a parser
+ * reading past the option's end is caught by AddressSanitizer (tests, fuzzing) instead
+ * of silently reading the next bytes of the input buffer.  Options are rare; the copy
+ * costs nothing that matters.
+ */
+static int option_in_own_buffer(struct nbdv_conn *c, const uint8_t *p)
+{
+	uint8_t *copy = malloc(c->optlen ? c->optlen : 1);
+	int r;
+
+	if (!copy)
+		return HS_CLOSE;
+	memcpy(copy, p, c->optlen);
+	r = handshake_option(c, c->opt, copy, c->optlen);
+	free(copy);
+	return r;
+}
+
+/*
  * Consume whole units from the input buffer.  Stops when a unit is incomplete, the
  * connection leaves the reading phases, or back-pressure applies.
  */
@@ -352,7 +384,7 @@ static void process_input(struct nbdv_conn *c)
 			if (avail(c) < c->optlen)
 				return;
 			c->istart += c->optlen;
-			r = handshake_option(c, c->opt, p, c->optlen);
+			r = option_in_own_buffer(c, p);
 			if (r == HS_CLOSE) {
 				conn_close_graceful(c);
 				return;
@@ -440,6 +472,8 @@ static bool read_once(struct nbdv_conn *c)
 			c->iend -= c->istart;
 			c->istart = 0;
 		}
+		if (c->iend == NBDV_IBUF_SIZE)
+			return false; /* full (back-pressure): a 0-byte read is not EOF */
 		n = c->tp->ops->recv(c->tp, c->ibuf + c->iend, NBDV_IBUF_SIZE - c->iend);
 		if (n > 0) {
 			c->iend += (size_t)n;
@@ -462,10 +496,8 @@ static bool read_once(struct nbdv_conn *c)
 	return false;
 }
 
-static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
+bool conn_pump(struct nbdv_conn *c)
 {
-	struct nbdv_conn *c = container_of(w, struct nbdv_conn, rio);
-
 	c->depth++;
 	if (c->phase == CONN_TLS_HANDSHAKE) {
 		tls_step(c);
@@ -477,11 +509,16 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
 		if (!read_once(c))
 			break;
 		process_input(c);
-	} while ((c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) &&
+	} while ((c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) && !throttled(c) &&
 		 c->tp->ops->pending(c->tp));
 out:
 	c->depth--;
-	conn_release(c);
+	return !conn_release(c);
+}
+
+static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	(void)conn_pump(container_of(w, struct nbdv_conn, rio));
 }
 
 void conn_service(struct nbdv_conn *c)

@@ -241,11 +241,8 @@ void server_mark_dirty(struct nbdv_server *srv, struct nbdv_conn *c)
 	srv->dirty = c;
 }
 
-/* Before each poll: write what every dirty connection has queued, in one batch each. */
-static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+void server_flush_dirty(struct nbdv_server *srv)
 {
-	struct nbdv_server *srv = container_of(w, struct nbdv_server, flusher);
-
 	while (srv->dirty) {
 		struct nbdv_conn *c = srv->dirty;
 		srv->dirty = c->dirty_next;
@@ -253,6 +250,12 @@ static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 		conn_service(c);
 		conn_release(c);
 	}
+}
+
+/* Before each poll: write what every dirty connection has queued, in one batch each. */
+static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+	server_flush_dirty(container_of(w, struct nbdv_server, flusher));
 }
 
 static void stop_listeners(struct nbdv_server *srv)

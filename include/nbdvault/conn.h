@@ -96,6 +96,19 @@ struct nbdv_conn {
 /* Take over accepted socket @fd; sends the greeting.  Returns NULL (fd closed) on failure. */
 struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const char *peer);
 
+/*
+ * Same over an existing transport; @fd may be -1 for an in-memory transport, in which
+ * case no watcher or timer is ever started and conn_pump() drives the connection.
+ * Takes ownership of @tp (and @fd).
+ */
+struct nbdv_conn *conn_new_transport(struct nbdv_server *srv, struct nbdv_transport *tp, int fd,
+				     bool is_tcp, const char *peer);
+/*
+ * Read and process what the transport has (as on a readable event); returns false if
+ * the connection was freed.
+ */
+bool conn_pump(struct nbdv_conn *c);
+
 /* Queue a reply and schedule a write. */
 void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m);
 /* Orderly close: stop reading, finish in-flight requests, send queued output, close. */

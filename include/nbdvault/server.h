@@ -61,5 +61,7 @@ void server_fini(struct nbdv_server *srv);
 void server_conn_add(struct nbdv_server *srv, struct nbdv_conn *c);
 void server_conn_remove(struct nbdv_server *srv, struct nbdv_conn *c);
 void server_mark_dirty(struct nbdv_server *srv, struct nbdv_conn *c);
+/* Write every dirty connection's output now (the flusher's work; also for harnesses). */
+void server_flush_dirty(struct nbdv_server *srv);
 
 #endif /* NBDV_SERVER_H */
