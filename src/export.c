@@ -90,9 +90,36 @@ int export_open(struct nbdv_export *e, const struct nbdv_dev **dev)
 	return 0;
 }
 
-uint16_t export_tflags(const struct nbdv_export *e, bool structured)
+int export_describe(struct nbdv_export *e, uint64_t *size, uint32_t *caps)
 {
-	uint32_t caps = e->dev.caps;
+	const struct nbdv_export_cfg *c = e->cfg;
+	const struct nbdv_dev *dev;
+	int r;
+
+	if (!e->opened && c->drv->probe) {
+		struct nbdv_export_params p = {
+		    .name = c->name,
+		    .path = c->path,
+		    .size = c->size,
+		    .size_given = c->size_given,
+		    .readonly = c->readonly,
+		};
+		r = c->drv->probe(&p, size, caps);
+		if (r == 0 && c->readonly)
+			*caps &=
+			    ~(NBDV_CAP_WRITE | NBDV_CAP_TRIM | NBDV_CAP_ZERO | NBDV_CAP_FAST_ZERO);
+		return r;
+	}
+	r = export_open(e, &dev);
+	if (r == 0) {
+		*size = dev->size;
+		*caps = dev->caps;
+	}
+	return r;
+}
+
+uint16_t export_tflags(uint32_t caps, bool structured)
+{
 	uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
 
 	if (!(caps & NBDV_CAP_WRITE)) {

@@ -224,12 +224,14 @@ static int send_info(struct nbdv_conn *c, uint32_t opt, uint16_t type, const voi
 static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8_t *data,
 				  uint32_t len)
 {
-	const struct nbdv_dev *dev;
 	struct nbdv_export *e;
 	uint32_t namelen;
 	uint16_t nreq;
 	bool want_name = false, want_desc = false;
+	const struct nbdv_dev *dev = NULL;
 	enum hs_result res;
+	uint64_t size;
+	uint32_t caps;
 	char shown[80];
 	int r;
 
@@ -258,7 +260,14 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 		return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export '%s' not found", shown);
 	if (refuse_export(c, opt, e, &res))
 		return res;
-	r = export_open(e, &dev);
+	/* INFO describes without opening; only GO opens the export's storage. */
+	if (opt == NBD_OPT_GO) {
+		r = export_open(e, &dev);
+		size = r == 0 ? dev->size : 0;
+		caps = r == 0 ? dev->caps : 0;
+	} else {
+		r = export_describe(e, &size, &caps);
+	}
 	if (r < 0)
 		return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export '%s' is not available: %s",
 				 shown, strerror(-r));
@@ -266,8 +275,8 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 	{
 		struct nbd_info_export ie = {
 		    .info = htobe16(NBD_INFO_EXPORT),
-		    .exportsize = htobe64(dev->size),
-		    .eflags = htobe16(export_tflags(e, c->structured)),
+		    .exportsize = htobe64(size),
+		    .eflags = htobe16(export_tflags(caps, c->structured)),
 		};
 		if (opt_reply(c, opt, NBD_REP_INFO, &ie, sizeof(ie)) < 0)
 			return HS_CLOSE;
@@ -298,7 +307,7 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 		c->meta_alloc = false;
 	c->exp = e;
 	c->dev = dev;
-	c->tflags = export_tflags(e, c->structured);
+	c->tflags = export_tflags(dev->caps, c->structured);
 	c->phase = CONN_TRANSMISSION;
 	log_info("c%u: serving export %s (%s replies%s)", c->id, e->cfg->name,
 		 c->structured ? "structured" : "simple", c->meta_alloc ? ", base:allocation" : "");
@@ -333,7 +342,7 @@ static enum hs_result opt_export_name(struct nbdv_conn *c, const uint8_t *data, 
 	c->meta_alloc = false;
 	c->exp = e;
 	c->dev = dev;
-	c->tflags = export_tflags(e, false);
+	c->tflags = export_tflags(dev->caps, false);
 	r.exportsize = htobe64(dev->size);
 	r.eflags = htobe16(c->tflags);
 	m = outmsg_new(sizeof(r) + sizeof(zeroes));

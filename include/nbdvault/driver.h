@@ -18,6 +18,7 @@
  *  - Threading: a driver without NBDV_CAP_BLOCKING is called on a reactor thread and
  *    must never block.  A driver with NBDV_CAP_BLOCKING is called from the executor's
  *    worker threads, concurrently, for the same instance: it must be thread-safe.
+ *  - probe() (optional) must not change anything: INFO is answered from it.
  *  - destroy() is only called on an instance create() returned; create() must undo
  *    its own partial work before it fails.
  *  - flush() must make every write that has completed before it was called durable.
@@ -102,6 +103,12 @@ struct nbdv_driver {
 	int (*block_status)(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off,
 			    uint32_t flags, struct nbdv_extents *ext);
 	int (*cache)(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags);
+	/*
+	 * Optional: the size and NBDV_CAP_* bits create() would give, without opening,
+	 * creating or locking anything.  NBD_OPT_INFO is answered from it, so storage is
+	 * first touched at GO/EXPORT_NAME.  NULL: the server opens the export instead.
+	 */
+	int (*probe)(const struct nbdv_export_params *p, uint64_t *size, uint32_t *caps);
 };
 
 #endif /* NBDV_DRIVER_H */

@@ -1,8 +1,9 @@
 /*
  * nbdvault - exports at run time: a config entry plus its driver instance.
  *
- * The driver instance is opened on first use by a client that reached INFO, GO or
- * EXPORT_NAME for it (never during LIST), shared by every connection to that export,
+ * The driver instance is opened on first use by a client that reached GO or
+ * EXPORT_NAME for it (INFO uses the driver's probe(); LIST nothing), shared by every
+ * connection to that export,
  * and closed at shutdown after a final flush.
  */
 #ifndef NBDV_EXPORT_H
@@ -37,7 +38,14 @@ struct nbdv_export *exports_find(struct nbdv_export *v, size_t n, const struct n
 /* Open the driver instance if needed; returns 0 and *dev, or -errno (logged). */
 int export_open(struct nbdv_export *e, const struct nbdv_dev **dev) NBDV_WUR;
 
-/* Transmission flags for @e's open device, given whether structured replies are on. */
-uint16_t export_tflags(const struct nbdv_export *e, bool structured);
+/*
+ * Size and capabilities of @e for NBD_OPT_INFO: from the open device if there is one,
+ * else from the driver's probe() (nothing is opened or created), else by opening.
+ * Returns 0 or -errno.
+ */
+int export_describe(struct nbdv_export *e, uint64_t *size, uint32_t *caps) NBDV_WUR;
+
+/* Transmission flags for capabilities @caps, given whether structured replies are on. */
+uint16_t export_tflags(uint32_t caps, bool structured);
 
 #endif /* NBDV_EXPORT_H */

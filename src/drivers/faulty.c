@@ -171,6 +171,14 @@ static int faulty_cache(struct nbdv_drv_instance *inst, uint64_t len, uint64_t o
 	FAULT_OR(f, len, off, true, nbdv_driver_memory.cache(f->mem, len, off, flags));
 }
 
+static int faulty_probe(const struct nbdv_export_params *p, uint64_t *size, uint32_t *caps)
+{
+	int r = nbdv_driver_memory.probe(p, size, caps);
+
+	*caps |= NBDV_CAP_BLOCKING;
+	return r;
+}
+
 const struct nbdv_driver nbdv_driver_faulty = {
     .api_version = NBDV_DRIVER_API_VERSION,
     .name = "faulty",
@@ -186,4 +194,5 @@ const struct nbdv_driver nbdv_driver_faulty = {
     .zero = faulty_zero,
     .block_status = faulty_block_status,
     .cache = faulty_cache,
+    .probe = faulty_probe,
 };

@@ -109,14 +109,46 @@ static void file_destroy(struct nbdv_drv_instance *inst)
 	free(f);
 }
 
-static uint32_t file_caps(struct nbdv_drv_instance *inst)
+static uint32_t caps_for(bool readonly)
 {
 	uint32_t caps = NBDV_CAP_FLUSH | NBDV_CAP_FUA | NBDV_CAP_EXTENTS | NBDV_CAP_CACHE |
 			NBDV_CAP_MULTI_CONN | NBDV_CAP_BLOCKING;
 
-	if (!to_file(inst)->readonly)
+	if (!readonly)
 		caps |= NBDV_CAP_WRITE | NBDV_CAP_TRIM | NBDV_CAP_ZERO | NBDV_CAP_FAST_ZERO;
 	return caps;
+}
+
+static uint32_t file_caps(struct nbdv_drv_instance *inst)
+{
+	return caps_for(to_file(inst)->readonly);
+}
+
+/* What create() would serve, from metadata only: nothing is created or written. */
+static int file_probe(const struct nbdv_export_params *p, uint64_t *size, uint32_t *caps)
+{
+	struct stat st;
+
+	*caps = caps_for(p->readonly);
+	if (stat(p->path, &st) < 0) {
+		if (errno == ENOENT && p->size_given && !p->readonly) {
+			*size = p->size; /* created with this size at GO */
+			return 0;
+		}
+		return -errno;
+	}
+	if (S_ISREG(st.st_mode)) {
+		*size = (uint64_t)st.st_size;
+		return 0;
+	}
+	if (S_ISBLK(st.st_mode)) {
+		int fd = open(p->path, O_RDONLY | O_CLOEXEC);
+		int r = fd < 0 || ioctl(fd, BLKGETSIZE64, size) < 0 ? -errno : 0;
+		if (fd >= 0)
+			close(fd);
+		return r;
+	}
+	return -EINVAL;
 }
 
 static uint64_t file_get_size(struct nbdv_drv_instance *inst)
@@ -301,4 +333,5 @@ const struct nbdv_driver nbdv_driver_file = {
     .zero = file_zero,
     .block_status = file_block_status,
     .cache = file_cache,
+    .probe = file_probe,
 };

@@ -248,6 +248,13 @@ static int mem_cache(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off,
 	return 0;
 }
 
+static int mem_probe(const struct nbdv_export_params *p, uint64_t *size, uint32_t *caps)
+{
+	*size = p->size;
+	*caps = mem_caps(NULL);
+	return 0;
+}
+
 const struct nbdv_driver nbdv_driver_memory = {
     .api_version = NBDV_DRIVER_API_VERSION,
     .name = "memory",
@@ -263,4 +270,5 @@ const struct nbdv_driver nbdv_driver_memory = {
     .zero = mem_zero,
     .block_status = mem_block_status,
     .cache = mem_cache,
+    .probe = mem_probe,
 };

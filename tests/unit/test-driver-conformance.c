@@ -71,6 +71,17 @@ static void conformance(const struct nbdv_driver *drv)
 	if (strcmp(drv->name, "file") == 0)
 		p.path = path;
 	CHECK(drv->api_version == NBDV_DRIVER_API_VERSION && drv->description);
+	if (drv->probe) {
+		/* probe() predicts create() without creating anything. */
+		uint64_t psize = 0;
+		uint32_t pcaps = 0;
+		CHECK(drv->probe(&p, &psize, &pcaps) == 0);
+		CHECK(psize == SIZE);
+		CHECK(!p.path || access(p.path, F_OK) != 0);
+		CHECK_MSG(driver_open(drv, &p, &d) == 0, "%s: open", drv->name);
+		CHECK(pcaps == d.caps);
+		driver_close(&d);
+	}
 	CHECK_MSG(driver_open(drv, &p, &d) == 0, "%s: open", drv->name);
 	CHECK(d.inst->drv == drv);
 	CHECK(d.size == SIZE);
