@@ -336,6 +336,15 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 		log_err("cannot initialise the event loop");
 		return -1;
 	}
+	/* Signals first: once a socket is listening, a SIGTERM must mean an orderly stop,
+	 * never the default action (which would leave the unix socket behind). */
+	ev_signal_init(&srv->sigint, signal_cb, SIGINT);
+	ev_signal_init(&srv->sigterm, signal_cb, SIGTERM);
+	ev_signal_init(&srv->sighup, sighup_cb, SIGHUP);
+	ev_signal_start(srv->loop, &srv->sigint);
+	ev_signal_start(srv->loop, &srv->sigterm);
+	ev_signal_start(srv->loop, &srv->sighup);
+	signal(SIGPIPE, SIG_IGN);
 	if (cfg->tls.mode != TLS_OFF) {
 		char err[1024];
 		if (tls_global_init() < 0)
@@ -363,13 +372,7 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	ev_prepare_init(&srv->flusher, flusher_cb);
 	ev_prepare_start(srv->loop, &srv->flusher);
 	ev_unref(srv->loop);
-	ev_signal_init(&srv->sigint, signal_cb, SIGINT);
-	ev_signal_init(&srv->sigterm, signal_cb, SIGTERM);
-	ev_signal_start(srv->loop, &srv->sigint);
-	ev_signal_start(srv->loop, &srv->sigterm);
-	ev_signal_init(&srv->sighup, sighup_cb, SIGHUP);
-	ev_signal_start(srv->loop, &srv->sighup);
-	signal(SIGPIPE, SIG_IGN);
+
 	return 0;
 }
 

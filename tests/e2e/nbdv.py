@@ -13,6 +13,10 @@ import time
 import unittest
 
 NBDVAULT = os.environ.get("NBDVAULT", "nbdvault")
+# A command to run the server under (e.g. valgrind), and how much slower that makes it:
+# the few time bounds in the tests are multiplied by SLOW.
+WRAPPER = os.environ.get("NBDVAULT_WRAPPER", "").split()
+SLOW = float(os.environ.get("NBDV_SLOW", "1"))
 
 NBD_MAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -95,8 +99,9 @@ class Server:
         self.proc = None
 
     def start(self, timeout=10):
+        timeout *= SLOW
         logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([NBDVAULT, "--config", self.config], stdout=logf,
+        self.proc = subprocess.Popen(WRAPPER + [NBDVAULT, "--config", self.config], stdout=logf,
                                      stderr=logf)
         logf.close()
         deadline = time.monotonic() + timeout
@@ -132,6 +137,7 @@ class Server:
 
     def stop(self, sig=signal.SIGTERM, timeout=30):
         """Signal the server and wait; returns its exit status."""
+        timeout *= SLOW
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -161,7 +167,8 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
         if exc and exc[0] is not None:
             return
-        for needle in ("runtime error:", "AddressSanitizer", "LeakSanitizer"):
+        for needle in ("runtime error:", "AddressSanitizer", "LeakSanitizer",
+                       "ERROR SUMMARY: 1", "definitely lost: 1"):
             assert needle not in log, f"sanitizer report in the server log:\n{log}"
         assert rc == 0, f"server exited with status {rc}:\n{log}"
 
@@ -170,6 +177,7 @@ class Raw:
     """A raw NBD client on a socket, for what real clients refuse to send."""
 
     def __init__(self, path=None, port=None, timeout=10):
+        timeout *= SLOW
         if path:
             deadline = time.monotonic() + timeout
             while True:
@@ -200,7 +208,7 @@ class Raw:
 
     def closed_by_server(self, timeout=5):
         """True if the server closes the connection (EOF or reset) within timeout."""
-        self.s.settimeout(timeout)
+        self.s.settimeout(timeout * SLOW)
         try:
             while True:
                 data = self.s.recv(65536)

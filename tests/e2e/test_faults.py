@@ -76,7 +76,7 @@ class FaultsTest(unittest.TestCase):
 
     def test_slow_request_stalls_nothing_else(self):
         with nbdv.Server(FAULTY) as srv:
-            control(srv, "delay 3 8388608 4096")
+            control(srv, f"delay {3 * nbdv.SLOW} 8388608 4096")
             a = nbdv.Raw(srv.sock)
             a.greet()
             a.go(b"f")
@@ -93,9 +93,9 @@ class FaultsTest(unittest.TestCase):
             fast = time.monotonic() - t
             self.assertEqual(sorted(got_a), list(range(20)))  # answered before cookie 100
             self.assertEqual(sorted(got_b), list(range(20)))
-            self.assertLess(fast, 2.5, "other requests waited for the slow one")
+            self.assertLess(fast, 2.5 * nbdv.SLOW, "other requests waited for the slow one")
             self.assertEqual(a.simple_reply(4096)[:2], (0, 100))
-            self.assertGreater(time.monotonic() - t, 2.5)
+            self.assertGreater(time.monotonic() - t, 2.5 * nbdv.SLOW)
             a.close()
             b.close()
             control(srv, None)
@@ -167,10 +167,10 @@ class FaultsTest(unittest.TestCase):
             for n in range(8):
                 for _ in range(5):
                     stage(n)
-            time.sleep(1.5)  # the slow driver calls finish; their connections go away
+            time.sleep(1.5 * nbdv.SLOW)  # the slow driver calls finish; their connections go away
             control(srv, None)
             nbdv.check_serves(self, srv)
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 5 * nbdv.SLOW
             while fd_count(pid) > base_fds and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.assertEqual(fd_count(pid), base_fds, os.listdir(f"/proc/{pid}/fd"))

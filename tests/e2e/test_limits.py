@@ -121,7 +121,7 @@ class LimitsTest(unittest.TestCase):
             r.s.settimeout(10)
             r.s.sendall(b"".join(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_READ,
                                              i, 0, size) for i in range(n)))
-            time.sleep(1.0)  # the server works until back-pressure stops it
+            time.sleep(1.0 * nbdv.SLOW)  # the server works until back-pressure stops it
             grown = rss_kib(pid) - before
             self.assertLess(grown, 48 * 1024, f"server grew {grown} KiB with replies unread")
             for i in range(n):
@@ -180,7 +180,7 @@ class LimitsTest(unittest.TestCase):
             self.assertLess(loaded, 3 * baseline + 1.0, f"{loaded:.2f}s vs {baseline:.2f}s")
             t = time.monotonic()
             for r in half:
-                self.assertTrue(r.closed_by_server(timeout=max(0.1, 6 - (time.monotonic() - t))))
+                self.assertTrue(r.closed_by_server(timeout=max(0.1, 6 - (time.monotonic() - t) / nbdv.SLOW)))
                 r.close()
 
 
