@@ -77,7 +77,7 @@ class Server:
     {dir} is replaced by the temporary directory.  The server listens on a unix socket
     ({dir}/sock) and, with tcp=True, on 127.0.0.1:<free port>."""
 
-    def __init__(self, exports=None, extra="", tcp=False, tmpdir=None):
+    def __init__(self, exports=None, extra="", tcp=False, tmpdir=None, max_fds=None):
         self.dir = tmpdir or tempfile.mkdtemp(prefix="nbdvault-test-")
         self.sock = os.path.join(self.dir, "sock")
         self.port = free_port() if tcp else None
@@ -97,12 +97,18 @@ class Server:
                     exports.format(dir=self.dir))
         self.log = os.path.join(self.dir, "server.log")
         self.proc = None
+        self.max_fds = max_fds  # RLIMIT_NOFILE for the server, to provoke EMFILE
 
     def start(self, timeout=10):
         timeout *= SLOW
         logf = open(self.log, "ab")
+        def limit():
+            if self.max_fds:
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_fds, self.max_fds))
+
         self.proc = subprocess.Popen(WRAPPER + [NBDVAULT, "--config", self.config], stdout=logf,
-                                     stderr=logf)
+                                     stderr=logf, preexec_fn=limit)
         logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

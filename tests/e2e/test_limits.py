@@ -110,6 +110,39 @@ class LimitsTest(unittest.TestCase):
             for x in held + [r, extra]:
                 x.close()
 
+    def test_out_of_descriptors_pauses_listener(self):
+        if nbdv.WRAPPER:
+            self.skipTest("the wrapper needs descriptors of its own")
+        with nbdv.Server(max_fds=40) as srv:
+            pid = srv.proc.pid
+            held = []
+            for _ in range(60):  # more than the server has descriptors for
+                try:
+                    r = nbdv.Raw(srv.sock, timeout=2)
+                    held.append(r)
+                except OSError:
+                    break
+            deadline = time.monotonic() + 5 * nbdv.SLOW
+            while "pausing listeners" not in srv.logtext():
+                self.assertLess(time.monotonic(), deadline, srv.logtext())
+                time.sleep(0.05)
+            # Paused, not spinning on the pending connections.
+            cpu0 = sum(map(int, open(f"/proc/{pid}/stat").read().split()[13:15]))
+            time.sleep(1.0)
+            cpu1 = sum(map(int, open(f"/proc/{pid}/stat").read().split()[13:15]))
+            self.assertLess(cpu1 - cpu0, 30, "server spins while out of descriptors")
+            for r in held:
+                r.close()
+            # Descriptors come back; the listener resumes and serves.
+            deadline = time.monotonic() + 10 * nbdv.SLOW
+            while True:
+                try:
+                    nbdv.check_serves(self, srv)
+                    break
+                except Exception:  # noqa: BLE001
+                    self.assertLess(time.monotonic(), deadline)
+                    time.sleep(0.2)
+
     def test_backpressure_bounds_queued_replies(self):
         with nbdv.Server(extra=limits(max_inflight_bytes="4M")) as srv:
             pid = srv.proc.pid
