@@ -2,10 +2,90 @@
 #include "build-config.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "nbdvault/buf.h"
+
+#define POOL_MIN_SHIFT 12		     /* smallest class: 4 KiB */
+#define POOL_CLASSES   20		     /* up to 2 GiB */
+#define POOL_MAX_IDLE  (64ULL * 1024 * 1024) /* idle bytes kept in all classes */
+#define POOL_HDR       64		     /* header before the data, keeps 64-byte alignment */
+
+/* Header in front of every pooled buffer. */
+struct pool_hdr {
+	struct pool_hdr *next; /* freelist link while idle */
+	unsigned cls;	       /* size class: data is 1 << (cls + POOL_MIN_SHIFT) bytes */
+};
+
+static struct {
+	pthread_mutex_t lock;		     /* protects everything here */
+	struct pool_hdr *free[POOL_CLASSES]; /* idle buffers per class */
+	uint64_t idle;			     /* idle bytes */
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static size_t class_size(unsigned cls)
+{
+	return (size_t)1 << (cls + POOL_MIN_SHIFT);
+}
+
+void *nbdv_buf_alloc(size_t len)
+{
+	unsigned cls = 0;
+	struct pool_hdr *h;
+
+	while (cls < POOL_CLASSES && class_size(cls) < len)
+		cls++;
+	if (cls == POOL_CLASSES)
+		return NULL;
+	pthread_mutex_lock(&pool.lock);
+	h = pool.free[cls];
+	if (h) {
+		pool.free[cls] = h->next;
+		pool.idle -= class_size(cls);
+	}
+	pthread_mutex_unlock(&pool.lock);
+	if (!h) {
+		h = malloc(POOL_HDR + class_size(cls));
+		if (!h)
+			return NULL;
+		h->cls = cls;
+	}
+	return (char *)h + POOL_HDR;
+}
+
+void nbdv_buf_free(void *p)
+{
+	struct pool_hdr *h;
+
+	if (!p)
+		return;
+	h = (struct pool_hdr *)((char *)p - POOL_HDR);
+	pthread_mutex_lock(&pool.lock);
+	if (pool.idle + class_size(h->cls) <= POOL_MAX_IDLE) {
+		h->next = pool.free[h->cls];
+		pool.free[h->cls] = h;
+		pool.idle += class_size(h->cls);
+		h = NULL;
+	}
+	pthread_mutex_unlock(&pool.lock);
+	free(h);
+}
+
+void nbdv_buf_pool_drain(void)
+{
+	pthread_mutex_lock(&pool.lock);
+	for (unsigned c = 0; c < POOL_CLASSES; c++) {
+		while (pool.free[c]) {
+			struct pool_hdr *h = pool.free[c];
+			pool.free[c] = h->next;
+			free(h);
+		}
+	}
+	pool.idle = 0;
+	pthread_mutex_unlock(&pool.lock);
+}
 
 struct nbdv_outmsg *outmsg_new(size_t inl_cap)
 {
@@ -49,7 +129,7 @@ void outmsg_add_ref(struct nbdv_outmsg *m, const void *p, size_t len)
 void outmsg_free(struct nbdv_outmsg *m)
 {
 	if (m) {
-		free(m->owned);
+		nbdv_buf_free(m->owned);
 		free(m);
 	}
 }

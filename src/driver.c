@@ -50,13 +50,28 @@ int extents_init(struct nbdv_extents *ext, uint64_t off, uint64_t len, uint32_t 
 	ext->max = max ? max : 1;
 	ext->n = 0;
 	ext->e = malloc(ext->max * sizeof(*ext->e));
+	ext->owned = true;
 	return ext->e ? 0 : -ENOMEM;
+}
+
+void extents_init_in(struct nbdv_extents *ext, uint64_t off, uint64_t len,
+		     struct nbdv_extent *storage, uint32_t max)
+{
+	ext->start = off;
+	ext->next = off;
+	ext->end = off + len;
+	ext->max = max;
+	ext->n = 0;
+	ext->e = storage;
+	ext->owned = false;
 }
 
 void extents_free(struct nbdv_extents *ext)
 {
-	free(ext->e);
+	if (ext->owned)
+		free(ext->e);
 	ext->e = NULL;
+	ext->owned = false;
 }
 
 int nbdv_extents_add(struct nbdv_extents *ext, uint64_t length, uint32_t flags)

@@ -25,6 +25,8 @@
 #include "nbdvault/log.h"
 #include "nbdvault/server.h"
 #include "nbdvault/tls.h"
+#include "nbdvault/transmission.h"
+#include "nbdvault/buf.h"
 
 /* Seconds the drain at shutdown may take before remaining connections are cut. */
 #define SHUTDOWN_GRACE 30.0
@@ -421,4 +423,6 @@ void server_fini(struct nbdv_server *srv)
 	}
 	config_free(srv->cfg);
 	srv->cfg = NULL;
+	transmission_req_cache_drain();
+	nbdv_buf_pool_drain();
 }

@@ -10,6 +10,7 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,6 +26,8 @@
 
 /* Most descriptors in one BLOCK_STATUS reply (the spec lets a server send fewer). */
 #define MAX_STATUS_EXTENTS 1024
+/* Requests of a non-blocking driver at least this large still run on the workers. */
+#define OFFLOAD_BYTES (128 * 1024)
 /* Most chunks a sparse READ reply is split into; the rest is sent as data. */
 #define MAX_READ_CHUNKS 32
 
@@ -42,6 +45,9 @@ struct nbdv_req {
 	int err;		    /* 0 or -errno from the driver */
 	bool sparse;		    /* READ: ext describes holes to send as OFFSET_HOLE */
 	struct nbdv_extents ext;    /* BLOCK_STATUS result, or READ layout */
+	/* Not cleared when recycled: */
+	struct nbdv_extent read_ext[MAX_READ_CHUNKS]; /* storage for a sparse READ's layout */
+	struct nbdv_req *free_next;		      /* freelist link while unused */
 };
 
 uint32_t transmission_nbd_errno(int err, bool fast_zero)
@@ -79,13 +85,48 @@ static size_t req_bytes(const struct nbdv_req *r)
 	return r->buf ? r->count : 0;
 }
 
+/* Request structs are recycled per thread (each reactor allocates and frees its own),
+ * so the steady-state request path does not call malloc. */
+#define REQ_CACHE_MAX 1024
+static __thread struct nbdv_req *req_cache;
+static __thread unsigned req_cached;
+
+static struct nbdv_req *req_alloc(void)
+{
+	struct nbdv_req *r = req_cache;
+
+	if (!r)
+		return calloc(1, sizeof(*r));
+	req_cache = r->free_next;
+	req_cached--;
+	memset(r, 0, offsetof(struct nbdv_req, read_ext));
+	return r;
+}
+
 void transmission_req_free(struct nbdv_req *r)
 {
 	if (!r)
 		return;
 	extents_free(&r->ext);
-	free(r->buf);
+	nbdv_buf_free(r->buf);
+	r->buf = NULL;
+	if (req_cached < REQ_CACHE_MAX) {
+		r->free_next = req_cache;
+		req_cache = r;
+		req_cached++;
+		return;
+	}
 	free(r);
+}
+
+void transmission_req_cache_drain(void)
+{
+	while (req_cache) {
+		struct nbdv_req *r = req_cache;
+		req_cache = r->free_next;
+		free(r);
+	}
+	req_cached = 0;
 }
 
 /* --- replies --- */
@@ -101,7 +142,7 @@ static void queue_simple(struct nbdv_conn *c, uint64_t cookie, uint32_t error, v
 	struct nbdv_outmsg *m = outmsg_new(sizeof(h));
 
 	if (!m) {
-		free(data);
+		nbdv_buf_free(data);
 		conn_abort(c);
 		return;
 	}
@@ -128,7 +169,7 @@ static int queue_chunk(struct nbdv_conn *c, uint64_t cookie, uint16_t flags, uin
 
 	if (!m) {
 		if (own)
-			free(data);
+			nbdv_buf_free(data);
 		conn_abort(c);
 		return -ENOMEM;
 	}
@@ -172,7 +213,7 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 		return;
 	}
 	if (r->count == 0) {
-		free(buf);
+		nbdv_buf_free(buf);
 		(void)queue_chunk(c, r->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NULL, 0,
 				  NULL, 0, false);
 		return;
@@ -191,13 +232,13 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 			if (queue_chunk(c, r->cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, &h,
 					sizeof(h), last ? buf : NULL, 0, last) < 0) {
 				if (!last)
-					free(buf);
+					nbdv_buf_free(buf);
 				return;
 			}
 		} else {
 			if (queue_chunk(c, r->cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, &be_off, 8,
 					buf + (pos - r->offset), n, false) < 0) {
-				free(buf);
+				nbdv_buf_free(buf);
 				return;
 			}
 			if (last)
@@ -210,7 +251,7 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 static void reply_block_status(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	size_t len = 4 + (size_t)r->ext.n * sizeof(struct nbd_block_descriptor);
-	uint8_t *payload = malloc(len);
+	uint8_t *payload = nbdv_buf_alloc(len);
 	uint32_t id = htobe32(1);
 
 	if (!payload) {
@@ -237,9 +278,8 @@ static void read_sparse(struct nbdv_req *r)
 	uint32_t i;
 
 	/* Ask where the zeroes are; any part the answer does not cover is read as data. */
-	r->err = extents_init(&r->ext, r->offset, r->count, MAX_READ_CHUNKS - 1);
-	if (r->err == 0)
-		r->err = driver_block_status(r->dev, r->count, r->offset, 0, &r->ext);
+	extents_init_in(&r->ext, r->offset, r->count, r->read_ext, MAX_READ_CHUNKS - 1);
+	r->err = driver_block_status(r->dev, r->count, r->offset, 0, &r->ext);
 	if (r->err < 0) {
 		/* Sparseness is an optimisation: fall back to one plain read. */
 		r->ext.n = 0;
@@ -427,7 +467,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 		return;
 	}
 	if (r->type == NBD_CMD_READ && r->count) {
-		r->buf = malloc(r->count);
+		r->buf = nbdv_buf_alloc(r->count);
 		if (!r->buf) {
 			queue_error(c, r->cookie, NBD_ENOMEM, "out of memory");
 			transmission_req_free(r);
@@ -438,7 +478,10 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	}
 	c->inflight++;
 	c->inflight_bytes += req_bytes(r);
-	executor_submit(c->srv->exec, &r->job, c->dev->caps & NBDV_CAP_BLOCKING);
+	/* Blocking drivers always go to the workers; so do large copies of the others, so
+	 * that the copy overlaps with the reactor's socket writes on another core. */
+	executor_submit(c->srv->exec, &r->job,
+			(c->dev->caps & NBDV_CAP_BLOCKING) || r->count >= OFFLOAD_BYTES);
 }
 
 enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
@@ -452,7 +495,7 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 		log_info("c%u: bad request magic 0x%08x, closing", c->id, be32toh(q.magic));
 		return TX_CLOSE;
 	}
-	r = calloc(1, sizeof(*r));
+	r = req_alloc();
 	if (!r)
 		return TX_CLOSE;
 	r->job.run = req_run;
@@ -483,7 +526,7 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 			return TX_CLOSE;
 		}
 		if (r->count) {
-			r->buf = malloc(r->count);
+			r->buf = nbdv_buf_alloc(r->count);
 			if (!r->buf) {
 				transmission_req_free(r);
 				return TX_CLOSE;

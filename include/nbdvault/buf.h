@@ -46,6 +46,18 @@ int outmsg_add_copy(struct nbdv_outmsg *m, const void *p, size_t len);
 void outmsg_add_ref(struct nbdv_outmsg *m, const void *p, size_t len);
 void outmsg_free(struct nbdv_outmsg *m);
 
+/*
+ * Data buffers for requests and replies come from a pool of power-of-two size classes
+ * (4 KiB and up), so the steady-state request path neither mallocs nor faults in fresh
+ * pages.  Up to 64 MiB of idle buffers are kept.  Thread-safe.  nbdv_buf_free(NULL) is
+ * a no-op; every pointer from nbdv_buf_alloc must go back through nbdv_buf_free (an
+ * outmsg's `owned` buffer does, in outmsg_free).
+ */
+void *nbdv_buf_alloc(size_t len) NBDV_WUR;
+void nbdv_buf_free(void *p);
+/* Release every idle pooled buffer (at exit, so leak checkers see a clean heap). */
+void nbdv_buf_pool_drain(void);
+
 void outq_push(struct nbdv_outq *q, struct nbdv_outmsg *m);
 /* Gather up to @max pieces of unsent data into @iov; returns how many. */
 int outq_gather(const struct nbdv_outq *q, struct iovec *iov, int max);

@@ -35,10 +35,14 @@ struct nbdv_extents {
 	uint32_t max;	       /* capacity of e[] */
 	uint32_t n;	       /* entries used */
 	struct nbdv_extent *e; /* entries, contiguous from start */
+	bool owned;	       /* e was malloc'd by extents_init */
 };
 
 /* Set up a collector for [off, off+len) holding at most @max extents.  Returns 0 or -ENOMEM. */
 int extents_init(struct nbdv_extents *ext, uint64_t off, uint64_t len, uint32_t max) NBDV_WUR;
+/* Same, with caller-owned storage for @max entries (extents_free then frees nothing). */
+void extents_init_in(struct nbdv_extents *ext, uint64_t off, uint64_t len,
+		     struct nbdv_extent *storage, uint32_t max);
 void extents_free(struct nbdv_extents *ext);
 
 /* An export's driver instance with its cached capabilities and size. */

@@ -29,6 +29,8 @@ uint8_t *transmission_payload_ptr(struct nbdv_req *r, uint32_t *missing);
 int transmission_payload_got(struct nbdv_conn *c, uint32_t n);
 /* Free a request that will never be dispatched (connection closing). */
 void transmission_req_free(struct nbdv_req *r);
+/* Free the calling thread's cache of request structs (at exit). */
+void transmission_req_cache_drain(void);
 
 /* NBD wire error value for a negative errno (EDQUOT -> ENOSPC, unknown -> EIO, ...). */
 uint32_t transmission_nbd_errno(int err, bool fast_zero);

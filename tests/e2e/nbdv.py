@@ -141,7 +141,7 @@ class Server:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, sig=signal.SIGTERM, timeout=30):
+    def stop(self, sig=signal.SIGTERM, timeout=40):
         """Signal the server and wait; returns its exit status."""
         timeout *= SLOW
         if self.proc is None:

@@ -11,7 +11,7 @@ int main(void)
 {
 	struct nbdv_outq q = {0};
 	struct iovec iov[8];
-	char *owned = malloc(100);
+	char *owned = nbdv_buf_alloc(100);
 	struct nbdv_outmsg *a = outmsg_new(16), *b = outmsg_new(4);
 	char flat[200];
 	size_t got = 0;
@@ -49,10 +49,24 @@ int main(void)
 
 	/* Clearing frees queued messages and their owned buffers (ASan checks leaks). */
 	a = outmsg_new(8);
-	a->owned = malloc(10);
+	a->owned = nbdv_buf_alloc(10);
 	outmsg_add_ref(a, a->owned, 10);
 	outq_push(&q, a);
 	outq_clear(&q);
 	CHECK(q.head == NULL && q.bytes == 0);
+
+	/* The pool hands back buffers of at least the size asked, reusing freed ones. */
+	{
+		char *x = nbdv_buf_alloc(5000), *y;
+		CHECK(x != NULL);
+		memset(x, 1, 5000);
+		nbdv_buf_free(x);
+		y = nbdv_buf_alloc(8192);
+		CHECK(y == x); /* same 8 KiB class, reused */
+		nbdv_buf_free(y);
+		CHECK(nbdv_buf_alloc((size_t)1 << 40) == NULL);
+		nbdv_buf_free(NULL);
+		nbdv_buf_pool_drain();
+	}
 	CHECKS_DONE("test-buf");
 }
