@@ -25,6 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NBDVAULT = os.path.join(ROOT, "build-release", "nbdvault")
 NBDLOAD = os.path.join(ROOT, "build-release", "nbdload")
+STREAM = os.path.join(ROOT, "build-release", "stream")
 PY = "/usr/bin/python3"
 GIB = 1 << 30
 TICK = os.sysconf("SC_CLK_TCK")
@@ -206,6 +207,37 @@ def w_idle_rss(server, a):
     return (after - before) / a.idle, 0.0, 0.0, 0.0
 
 
+def ceilings(a, pki):
+    """Bare loopback stream limits (no NBD): what any server could reach here."""
+    out = {}
+    for kind in ("tcp", "tls"):
+        runs = []
+        for _ in range(a.reps):
+            p = subprocess.run([STREAM, kind, str(a.copy_bytes * 2), pki], capture_output=True,
+                               text=True, timeout=300, check=True)
+            f = p.stdout.split()
+            runs.append((float(f[0]), float(f[1]), float(f[2]), f[3]))
+        out[kind] = runs
+    return out
+
+
+def handshake_cost(a, work, pki_by_key):
+    """Server CPU per full TLS handshake (+GO+disconnect), ECDSA and RSA certificates."""
+    out = {}
+    for key, pki in pki_by_key.items():
+        servers = [Server(k, "memory", True, work, pki) for k in ("nbdvault", "nbdkit")]
+        try:
+            for rep in range(a.reps):
+                for s in (servers if rep % 2 == 0 else servers[::-1]):
+                    rate, srv_cpu, cli_cpu, wall = w_connects(s, a)
+                    n = rate * wall
+                    out.setdefault((key, s.kind), []).append((rate, srv_cpu / n * 1e3))
+        finally:
+            for s in servers:
+                s.stop()
+    return out
+
+
 def workloads(quick):
     w = [
         ("nbdcopy write 1 conn", "MiB/s", lambda s, a: w_nbdcopy_write(s, a, 1)),
@@ -246,6 +278,9 @@ def main():
     pki = os.path.join(work, "pki")
     subprocess.run([os.path.join(ROOT, "certs", "make-dev-certs"), pki], check=True,
                    capture_output=True)
+    rsa_pki = os.path.join(work, "pki-rsa")
+    subprocess.run([os.path.join(ROOT, "certs", "make-dev-certs"), rsa_pki, "--rsa"],
+                   check=True, capture_output=True)
     a.src = os.path.join(work, "src.img")
     with open(a.src, "wb") as f:
         for _ in range(a.copy_bytes >> 20):
@@ -254,6 +289,10 @@ def main():
              ("nbdkit", "file"), ("qemu-nbd", "file")]
     results = {}  # (mode, workload, server) -> list of (value, srv_cpu, cli_cpu, wall)
     started = time.monotonic()
+    a.ceil = ceilings(a, pki)
+    print(f"stream ceilings done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    a.hs = handshake_cost(a, work, {"ECDSA P-256": pki, "RSA 3072": rsa_pki})
+    print(f"handshake cost done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
     for tls in (False, True):
         mode = "TLS" if tls else "plain"
         servers = [Server(k, b, tls, work, pki) for k, b in kinds]
@@ -323,6 +362,22 @@ def write_report(a, results, kinds):
               "Ratio: nbdvault on memory vs nbdkit memory; nbdvault on file vs the best of "
               "nbdkit file and qemu-nbd; > 1.00 means nbdvault is better (for RSS and "
               "latency, lower is better and the ratio is inverted).", ""]
+    lines += ["## Ceilings (no NBD, same machine, same run)", "",
+              "| stream | MiB/s median (min..max) | sender CPU s | receiver CPU s | cipher |",
+              "|---|---|---|---|---|"]
+    for kind, runs in a.ceil.items():
+        v = [r[0] for r in runs]
+        lines.append(f"| bare {kind.upper()} loopback, {a.copy_bytes * 2 >> 20} MiB | "
+                     f"{statistics.median(v):,.0f} ({min(v):,.0f}..{max(v):,.0f}) | "
+                     f"{statistics.median(r[1] for r in runs):.2f} | "
+                     f"{statistics.median(r[2] for r in runs):.2f} | {runs[0][3]} |")
+    lines += ["", "## TLS handshake cost (full handshake + GO + disconnect, memory export)", "",
+              "| certificate | server | conn/s median | server CPU ms per connection |",
+              "|---|---|---|---|"]
+    for (key, kind), runs in sorted(a.hs.items()):
+        lines.append(f"| {key} | {kind} | {statistics.median(r[0] for r in runs):,.0f} | "
+                     f"{statistics.median(r[1] for r in runs):.2f} |")
+    lines.append("")
     plot = []
     for mode in ("plain", "TLS"):
         lines += [f"## {mode}", "",

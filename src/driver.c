@@ -128,6 +128,15 @@ int driver_pread(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off
 	return d->inst->drv->pread(d->inst, buf, len, off, 0);
 }
 
+int driver_pread_nowait(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off)
+{
+	if (!in_range(d, len, off))
+		return -EINVAL;
+	if (!d->inst->drv->pread_nowait)
+		return -EAGAIN;
+	return d->inst->drv->pread_nowait(d->inst, buf, len, off);
+}
+
 /* FUA for drivers without native support: the write, then a flush. */
 static int emulate_fua(const struct nbdv_dev *d, int r, uint32_t flags)
 {

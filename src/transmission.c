@@ -26,6 +26,8 @@
 
 /* Most descriptors in one BLOCK_STATUS reply (the spec lets a server send fewer). */
 #define MAX_STATUS_EXTENTS 1024
+/* Reads up to this size are tried inline from the page cache (RWF_NOWAIT) first. */
+#define INLINE_READ_BYTES (64 * 1024)
 /* Requests of a non-blocking driver at least this large still run on the workers. */
 #define OFFLOAD_BYTES (128 * 1024)
 /* Most chunks a sparse READ reply is split into; the rest is sent as data. */
@@ -345,6 +347,11 @@ static void req_run(struct nbdv_job *job)
 	}
 }
 
+/* The work was done before submission (an inline cached read). */
+static void req_run_nothing(struct nbdv_job *job)
+{
+}
+
 static void req_done(struct nbdv_job *job)
 {
 	struct nbdv_req *r = (struct nbdv_req *)job;
@@ -478,6 +485,17 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	}
 	c->inflight++;
 	c->inflight_bytes += req_bytes(r);
+	/* A small read the page cache can satisfy is done here and now: a trip to the
+	 * workers and back costs more than the read.  (Sent as plain data: holes in a
+	 * small cached read just read as zeroes.) */
+	if (r->type == NBD_CMD_READ && r->count && r->count <= INLINE_READ_BYTES &&
+	    (c->dev->caps & NBDV_CAP_BLOCKING) &&
+	    driver_pread_nowait(c->dev, r->buf, r->count, r->offset) == 0) {
+		r->sparse = false;
+		r->job.run = req_run_nothing;
+		executor_submit(c->srv->exec, &r->job, false);
+		return;
+	}
 	/* Blocking drivers always go to the workers; so do large copies of the others, so
 	 * that the copy overlaps with the reactor's socket writes on another core. */
 	executor_submit(c->srv->exec, &r->job,

@@ -109,6 +109,12 @@ struct nbdv_driver {
 	 * first touched at GO/EXPORT_NAME.  NULL: the server opens the export instead.
 	 */
 	int (*probe)(const struct nbdv_export_params *p, uint64_t *size, uint32_t *caps);
+	/*
+	 * Optional, for blocking drivers: read only if it cannot block (data in the page
+	 * cache), else return -EAGAIN having changed nothing.  Called on the reactor for
+	 * small reads; -EAGAIN sends the read to the workers.
+	 */
+	int (*pread_nowait)(struct nbdv_drv_instance *inst, void *buf, uint64_t len, uint64_t off);
 };
 
 #endif /* NBDV_DRIVER_H */

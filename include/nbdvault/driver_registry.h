@@ -62,6 +62,8 @@ int driver_open(const struct nbdv_driver *drv, const struct nbdv_export_params *
 void driver_close(struct nbdv_dev *dev);
 
 int driver_pread(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off) NBDV_WUR;
+/* Read without blocking if the driver can; -EAGAIN when it cannot or would block. */
+int driver_pread_nowait(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off) NBDV_WUR;
 int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint64_t off,
 		  uint32_t flags) NBDV_WUR;
 int driver_flush(const struct nbdv_dev *d) NBDV_WUR;

@@ -181,6 +181,25 @@ static int file_pread(struct nbdv_drv_instance *inst, void *buf, uint64_t len, u
 	return 0;
 }
 
+/* All from the page cache, or -EAGAIN (RWF_NOWAIT); a short read counts as EAGAIN. */
+static int file_pread_nowait(struct nbdv_drv_instance *inst, void *buf, uint64_t len, uint64_t off)
+{
+	struct iovec iov = {.iov_base = buf, .iov_len = len};
+	ssize_t n;
+
+	if (to_file(inst)->is_blk)
+		return -EAGAIN;
+	n = preadv2(to_file(inst)->fd, &iov, 1, (off_t)off, RWF_NOWAIT);
+	if (n == (ssize_t)len)
+		return 0;
+	if (n >= 0 && off + (uint64_t)n >= to_file(inst)->size) {
+		/* Past the end of a file that shrank: zeroes, as file_pread does. */
+		memset((char *)buf + n, 0, len - (uint64_t)n);
+		return 0;
+	}
+	return -EAGAIN;
+}
+
 static int file_flush(struct nbdv_drv_instance *inst, uint32_t flags)
 {
 	return fdatasync(to_file(inst)->fd) < 0 ? -errno : 0;
@@ -334,4 +353,5 @@ const struct nbdv_driver nbdv_driver_file = {
     .block_status = file_block_status,
     .cache = file_cache,
     .probe = file_probe,
+    .pread_nowait = file_pread_nowait,
 };
