@@ -95,6 +95,22 @@ int nbdv_extents_add(struct nbdv_extents *ext, uint64_t length, uint32_t flags)
 	return ext->next >= ext->end ? 1 : 0;
 }
 
+/* Capabilities a read-only export never has. */
+#define WRITE_CAPS (NBDV_CAP_WRITE | NBDV_CAP_TRIM | NBDV_CAP_ZERO | NBDV_CAP_FAST_ZERO)
+
+int driver_probe(const struct nbdv_driver *drv, const struct nbdv_export_params *p, uint64_t *size,
+		 uint32_t *caps)
+{
+	int r;
+
+	if (!drv->probe)
+		return -ENOTSUP;
+	r = drv->probe(p, size, caps);
+	if (r == 0 && p->readonly)
+		*caps &= ~WRITE_CAPS;
+	return r;
+}
+
 int driver_open(const struct nbdv_driver *drv, const struct nbdv_export_params *p,
 		struct nbdv_dev *dev)
 {
@@ -105,7 +121,7 @@ int driver_open(const struct nbdv_driver *drv, const struct nbdv_export_params *
 	dev->inst->drv = drv;
 	dev->caps = drv->caps(dev->inst);
 	if (p->readonly)
-		dev->caps &= ~(NBDV_CAP_WRITE | NBDV_CAP_TRIM | NBDV_CAP_ZERO | NBDV_CAP_FAST_ZERO);
+		dev->caps &= ~WRITE_CAPS;
 	dev->size = drv->get_size(dev->inst);
 	return 0;
 }

@@ -63,9 +63,9 @@ struct nbdv_export *exports_find(struct nbdv_export *v, size_t n, const struct n
 	return NULL;
 }
 
-int export_open(struct nbdv_export *e, const struct nbdv_dev **dev)
+/* What a driver is told about export @c. */
+static struct nbdv_export_params params_of(const struct nbdv_export_cfg *c)
 {
-	const struct nbdv_export_cfg *c = e->cfg;
 	struct nbdv_export_params p = {
 	    .name = c->name,
 	    .path = c->path,
@@ -73,6 +73,13 @@ int export_open(struct nbdv_export *e, const struct nbdv_dev **dev)
 	    .size_given = c->size_given,
 	    .readonly = c->readonly,
 	};
+	return p;
+}
+
+int export_open(struct nbdv_export *e, const struct nbdv_dev **dev)
+{
+	const struct nbdv_export_cfg *c = e->cfg;
+	struct nbdv_export_params p = params_of(c);
 	int r;
 
 	if (!e->opened) {
@@ -97,18 +104,8 @@ int export_describe(struct nbdv_export *e, uint64_t *size, uint32_t *caps)
 	int r;
 
 	if (!e->opened && c->drv->probe) {
-		struct nbdv_export_params p = {
-		    .name = c->name,
-		    .path = c->path,
-		    .size = c->size,
-		    .size_given = c->size_given,
-		    .readonly = c->readonly,
-		};
-		r = c->drv->probe(&p, size, caps);
-		if (r == 0 && c->readonly)
-			*caps &=
-			    ~(NBDV_CAP_WRITE | NBDV_CAP_TRIM | NBDV_CAP_ZERO | NBDV_CAP_FAST_ZERO);
-		return r;
+		struct nbdv_export_params p = params_of(c);
+		return driver_probe(c->drv, &p, size, caps);
 	}
 	r = export_open(e, &dev);
 	if (r == 0) {

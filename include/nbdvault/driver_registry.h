@@ -58,6 +58,10 @@ struct nbdv_dev {
  */
 int driver_open(const struct nbdv_driver *drv, const struct nbdv_export_params *p,
 		struct nbdv_dev *dev) NBDV_WUR;
+/* What driver_open() would give, from @drv's probe() without opening anything;
+ * -ENOTSUP if the driver has none. */
+int driver_probe(const struct nbdv_driver *drv, const struct nbdv_export_params *p, uint64_t *size,
+		 uint32_t *caps) NBDV_WUR;
 /* Destroy the instance in @dev. */
 void driver_close(struct nbdv_dev *dev);
 

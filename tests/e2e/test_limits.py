@@ -16,13 +16,6 @@ nbdv.require_libnbd()
 import nbd  # noqa: E402
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
 
 def limits(**kw):
     return "limits:\n" + "".join(f"  {k.replace('_', '-')}: {v}\n" for k, v in kw.items())
@@ -149,13 +142,13 @@ class LimitsTest(unittest.TestCase):
             r = nbdv.Raw(srv.sock)
             r.greet()
             r.go()
-            before = rss_kib(pid)
+            before = nbdv.rss_kib(pid)
             n, size = 1024, 256 * 1024  # 256 MiB of replies if nothing held back
             r.s.settimeout(10)
             r.s.sendall(b"".join(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_READ,
                                              i, 0, size) for i in range(n)))
             time.sleep(1.0 * nbdv.SLOW)  # the server works until back-pressure stops it
-            grown = rss_kib(pid) - before
+            grown = nbdv.rss_kib(pid) - before
             self.assertLess(grown, 48 * 1024, f"server grew {grown} KiB with replies unread")
             seen = set()
             for _ in range(n):  # replies may come in any order

@@ -13,13 +13,6 @@ import nbdv
 nbdv.require_libnbd()
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
 
 class RawTest(unittest.TestCase):
     @classmethod
@@ -172,7 +165,7 @@ class RawTest(unittest.TestCase):
 
     def test_1gib_write_header(self):
         pid = self.srv.proc.pid
-        before = rss_kib(pid)
+        before = nbdv.rss_kib(pid)
         r = self.raw()
         r.greet()
         r.go()
@@ -180,7 +173,7 @@ class RawTest(unittest.TestCase):
         err, cookie, _ = r.simple_reply()
         self.assertEqual((err, cookie), (nbdv.EINVAL, 3))
         self.assertTrue(r.closed_by_server())
-        self.assertLess(rss_kib(pid) - before, 64 * 1024, "the payload was allocated")
+        self.assertLess(nbdv.rss_kib(pid) - before, 64 * 1024, "the payload was allocated")
 
     def test_oversized_read(self):
         r = self.raw()
