@@ -457,8 +457,9 @@ def write_svg(path, plot, names):
     out.append(f'<line x1="{left + scale}" y1="{top - 5}" x2="{left + scale}" y2="{y}" '
                'stroke="black" stroke-dasharray="4 3"/>')
     for i, n in enumerate(names):
-        out.append(f'<rect x="{left + i * 105}" y="{y + 15}" width="10" height="10" '
-                   f'fill="{colours[i]}"/><text x="{left + i * 105 + 14}" y="{y + 24}">{n}</text>')
+        lx = 10 + i * 150  # legend entries: 150 px apart, from the left edge
+        out.append(f'<rect x="{lx}" y="{y + 15}" width="10" height="10" '
+                   f'fill="{colours[i]}"/><text x="{lx + 14}" y="{y + 24}">{n}</text>')
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
