@@ -16,9 +16,9 @@
 #include <time.h>
 
 struct slot {
-	double start;	    /* when the request was issued */
-	int64_t cookie;	    /* libnbd cookie, or -1 when free */
-	char *buf;	    /* data buffer */
+	double start;	/* when the request was issued */
+	int64_t cookie; /* libnbd cookie, or -1 when free */
+	char *buf;	/* data buffer */
 };
 
 static double now(void)
@@ -98,11 +98,10 @@ int main(int argc, char **argv)
 					off = (x % (size / (uint64_t)bs)) * (uint64_t)bs;
 				}
 				s->start = t;
-				s->cookie = write_mode ?
-						    nbd_aio_pwrite(h, s->buf, (size_t)bs, off,
-								   NBD_NULL_COMPLETION, 0) :
-						    nbd_aio_pread(h, s->buf, (size_t)bs, off,
-								  NBD_NULL_COMPLETION, 0);
+				s->cookie = write_mode ? nbd_aio_pwrite(h, s->buf, (size_t)bs, off,
+									NBD_NULL_COMPLETION, 0)
+						       : nbd_aio_pread(h, s->buf, (size_t)bs, off,
+								       NBD_NULL_COMPLETION, 0);
 				if (s->cookie < 0) {
 					fprintf(stderr, "nbdload: %s\n", nbd_get_error());
 					return 1;

@@ -47,7 +47,7 @@ int main(int argc, char **argv)
 {
 	int tls, lfd, fd, one = 1, pipefd[2];
 	unsigned long long bytes, done = 0;
-	struct sockaddr_in sa = { .sin_family = AF_INET };
+	struct sockaddr_in sa = {.sin_family = AF_INET};
 	socklen_t slen = sizeof(sa);
 	char *buf = malloc(CHUNK), path[4096], cipher[64] = "none";
 	double t0, rx_cpu = 0;
@@ -86,7 +86,8 @@ int main(int argc, char **argv)
 		}
 		c0 = cpu_self();
 		for (;;) {
-			ssize_t n = tls ? gnutls_record_recv(s, buf, CHUNK) : recv(fd, buf, CHUNK, 0);
+			ssize_t n =
+			    tls ? gnutls_record_recv(s, buf, CHUNK) : recv(fd, buf, CHUNK, 0);
 			if (n <= 0)
 				break;
 		}
@@ -107,7 +108,8 @@ int main(int argc, char **argv)
 			gnutls_certificate_allocate_credentials(&cred);
 			snprintf(cert, sizeof(cert), "%s/server-cert.pem", argv[3]);
 			snprintf(key, sizeof(key), "%s/server-key.pem", argv[3]);
-			r = gnutls_certificate_set_x509_key_file(cred, cert, key, GNUTLS_X509_FMT_PEM);
+			r = gnutls_certificate_set_x509_key_file(cred, cert, key,
+								 GNUTLS_X509_FMT_PEM);
 			if (r < 0)
 				die("server key", r);
 			gnutls_init(&s, GNUTLS_SERVER);

@@ -28,7 +28,8 @@
 #define MAX_STATUS_EXTENTS 1024
 /* Reads up to this size are tried inline from the page cache (RWF_NOWAIT) first. */
 #define INLINE_READ_BYTES (64 * 1024)
-/* Requests of a non-blocking driver at least this large still run on the workers. */
+/* READs and WRITEs of a non-blocking driver at least this large (copies) still run on
+ * the workers; other commands copy nothing and stay inline. */
 #define OFFLOAD_BYTES (128 * 1024)
 /* Most chunks a sparse READ reply is split into; the rest is sent as data. */
 #define MAX_READ_CHUNKS 32
@@ -499,7 +500,9 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	/* Blocking drivers always go to the workers; so do large copies of the others, so
 	 * that the copy overlaps with the reactor's socket writes on another core. */
 	executor_submit(c->srv->exec, &r->job,
-			(c->dev->caps & NBDV_CAP_BLOCKING) || r->count >= OFFLOAD_BYTES);
+			(c->dev->caps & NBDV_CAP_BLOCKING) ||
+			    ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) &&
+			     r->count >= OFFLOAD_BYTES));
 }
 
 enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)

@@ -117,6 +117,9 @@ void fuzz_serve(const uint8_t *data, size_t size)
 	c = conn_new_transport(&srv, &m->base, -1, false, "fuzz");
 	if (c)
 		(void)conn_pump(c);
+	/* Requests handed to the worker pool complete through the loop's ev_async. */
+	while (srv.conns && srv.conns->inflight)
+		ev_run(srv.loop, EVRUN_ONCE);
 	server_flush_dirty(&srv);
 	/* The stream ended: every connection must be gone or go now, leaving nothing. */
 	while (srv.conns) {

@@ -26,7 +26,8 @@ static size_t put_opt(uint8_t *p, uint32_t opt, const void *d, uint32_t len)
 	struct nbd_option o = {htobe64(NBD_IHAVEOPT), htobe32(opt), htobe32(len)};
 
 	memcpy(p, &o, sizeof(o));
-	memcpy(p + sizeof(o), d, len);
+	if (len)
+		memcpy(p + sizeof(o), d, len); /* d may be NULL when len is 0 */
 	return sizeof(o) + len;
 }
 
