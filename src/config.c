@@ -34,12 +34,19 @@ static int fail(struct parse_ctx *ctx, const yaml_node_t *node, const char *fmt,
 {
 	char msg[512];
 	va_list ap;
+	int n;
 
 	if (ctx->failed)
 		return -1;
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
+	n = vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
+	/* Messages quote values from the file: keep control characters (a multi-line
+	 * scalar) from splitting the one-line error. */
+	for (int i = 0; i < n && i < (int)sizeof(msg) - 1; i++) {
+		if ((unsigned char)msg[i] < 0x20 || msg[i] == 0x7f)
+			msg[i] = '?';
+	}
 	snprintf(ctx->err, ctx->errlen, "%s:%zu:%zu: %s", ctx->file,
 		 node ? node->start_mark.line + 1 : 1, node ? node->start_mark.column + 1 : 1, msg);
 	ctx->failed = true;
