@@ -4,6 +4,7 @@
 #include "build-config.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,7 +34,15 @@ const struct nbdv_driver *driver_lookup(const char *name)
 
 const char *driver_names(void)
 {
-	return "file, memory, faulty";
+	static char names[128];
+
+	/* Built from drivers[] so the list in error messages cannot drift from it. */
+	if (!names[0]) {
+		for (size_t i = 0; i < ARRAY_SIZE(drivers); i++)
+			snprintf(names + strlen(names), sizeof(names) - strlen(names), "%s%s",
+				 i ? ", " : "", drivers[i]->name);
+	}
+	return names;
 }
 
 const struct nbdv_driver *const *driver_all(size_t *n)

@@ -189,12 +189,11 @@ static int queue_chunk(struct nbdv_conn *c, uint64_t cookie, uint16_t flags, uin
 static void queue_error(struct nbdv_conn *c, uint64_t cookie, uint32_t error, const char *msg)
 {
 	if (c->structured) {
-		size_t mlen = strlen(msg);
-		struct nbd_chunk_error e = {.error = htobe32(error),
-					    .len = htobe16((uint16_t)mlen)};
+		struct nbd_chunk_error e;
 		uint8_t head[sizeof(e) + 128];
+		size_t mlen = NBDV_MIN(strlen(msg), sizeof(head) - sizeof(e));
 
-		mlen = NBDV_MIN(mlen, sizeof(head) - sizeof(e));
+		e.error = htobe32(error);
 		e.len = htobe16((uint16_t)mlen);
 		memcpy(head, &e, sizeof(e));
 		memcpy(head + sizeof(e), msg, mlen);
@@ -468,8 +467,8 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 		e = NBD_ESHUTDOWN;
 	}
 	if (e) {
-		log_debug("c%u: %s at %llu+%u refused: %s", c->id, nbd_cmd_name(r->type),
-			  (unsigned long long)r->offset, r->count, why);
+		log_debug("c%u: %s at %llu+%u refused with %s: %s", c->id, nbd_cmd_name(r->type),
+			  (unsigned long long)r->offset, r->count, nbd_err_name(e), why);
 		queue_error(c, r->cookie, e, why);
 		transmission_req_free(r);
 		return;
