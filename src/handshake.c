@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #include "nbdvault/config.h"
 #include "nbdvault/conn.h"
@@ -26,25 +27,42 @@
 #define META_BASE_ALLOCATION	"base:allocation"
 #define META_BASE_ALLOCATION_ID 1
 
-/* Queue one option reply made of up to two pieces of data. */
-static int opt_reply2(struct nbdv_conn *c, uint32_t opt, uint32_t type, const void *a, size_t alen,
-		      const void *b, size_t blen)
+/* Queue one option reply whose data is the @n pieces of @v (at most 3), copied. */
+static int opt_replyv(struct nbdv_conn *c, uint32_t opt, uint32_t type, const struct iovec *v,
+		      int n)
 {
 	struct nbd_fixed_new_option_reply h = {
 	    .magic = htobe64(NBD_REP_MAGIC),
 	    .option = htobe32(opt),
 	    .reply = htobe32(type),
-	    .replylen = htobe32((uint32_t)(alen + blen)),
 	};
-	struct nbdv_outmsg *m = outmsg_new(sizeof(h) + alen + blen);
+	struct nbdv_outmsg *m;
+	size_t len = 0;
 
-	if (!m || outmsg_add_copy(m, &h, sizeof(h)) < 0 || outmsg_add_copy(m, a, alen) < 0 ||
-	    outmsg_add_copy(m, b, blen) < 0) {
-		outmsg_free(m);
-		return -ENOMEM;
+	for (int i = 0; i < n; i++)
+		len += v[i].iov_len;
+	h.replylen = htobe32((uint32_t)len);
+	m = outmsg_new(sizeof(h) + len);
+	if (!m || outmsg_add_copy(m, &h, sizeof(h)) < 0)
+		goto err;
+	for (int i = 0; i < n; i++) {
+		if (outmsg_add_copy(m, v[i].iov_base, v[i].iov_len) < 0)
+			goto err;
 	}
 	conn_queue(c, m);
 	return 0;
+err:
+	outmsg_free(m);
+	return -ENOMEM;
+}
+
+/* Queue one option reply made of up to two pieces of data. */
+static int opt_reply2(struct nbdv_conn *c, uint32_t opt, uint32_t type, const void *a, size_t alen,
+		      const void *b, size_t blen)
+{
+	struct iovec v[] = {{(void *)a, alen}, {(void *)b, blen}};
+
+	return opt_replyv(c, opt, type, v, 2);
 }
 
 static int opt_reply(struct nbdv_conn *c, uint32_t opt, uint32_t type, const void *data, size_t len)
@@ -194,20 +212,14 @@ static enum hs_result opt_list(struct nbdv_conn *c, uint32_t opt, const uint8_t 
 		size_t nlen = strlen(e->name);
 		size_t dlen = e->description ? strlen(e->description) : 0;
 		uint32_t be = htobe32((uint32_t)nlen);
-		uint8_t *payload;
+		/* What follows the name is shown to people: the export's description. */
+		struct iovec v[] = {{&be, 4}, {e->name, nlen}, {e->description, dlen}};
 		int r;
 
 		/* Exports this client may not open are not even named (spec: MAY omit). */
 		if (!tls_satisfied(c, &srv->exports[i]) || !identity_allowed(c, &srv->exports[i]))
 			continue;
-		payload = malloc(4 + nlen);
-		if (!payload)
-			return HS_CLOSE;
-		memcpy(payload, &be, 4);
-		memcpy(payload + 4, e->name, nlen);
-		/* What follows the name is shown to people: the export's description. */
-		r = opt_reply2(c, opt, NBD_REP_SERVER, payload, 4 + nlen, e->description, dlen);
-		free(payload);
+		r = opt_replyv(c, opt, NBD_REP_SERVER, v, 3);
 		if (r < 0)
 			return HS_CLOSE;
 	}
