@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -87,19 +88,44 @@ void nbdv_buf_pool_drain(void)
 	pthread_mutex_unlock(&pool.lock);
 }
 
+/* Messages with up to OUTMSG_SMALL bytes of inline storage (every reply header, every
+ * small option reply) are recycled per thread, so queuing a reply does not malloc. */
+#define OUTMSG_SMALL	 192
+#define OUTMSG_CACHE_MAX 1024
+static __thread struct nbdv_outmsg *outmsg_cache;
+static __thread unsigned outmsg_cached;
+
 struct nbdv_outmsg *outmsg_new(size_t inl_cap)
 {
-	struct nbdv_outmsg *m = malloc(sizeof(*m) + inl_cap);
+	struct nbdv_outmsg *m;
+	bool small = inl_cap <= OUTMSG_SMALL;
 
-	if (!m)
-		return NULL;
+	if (small && outmsg_cache) {
+		m = outmsg_cache;
+		outmsg_cache = m->next;
+		outmsg_cached--;
+	} else {
+		m = malloc(sizeof(*m) + (small ? OUTMSG_SMALL : inl_cap));
+		if (!m)
+			return NULL;
+	}
 	m->next = NULL;
 	m->niov = 0;
 	m->cur = 0;
 	m->owned = NULL;
 	m->used = 0;
-	m->cap = inl_cap;
+	m->cap = small ? OUTMSG_SMALL : inl_cap;
 	return m;
+}
+
+void nbdv_outmsg_cache_drain(void)
+{
+	while (outmsg_cache) {
+		struct nbdv_outmsg *m = outmsg_cache;
+		outmsg_cache = m->next;
+		free(m);
+	}
+	outmsg_cached = 0;
 }
 
 int outmsg_add_copy(struct nbdv_outmsg *m, const void *p, size_t len)
@@ -128,10 +154,16 @@ void outmsg_add_ref(struct nbdv_outmsg *m, const void *p, size_t len)
 
 void outmsg_free(struct nbdv_outmsg *m)
 {
-	if (m) {
-		nbdv_buf_free(m->owned);
-		free(m);
+	if (!m)
+		return;
+	nbdv_buf_free(m->owned);
+	if (m->cap == OUTMSG_SMALL && outmsg_cached < OUTMSG_CACHE_MAX) {
+		m->next = outmsg_cache;
+		outmsg_cache = m;
+		outmsg_cached++;
+		return;
 	}
+	free(m);
 }
 
 void outq_push(struct nbdv_outq *q, struct nbdv_outmsg *m)

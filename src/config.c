@@ -589,10 +589,13 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 		} else if (strcmp(key, "io-threads") == 0) {
 			r = get_uint(ctx, v, "io-threads", 1, 256, &n);
 			cfg->io_threads = (unsigned)n;
+		} else if (strcmp(key, "workers") == 0) {
+			r = get_uint(ctx, v, "workers", 1, NBDV_MAX_WORKERS, &n);
+			cfg->workers = (unsigned)n;
 		} else {
 			r = fail(ctx, k,
 				 "unknown key '%.64s' (expected listen, default-export, exports, "
-				 "tls, limits or io-threads)",
+				 "tls, limits, workers or io-threads)",
 				 key);
 		}
 		if (r < 0)

@@ -29,12 +29,13 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents);
 static void watch(struct nbdv_conn *c, ev_io *w)
 {
 	if (c->fd >= 0)
-		ev_io_start(c->srv->loop, w);
+		ev_io_start(c->r->loop, w);
 }
 
-struct nbdv_conn *conn_new_transport(struct nbdv_server *srv, struct nbdv_transport *tp, int fd,
+struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transport *tp, int fd,
 				     bool is_tcp, const char *peer)
 {
+	struct nbdv_server *srv = r->srv;
 	struct nbdv_conn *c = calloc(1, sizeof(*c));
 
 	if (!c || !(c->ibuf = malloc(NBDV_IBUF_SIZE))) {
@@ -47,9 +48,10 @@ struct nbdv_conn *conn_new_transport(struct nbdv_server *srv, struct nbdv_transp
 	}
 	c->tp = tp;
 	c->srv = srv;
+	c->r = r;
 	c->fd = fd;
 	c->is_tcp = is_tcp;
-	c->id = ++srv->next_id;
+	c->id = __atomic_add_fetch(&srv->next_id, 1, __ATOMIC_RELAXED);
 	c->phase = CONN_OPTIONS;
 	c->rx = RX_CLIENT_FLAGS;
 	ev_io_init(&c->rio, read_cb, fd, EV_READ);
@@ -58,9 +60,9 @@ struct nbdv_conn *conn_new_transport(struct nbdv_server *srv, struct nbdv_transp
 	 * (slow-loris, half-open TLS); the timer becomes the idle timer after GO. */
 	ev_timer_init(&c->timer, timer_cb, srv->cfg->handshake_timeout, 0.);
 	if (srv->cfg->handshake_timeout > 0 && fd >= 0)
-		ev_timer_start(srv->loop, &c->timer);
-	server_conn_add(srv, c);
-	log_info("c%u: connection from %s", c->id, peer);
+		ev_timer_start(r->loop, &c->timer);
+	reactor_conn_add(r, c);
+	log_info("c%u: connection from %s (worker %u)", c->id, peer, r->idx);
 	if (handshake_greeting(c) < 0) {
 		conn_abort(c);
 		conn_release(c);
@@ -70,7 +72,7 @@ struct nbdv_conn *conn_new_transport(struct nbdv_server *srv, struct nbdv_transp
 	return c;
 }
 
-struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const char *peer)
+struct nbdv_conn *conn_new(struct nbdv_reactor *r, int fd, bool is_tcp, const char *peer)
 {
 	struct nbdv_transport *tp = transport_plain_new(fd);
 
@@ -79,7 +81,7 @@ struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const c
 		close(fd);
 		return NULL;
 	}
-	return conn_new_transport(srv, tp, fd, is_tcp, peer);
+	return conn_new_transport(r, tp, fd, is_tcp, peer);
 }
 
 void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m)
@@ -89,7 +91,7 @@ void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m)
 		return;
 	}
 	outq_push(&c->outq, m);
-	server_mark_dirty(c->srv, c);
+	reactor_mark_dirty(c->r, c);
 }
 
 static bool throttled(const struct nbdv_conn *c)
@@ -108,14 +110,14 @@ static void update_reading(struct nbdv_conn *c)
 	if (want && !ev_is_active(&c->rio))
 		watch(c, &c->rio);
 	else if (!want && ev_is_active(&c->rio))
-		ev_io_stop(c->srv->loop, &c->rio);
+		ev_io_stop(c->r->loop, &c->rio);
 }
 
 static void close_fd(struct nbdv_conn *c)
 {
-	ev_io_stop(c->srv->loop, &c->rio);
-	ev_io_stop(c->srv->loop, &c->wio);
-	ev_timer_stop(c->srv->loop, &c->timer);
+	ev_io_stop(c->r->loop, &c->rio);
+	ev_io_stop(c->r->loop, &c->wio);
+	ev_timer_stop(c->r->loop, &c->timer);
 	if (c->fd >= 0) {
 		close(c->fd);
 		c->fd = -1;
@@ -155,7 +157,7 @@ void conn_close_graceful(struct nbdv_conn *c)
 		transmission_req_free(c->cur_req);
 		c->cur_req = NULL;
 	}
-	server_mark_dirty(c->srv, c);
+	reactor_mark_dirty(c->r, c);
 }
 
 /* Nothing in flight, queued, half-read or waiting in the socket. */
@@ -194,7 +196,7 @@ void conn_request_done(struct nbdv_conn *c, size_t bytes)
 	c->inflight_bytes -= bytes;
 	if (c->phase == CONN_DEAD)
 		return;
-	server_mark_dirty(c->srv, c);
+	reactor_mark_dirty(c->r, c);
 }
 
 /* Drive the TLS handshake; on success the option phase resumes inside TLS. */
@@ -206,10 +208,10 @@ static void tls_step(struct nbdv_conn *c)
 	if (r == -EAGAIN) {
 		bool w = tls_wants_write(c->tp);
 		if (w) {
-			ev_io_stop(c->srv->loop, &c->rio);
+			ev_io_stop(c->r->loop, &c->rio);
 			watch(c, &c->wio);
 		} else {
-			ev_io_stop(c->srv->loop, &c->wio);
+			ev_io_stop(c->r->loop, &c->wio);
 			watch(c, &c->rio);
 		}
 		return;
@@ -230,13 +232,16 @@ static void tls_step(struct nbdv_conn *c)
 				  : "",
 		 c->peer.cn ? " cn:" : "", c->peer.cn ? c->peer.cn : "");
 	c->phase = CONN_OPTIONS;
-	ev_io_stop(c->srv->loop, &c->wio);
+	ev_io_stop(c->r->loop, &c->wio);
 	update_reading(c);
 }
 
 static void start_tls(struct nbdv_conn *c)
 {
-	struct nbdv_transport *t = c->srv->tls ? tls_transport_new(c->srv->tls, c->fd) : NULL;
+	struct nbdv_tls *creds = server_tls_get(c->srv);
+	struct nbdv_transport *t = creds ? tls_transport_new(creds, c->fd) : NULL;
+
+	tls_unref(creds); /* the session holds its own reference */
 
 	if (!t) {
 		conn_abort(c);
@@ -279,7 +284,7 @@ static void conn_flush(struct nbdv_conn *c)
 			start_tls(c);
 		return;
 	}
-	ev_io_stop(c->srv->loop, &c->wio);
+	ev_io_stop(c->r->loop, &c->wio);
 	maybe_finish_close(c);
 	if (c->phase != CONN_DEAD)
 		update_reading(c);
@@ -289,7 +294,7 @@ bool conn_release(struct nbdv_conn *c)
 {
 	if (c->phase != CONN_DEAD || c->inflight || c->depth || c->dirty)
 		return false;
-	server_conn_remove(c->srv, c);
+	reactor_conn_remove(c->r, c);
 	log_info("c%u: closed", c->id);
 	c->tp->ops->free(c->tp);
 	tls_peer_clear(&c->peer);
@@ -306,10 +311,10 @@ static size_t avail(const struct nbdv_conn *c)
 /* The handshake is over: replace its deadline with the idle timeout, if any. */
 static void start_idle_timer(struct nbdv_conn *c)
 {
-	ev_timer_stop(c->srv->loop, &c->timer);
+	ev_timer_stop(c->r->loop, &c->timer);
 	if (c->srv->cfg->idle_timeout > 0) {
 		ev_timer_set(&c->timer, 0., c->srv->cfg->idle_timeout);
-		ev_timer_again(c->srv->loop, &c->timer);
+		ev_timer_again(c->r->loop, &c->timer);
 	}
 }
 
@@ -395,7 +400,7 @@ static void process_input(struct nbdv_conn *c)
 				c->istart = c->iend = 0;
 				c->phase = CONN_TLS_HANDSHAKE;
 				c->rx = RX_OPT_HEADER;
-				ev_io_stop(c->srv->loop, &c->rio);
+				ev_io_stop(c->r->loop, &c->rio);
 				return;
 			}
 			if (r == HS_TRANSMISSION)
@@ -444,7 +449,7 @@ static void process_input(struct nbdv_conn *c)
 static void touch_idle_timer(struct nbdv_conn *c)
 {
 	if (c->phase == CONN_TRANSMISSION && c->srv->cfg->idle_timeout > 0)
-		ev_timer_again(c->srv->loop, &c->timer);
+		ev_timer_again(c->r->loop, &c->timer);
 }
 
 /* One read from the transport; returns false when the connection stopped reading. */

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "nbdvault/buf.h"
 #include "nbdvault/driver_registry.h"
 #include "nbdvault/protocol.h"
 
@@ -58,7 +59,7 @@ int extents_init(struct nbdv_extents *ext, uint64_t off, uint64_t len, uint32_t 
 	ext->end = off + len;
 	ext->max = max ? max : 1;
 	ext->n = 0;
-	ext->e = malloc(ext->max * sizeof(*ext->e));
+	ext->e = nbdv_buf_alloc(ext->max * sizeof(*ext->e)); /* pooled: no malloc per request */
 	ext->owned = true;
 	return ext->e ? 0 : -ENOMEM;
 }
@@ -78,7 +79,7 @@ void extents_init_in(struct nbdv_extents *ext, uint64_t off, uint64_t len,
 void extents_free(struct nbdv_extents *ext)
 {
 	if (ext->owned)
-		free(ext->e);
+		nbdv_buf_free(ext->e);
 	ext->e = NULL;
 	ext->owned = false;
 }

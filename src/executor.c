@@ -1,4 +1,4 @@
-/* nbdvault - worker pool with completions posted back to the reactor. */
+/* nbdvault - worker pool with completions posted back to the submitting reactor. */
 #include "build-config.h"
 
 #include <ev.h>
@@ -9,18 +9,30 @@
 #include "nbdvault/log.h"
 
 struct nbdv_executor {
-	struct ev_loop *loop;	   /* the reactor completions go to */
-	ev_async wake;		   /* signalled when done_head is non-empty */
 	pthread_mutex_t lock;	   /* protects everything below */
 	pthread_cond_t cond;	   /* workers wait here for jobs */
 	struct nbdv_job *job_head; /* pending jobs, FIFO */
 	struct nbdv_job **job_tail;
-	struct nbdv_job *done_head; /* finished jobs, FIFO */
-	struct nbdv_job **done_tail;
 	bool stopping; /* workers exit once the queue is empty */
 	unsigned n_threads;
 	pthread_t *threads;
 };
+
+static void post_done(struct nbdv_job *job)
+{
+	struct nbdv_exec_port *p = job->port;
+	bool was_empty;
+
+	job->next = NULL;
+	pthread_mutex_lock(&p->lock);
+	was_empty = !p->done_head;
+	*p->done_tail = job;
+	p->done_tail = &job->next;
+	pthread_mutex_unlock(&p->lock);
+	/* One wake-up per batch: the reactor drains the whole list. */
+	if (was_empty)
+		ev_async_send(p->loop, &p->wake);
+}
 
 static void *worker_main(void *arg)
 {
@@ -29,7 +41,6 @@ static void *worker_main(void *arg)
 	pthread_mutex_lock(&ex->lock);
 	for (;;) {
 		struct nbdv_job *job;
-		bool was_empty;
 
 		while (!ex->job_head && !ex->stopping)
 			pthread_cond_wait(&ex->cond, &ex->lock);
@@ -42,29 +53,23 @@ static void *worker_main(void *arg)
 		pthread_mutex_unlock(&ex->lock);
 
 		job->run(job);
+		post_done(job);
 
 		pthread_mutex_lock(&ex->lock);
-		job->next = NULL;
-		was_empty = !ex->done_head;
-		*ex->done_tail = job;
-		ex->done_tail = &job->next;
-		/* One wake-up per batch: the reactor drains the whole list. */
-		if (was_empty)
-			ev_async_send(ex->loop, &ex->wake);
 	}
 	pthread_mutex_unlock(&ex->lock);
 	return NULL;
 }
 
-static void deliver_completions(struct nbdv_executor *ex)
+void executor_port_deliver(struct nbdv_exec_port *p)
 {
 	struct nbdv_job *list;
 
-	pthread_mutex_lock(&ex->lock);
-	list = ex->done_head;
-	ex->done_head = NULL;
-	ex->done_tail = &ex->done_head;
-	pthread_mutex_unlock(&ex->lock);
+	pthread_mutex_lock(&p->lock);
+	list = p->done_head;
+	p->done_head = NULL;
+	p->done_tail = &p->done_head;
+	pthread_mutex_unlock(&p->lock);
 	while (list) {
 		struct nbdv_job *next = list->next;
 		list->done(list);
@@ -74,24 +79,41 @@ static void deliver_completions(struct nbdv_executor *ex)
 
 static void wake_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
-	deliver_completions(container_of(w, struct nbdv_executor, wake));
+	executor_port_deliver(container_of(w, struct nbdv_exec_port, wake));
 }
 
-struct nbdv_executor *executor_new(struct ev_loop *loop, unsigned threads)
+void executor_port_init(struct nbdv_exec_port *p, struct ev_loop *loop)
+{
+	p->loop = loop;
+	p->done_head = NULL;
+	p->done_tail = &p->done_head;
+	pthread_mutex_init(&p->lock, NULL);
+	ev_async_init(&p->wake, wake_cb);
+	ev_async_start(loop, &p->wake);
+	/* The wake-up watcher alone must not keep the loop alive. */
+	ev_unref(loop);
+}
+
+void executor_port_fini(struct nbdv_exec_port *p)
+{
+	if (!p->loop)
+		return;
+	executor_port_deliver(p);
+	ev_ref(p->loop);
+	ev_async_stop(p->loop, &p->wake);
+	pthread_mutex_destroy(&p->lock);
+	p->loop = NULL;
+}
+
+struct nbdv_executor *executor_new(unsigned threads)
 {
 	struct nbdv_executor *ex = calloc(1, sizeof(*ex));
 
 	if (!ex)
 		return NULL;
-	ex->loop = loop;
 	ex->job_tail = &ex->job_head;
-	ex->done_tail = &ex->done_head;
 	pthread_mutex_init(&ex->lock, NULL);
 	pthread_cond_init(&ex->cond, NULL);
-	ev_async_init(&ex->wake, wake_cb);
-	ev_async_start(loop, &ex->wake);
-	/* The wake-up watcher alone must not keep the loop alive. */
-	ev_unref(loop);
 	ex->threads = calloc(threads, sizeof(*ex->threads));
 	if (!ex->threads)
 		goto err;
@@ -117,17 +139,16 @@ void executor_free(struct nbdv_executor *ex)
 	pthread_mutex_unlock(&ex->lock);
 	for (unsigned i = 0; i < ex->n_threads; i++)
 		pthread_join(ex->threads[i], NULL);
-	deliver_completions(ex);
-	ev_ref(ex->loop);
-	ev_async_stop(ex->loop, &ex->wake);
 	pthread_cond_destroy(&ex->cond);
 	pthread_mutex_destroy(&ex->lock);
 	free(ex->threads);
 	free(ex);
 }
 
-void executor_submit(struct nbdv_executor *ex, struct nbdv_job *job, bool blocking)
+void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port, struct nbdv_job *job,
+		     bool blocking)
 {
+	job->port = port;
 	if (!blocking) {
 		job->run(job);
 		job->done(job);

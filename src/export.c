@@ -2,6 +2,7 @@
 #include "build-config.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -63,6 +64,10 @@ struct nbdv_export *exports_find(struct nbdv_export *v, size_t n, const struct n
 	return NULL;
 }
 
+/* Reactors open exports at GO on their own threads: one lock serialises opening and
+ * probing (rare events); an opened export's device is never changed again. */
+static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
+
 /* What a driver is told about export @c. */
 static struct nbdv_export_params params_of(const struct nbdv_export_cfg *c)
 {
@@ -76,7 +81,7 @@ static struct nbdv_export_params params_of(const struct nbdv_export_cfg *c)
 	return p;
 }
 
-int export_open(struct nbdv_export *e, const struct nbdv_dev **dev)
+static int open_locked(struct nbdv_export *e, const struct nbdv_dev **dev)
 {
 	const struct nbdv_export_cfg *c = e->cfg;
 	struct nbdv_export_params p = params_of(c);
@@ -97,21 +102,34 @@ int export_open(struct nbdv_export *e, const struct nbdv_dev **dev)
 	return 0;
 }
 
+int export_open(struct nbdv_export *e, const struct nbdv_dev **dev)
+{
+	int r;
+
+	pthread_mutex_lock(&open_lock);
+	r = open_locked(e, dev);
+	pthread_mutex_unlock(&open_lock);
+	return r;
+}
+
 int export_describe(struct nbdv_export *e, uint64_t *size, uint32_t *caps)
 {
 	const struct nbdv_export_cfg *c = e->cfg;
 	const struct nbdv_dev *dev;
 	int r;
 
+	pthread_mutex_lock(&open_lock);
 	if (!e->opened && c->drv->probe) {
 		struct nbdv_export_params p = params_of(c);
-		return driver_probe(c->drv, &p, size, caps);
+		r = driver_probe(c->drv, &p, size, caps);
+	} else {
+		r = open_locked(e, &dev);
+		if (r == 0) {
+			*size = dev->size;
+			*caps = dev->caps;
+		}
 	}
-	r = export_open(e, &dev);
-	if (r == 0) {
-		*size = dev->size;
-		*caps = dev->caps;
-	}
+	pthread_mutex_unlock(&open_lock);
 	return r;
 }
 

@@ -9,6 +9,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,6 +46,19 @@ static void peer_name(const struct sockaddr_storage *ss, socklen_t len, char *ou
 	}
 }
 
+/* An accepted socket on its way to another reactor. */
+struct nbdv_handoff {
+	struct nbdv_handoff *next;
+	int fd;
+	bool is_tcp;
+	char peer[128];
+};
+
+static unsigned load_u(const unsigned *p)
+{
+	return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
 static void resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct nbdv_server *srv = container_of(w, struct nbdv_server, resume_timer);
@@ -55,18 +69,72 @@ static void resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	}
 }
 
+static struct ev_loop *main_loop(const struct nbdv_server *srv)
+{
+	return srv->reactors[0].loop;
+}
+
 static void pause_listeners(struct nbdv_server *srv)
 {
 	for (size_t i = 0; i < srv->n_listeners; i++)
-		ev_io_stop(srv->loop, &srv->listeners[i].io);
-	ev_timer_stop(srv->loop, &srv->resume_timer);
+		ev_io_stop(main_loop(srv), &srv->listeners[i].io);
+	ev_timer_stop(main_loop(srv), &srv->resume_timer);
 	ev_timer_set(&srv->resume_timer, 1.0, 0.);
-	ev_timer_start(srv->loop, &srv->resume_timer);
+	ev_timer_start(main_loop(srv), &srv->resume_timer);
+}
+
+/* Connections everywhere, counting sockets still on their way to a reactor. */
+static unsigned total_conns(const struct nbdv_server *srv)
+{
+	unsigned n = load_u(&srv->n_conns);
+
+	for (unsigned i = 0; i < srv->n_reactors; i++)
+		n += load_u(&srv->reactors[i].pending);
+	return n;
+}
+
+/* The reactor with the fewest connections (ties go to the lowest index). */
+static struct nbdv_reactor *pick_reactor(struct nbdv_server *srv)
+{
+	struct nbdv_reactor *best = &srv->reactors[0];
+	unsigned best_load = ~0u;
+
+	for (unsigned i = 0; i < srv->n_reactors; i++) {
+		struct nbdv_reactor *r = &srv->reactors[i];
+		unsigned load = load_u(&r->n_conns) + load_u(&r->pending);
+		if (load < best_load) {
+			best = r;
+			best_load = load;
+		}
+	}
+	return best;
+}
+
+static void hand_over(struct nbdv_reactor *r, int fd, bool is_tcp, const char *peer)
+{
+	struct nbdv_handoff *h = malloc(sizeof(*h));
+
+	if (!h) {
+		log_err("out of memory accepting a connection from %s", peer);
+		close(fd);
+		return;
+	}
+	h->fd = fd;
+	h->is_tcp = is_tcp;
+	snprintf(h->peer, sizeof(h->peer), "%s", peer);
+	__atomic_add_fetch(&r->pending, 1, __ATOMIC_RELAXED);
+	pthread_mutex_lock(&r->lock);
+	h->next = r->handoffs;
+	r->handoffs = h;
+	pthread_mutex_unlock(&r->lock);
+	ev_async_send(r->loop, &r->wake);
 }
 
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct nbdv_listener *l = container_of(w, struct nbdv_listener, io);
+	struct nbdv_server *srv = l->srv;
+	struct nbdv_reactor *r;
 	struct sockaddr_storage ss;
 	socklen_t len = sizeof(ss);
 	char peer[128];
@@ -78,18 +146,18 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 			/* Out of descriptors: the pending connection would wake us again at
 			 * once.  Pause every listener and retry in a second instead of spinning. */
 			log_warn("accept: %s: pausing listeners for 1 s", strerror(errno));
-			pause_listeners(l->srv);
+			pause_listeners(srv);
 		} else if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
 			log_warn("accept: %s", strerror(errno));
 		}
 		return;
 	}
-	if (l->srv->n_conns >= l->srv->cfg->max_connections) {
+	if (total_conns(srv) >= srv->cfg->max_connections) {
 		/* Over limits.max-connections: close at once, and say so at most once a second. */
-		if (ev_now(loop) - l->srv->last_cap_log >= 1.0) {
+		if (ev_now(loop) - srv->last_cap_log >= 1.0) {
 			log_warn("refusing connections: limits.max-connections (%u) reached",
-				 l->srv->cfg->max_connections);
-			l->srv->last_cap_log = ev_now(loop);
+				 srv->cfg->max_connections);
+			srv->last_cap_log = ev_now(loop);
 		}
 		close(fd);
 		return;
@@ -97,7 +165,11 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 	if (l->is_tcp && setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0)
 		log_warn("TCP_NODELAY: %s", strerror(errno));
 	peer_name(&ss, len, peer, sizeof(peer));
-	(void)conn_new(l->srv, fd, l->is_tcp, peer);
+	r = pick_reactor(srv);
+	if (r->idx == 0)
+		(void)conn_new(r, fd, l->is_tcp, peer);
+	else
+		hand_over(r, fd, l->is_tcp, peer);
 }
 
 /* Remove a stale unix socket left by a dead server; refuse to touch anything else. */
@@ -135,7 +207,7 @@ static int add_listener(struct nbdv_server *srv, int fd, bool is_tcp, const char
 	l->srv = srv;
 	l->unix_path = unix_path ? strdup(unix_path) : NULL;
 	ev_io_init(&l->io, accept_cb, fd, EV_READ);
-	ev_io_start(srv->loop, &l->io);
+	ev_io_start(main_loop(srv), &l->io);
 	return 0;
 }
 
@@ -212,42 +284,43 @@ static int listen_tcp(struct nbdv_server *srv, const char *address, uint16_t por
 	return 0;
 }
 
-void server_conn_add(struct nbdv_server *srv, struct nbdv_conn *c)
+void reactor_conn_add(struct nbdv_reactor *r, struct nbdv_conn *c)
 {
-	c->next = srv->conns;
-	if (srv->conns)
-		srv->conns->prev = c;
-	srv->conns = c;
-	srv->n_conns++;
+	c->next = r->conns;
+	if (r->conns)
+		r->conns->prev = c;
+	r->conns = c;
+	__atomic_add_fetch(&r->n_conns, 1, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&r->srv->n_conns, 1, __ATOMIC_RELAXED);
 }
 
-void server_conn_remove(struct nbdv_server *srv, struct nbdv_conn *c)
+void reactor_conn_remove(struct nbdv_reactor *r, struct nbdv_conn *c)
 {
 	if (c->prev)
 		c->prev->next = c->next;
 	else
-		srv->conns = c->next;
+		r->conns = c->next;
 	if (c->next)
 		c->next->prev = c->prev;
-	srv->n_conns--;
-	if (srv->shutting_down && srv->n_conns == 0)
-		ev_break(srv->loop, EVBREAK_ALL);
+	__atomic_sub_fetch(&r->srv->n_conns, 1, __ATOMIC_RELAXED);
+	if (__atomic_sub_fetch(&r->n_conns, 1, __ATOMIC_RELAXED) == 0 && r->shutting_down)
+		ev_break(r->loop, EVBREAK_ALL);
 }
 
-void server_mark_dirty(struct nbdv_server *srv, struct nbdv_conn *c)
+void reactor_mark_dirty(struct nbdv_reactor *r, struct nbdv_conn *c)
 {
 	if (c->dirty)
 		return;
 	c->dirty = true;
-	c->dirty_next = srv->dirty;
-	srv->dirty = c;
+	c->dirty_next = r->dirty;
+	r->dirty = c;
 }
 
-void server_flush_dirty(struct nbdv_server *srv)
+void reactor_flush_dirty(struct nbdv_reactor *r)
 {
-	while (srv->dirty) {
-		struct nbdv_conn *c = srv->dirty;
-		srv->dirty = c->dirty_next;
+	while (r->dirty) {
+		struct nbdv_conn *c = r->dirty;
+		r->dirty = c->dirty_next;
 		c->dirty = false;
 		conn_service(c);
 		conn_release(c);
@@ -257,17 +330,19 @@ void server_flush_dirty(struct nbdv_server *srv)
 /* Before each poll: write what every dirty connection has queued, in one batch each. */
 static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
-	server_flush_dirty(container_of(w, struct nbdv_server, flusher));
+	reactor_flush_dirty(container_of(w, struct nbdv_reactor, flusher));
 }
 
 static void stop_listeners(struct nbdv_server *srv)
 {
-	ev_timer_stop(srv->loop, &srv->resume_timer);
+	if (!srv->reactors || !main_loop(srv))
+		return;
+	ev_timer_stop(main_loop(srv), &srv->resume_timer);
 	for (size_t i = 0; i < srv->n_listeners; i++) {
 		struct nbdv_listener *l = &srv->listeners[i];
 		if (l->fd < 0)
 			continue;
-		ev_io_stop(srv->loop, &l->io);
+		ev_io_stop(main_loop(srv), &l->io);
 		close(l->fd);
 		l->fd = -1;
 		if (l->unix_path)
@@ -277,13 +352,63 @@ static void stop_listeners(struct nbdv_server *srv)
 
 static void shutdown_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
-	struct nbdv_server *srv = container_of(w, struct nbdv_server, shutdown_timer);
+	struct nbdv_reactor *r = container_of(w, struct nbdv_reactor, shutdown_timer);
 
-	log_warn("shutdown: %u connection(s) still busy after %.0f s, cutting them", srv->n_conns,
-		 SHUTDOWN_GRACE);
-	for (struct nbdv_conn *c = srv->conns; c; c = c->next)
+	log_warn("shutdown: %u connection(s) still busy after %.0f s, cutting them",
+		 load_u(&r->n_conns), SHUTDOWN_GRACE);
+	for (struct nbdv_conn *c = r->conns; c; c = c->next)
 		conn_abort(c);
 	ev_break(loop, EVBREAK_ALL);
+}
+
+/* On reactor @r: option-phase connections close, the others drain; the loop ends when
+ * its last connection is gone or the grace period is over. */
+static void reactor_begin_shutdown(struct nbdv_reactor *r)
+{
+	if (r->shutting_down)
+		return;
+	r->shutting_down = true;
+	for (struct nbdv_conn *c = r->conns, *next; c; c = next) {
+		next = c->next;
+		conn_shutdown(c);
+		conn_release(c);
+	}
+	ev_timer_init(&r->shutdown_timer, shutdown_timeout_cb, SHUTDOWN_GRACE, 0.);
+	ev_timer_start(r->loop, &r->shutdown_timer);
+	if (load_u(&r->n_conns) == 0)
+		ev_break(r->loop, EVBREAK_ALL);
+}
+
+/* Sockets the acceptor handed to this reactor, or a shutdown request. */
+static void reactor_wake_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+	struct nbdv_reactor *r = container_of(w, struct nbdv_reactor, wake);
+	struct nbdv_handoff *list, *fifo = NULL;
+	bool stop;
+
+	pthread_mutex_lock(&r->lock);
+	list = r->handoffs;
+	r->handoffs = NULL;
+	stop = r->stop_asked;
+	pthread_mutex_unlock(&r->lock);
+	while (list) { /* queued newest first: restore arrival order */
+		struct nbdv_handoff *next = list->next;
+		list->next = fifo;
+		fifo = list;
+		list = next;
+	}
+	while (fifo) {
+		struct nbdv_handoff *h = fifo;
+		fifo = h->next;
+		if (stop || r->shutting_down)
+			close(h->fd);
+		else
+			(void)conn_new(r, h->fd, h->is_tcp, h->peer);
+		__atomic_sub_fetch(&r->pending, 1, __ATOMIC_RELAXED);
+		free(h);
+	}
+	if (stop)
+		reactor_begin_shutdown(r);
 }
 
 static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
@@ -297,15 +422,14 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	srv->shutting_down = true;
 	log_info("shutting down (signal %d): finishing requests in flight", w->signum);
 	stop_listeners(srv);
-	for (struct nbdv_conn *c = srv->conns, *next; c; c = next) {
-		next = c->next;
-		conn_shutdown(c);
-		conn_release(c);
+	for (unsigned i = 1; i < srv->n_reactors; i++) {
+		struct nbdv_reactor *r = &srv->reactors[i];
+		pthread_mutex_lock(&r->lock);
+		r->stop_asked = true;
+		pthread_mutex_unlock(&r->lock);
+		ev_async_send(r->loop, &r->wake);
 	}
-	ev_timer_init(&srv->shutdown_timer, shutdown_timeout_cb, SHUTDOWN_GRACE, 0.);
-	ev_timer_start(loop, &srv->shutdown_timer);
-	if (srv->n_conns == 0)
-		ev_break(loop, EVBREAK_ALL);
+	reactor_begin_shutdown(&srv->reactors[0]);
 }
 
 /* SIGHUP: new handshakes use freshly loaded certificates, CRL and PSK keys; sessions
@@ -313,7 +437,7 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
 	struct nbdv_server *srv = container_of(w, struct nbdv_server, sighup);
-	struct nbdv_tls *fresh;
+	struct nbdv_tls *fresh, *old;
 	char err[1024];
 
 	if (srv->cfg->tls.mode == TLS_OFF) {
@@ -324,29 +448,137 @@ static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 		log_err("SIGHUP: keeping the current TLS credentials: %s", err);
 		return;
 	}
-	tls_unref(srv->tls);
+	pthread_mutex_lock(&srv->tls_lock);
+	old = srv->tls;
 	srv->tls = fresh;
+	pthread_mutex_unlock(&srv->tls_lock);
+	tls_unref(old);
 	log_info("SIGHUP: TLS credentials reloaded for new connections");
+}
+
+struct nbdv_tls *server_tls_get(struct nbdv_server *srv)
+{
+	struct nbdv_tls *t;
+
+	pthread_mutex_lock(&srv->tls_lock);
+	t = srv->tls ? tls_ref(srv->tls) : NULL;
+	pthread_mutex_unlock(&srv->tls_lock);
+	return t;
+}
+
+static void reactor_setup(struct nbdv_server *srv, unsigned idx, struct ev_loop *loop)
+{
+	struct nbdv_reactor *r = &srv->reactors[idx];
+
+	r->srv = srv;
+	r->idx = idx;
+	r->loop = loop;
+	pthread_mutex_init(&r->lock, NULL);
+	executor_port_init(&r->port, loop);
+	ev_prepare_init(&r->flusher, flusher_cb);
+	ev_prepare_start(loop, &r->flusher);
+	ev_unref(loop);
+	ev_async_init(&r->wake, reactor_wake_cb);
+	ev_async_start(loop, &r->wake);
+	if (idx == 0)
+		ev_unref(loop); /* the main loop lives as long as listeners and signals do */
+	ev_timer_init(&r->shutdown_timer, shutdown_timeout_cb, SHUTDOWN_GRACE, 0.);
+}
+
+static void reactor_teardown(struct nbdv_reactor *r)
+{
+	struct nbdv_handoff *h;
+
+	if (!r->loop)
+		return;
+	executor_port_fini(&r->port);
+	/* Connections cut at the deadline are dead; their jobs have now completed. */
+	while (r->conns) {
+		struct nbdv_conn *c = r->conns;
+		conn_abort(c);
+		c->dirty = false;
+		c->depth = 0;
+		if (!conn_release(c))
+			break;
+	}
+	while ((h = r->handoffs)) {
+		r->handoffs = h->next;
+		close(h->fd);
+		free(h);
+	}
+	ev_timer_stop(r->loop, &r->shutdown_timer);
+	ev_ref(r->loop);
+	ev_prepare_stop(r->loop, &r->flusher);
+	if (r->idx == 0)
+		ev_ref(r->loop);
+	ev_async_stop(r->loop, &r->wake);
+	pthread_mutex_destroy(&r->lock);
+	if (r->idx != 0 || !ev_is_default_loop(r->loop))
+		ev_loop_destroy(r->loop);
+	r->loop = NULL;
+}
+
+static unsigned default_workers(void)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+	return n < 1 ? 1 : n > NBDV_MAX_WORKERS ? NBDV_MAX_WORKERS : (unsigned)n;
+}
+
+/* Threads started from here (workers, reactors) leave the server's signals to the
+ * main thread. */
+static void block_signals(sigset_t *old)
+{
+	sigset_t set;
+
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &set, old);
+}
+
+static int alloc_reactors(struct nbdv_server *srv, unsigned n)
+{
+	srv->reactors = calloc(n, sizeof(*srv->reactors));
+	if (!srv->reactors)
+		return -1;
+	srv->n_reactors = n;
+	return 0;
 }
 
 int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 {
+	struct ev_loop *loop;
+	unsigned n_workers = cfg->workers ? cfg->workers : default_workers();
+	sigset_t old;
+
 	memset(srv, 0, sizeof(*srv));
 	srv->cfg = cfg;
-	srv->loop = ev_default_loop(EVFLAG_AUTO);
-	if (!srv->loop) {
+	pthread_mutex_init(&srv->tls_lock, NULL);
+	loop = ev_default_loop(EVFLAG_AUTO);
+	if (!loop || alloc_reactors(srv, n_workers) < 0) {
 		log_err("cannot initialise the event loop");
 		return -1;
 	}
+	reactor_setup(srv, 0, loop);
 	/* Signals first: once a socket is listening, a SIGTERM must mean an orderly stop,
 	 * never the default action (which would leave the unix socket behind). */
 	ev_signal_init(&srv->sigint, signal_cb, SIGINT);
 	ev_signal_init(&srv->sigterm, signal_cb, SIGTERM);
 	ev_signal_init(&srv->sighup, sighup_cb, SIGHUP);
-	ev_signal_start(srv->loop, &srv->sigint);
-	ev_signal_start(srv->loop, &srv->sigterm);
-	ev_signal_start(srv->loop, &srv->sighup);
+	ev_signal_start(loop, &srv->sigint);
+	ev_signal_start(loop, &srv->sigterm);
+	ev_signal_start(loop, &srv->sighup);
 	signal(SIGPIPE, SIG_IGN);
+	for (unsigned i = 1; i < n_workers; i++) {
+		struct ev_loop *l = ev_loop_new(EVFLAG_AUTO);
+		if (!l) {
+			log_err("cannot initialise the event loop of worker %u", i);
+			return -1;
+		}
+		reactor_setup(srv, i, l);
+	}
 	if (cfg->tls.mode != TLS_OFF) {
 		char err[1024];
 		if (tls_global_init() < 0)
@@ -358,7 +590,9 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	}
 	srv->exports = exports_new(cfg, &srv->n_exports);
 	srv->listeners = calloc(cfg->n_listen, sizeof(*srv->listeners));
-	srv->exec = executor_new(srv->loop, cfg->io_threads);
+	block_signals(&old);
+	srv->exec = executor_new(cfg->io_threads);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (!srv->exports || !srv->listeners || !srv->exec) {
 		log_err("out of memory at start-up");
 		return -1;
@@ -371,18 +605,58 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 			return -1;
 	}
 	ev_timer_init(&srv->resume_timer, resume_cb, 1.0, 0.);
-	ev_prepare_init(&srv->flusher, flusher_cb);
-	ev_prepare_start(srv->loop, &srv->flusher);
-	ev_unref(srv->loop);
-
+	log_info("%u worker(s), %u I/O thread(s)", n_workers, cfg->io_threads);
 	return 0;
+}
+
+int server_init_embedded(struct nbdv_server *srv, struct nbdv_config *cfg)
+{
+	struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+
+	memset(srv, 0, sizeof(*srv));
+	srv->cfg = cfg;
+	pthread_mutex_init(&srv->tls_lock, NULL);
+	if (!loop || alloc_reactors(srv, 1) < 0)
+		return -1;
+	reactor_setup(srv, 0, loop);
+	srv->exports = exports_new(cfg, &srv->n_exports);
+	srv->exec = executor_new(cfg->io_threads);
+	return srv->exports && srv->exec ? 0 : -1;
+}
+
+static void *reactor_main(void *arg)
+{
+	struct nbdv_reactor *r = arg;
+
+	ev_run(r->loop, 0);
+	/* Requests and replies freed on this thread were cached here. */
+	transmission_req_cache_drain();
+	nbdv_outmsg_cache_drain();
+	return NULL;
 }
 
 int server_run(struct nbdv_server *srv)
 {
 	int status = 0;
+	sigset_t old;
 
-	ev_run(srv->loop, 0);
+	block_signals(&old);
+	for (unsigned i = 1; i < srv->n_reactors; i++) {
+		struct nbdv_reactor *r = &srv->reactors[i];
+		if (pthread_create(&r->thread, NULL, reactor_main, r) != 0) {
+			log_err("cannot start worker %u; serving with %u", i, i);
+			srv->n_reactors = i; /* the acceptor never picks the rest */
+			break;
+		}
+		r->threaded = true;
+	}
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	ev_run(main_loop(srv), 0);
+	for (unsigned i = 1; i < srv->n_reactors; i++) {
+		if (srv->reactors[i].threaded)
+			pthread_join(srv->reactors[i].thread, NULL);
+		srv->reactors[i].threaded = false;
+	}
 	/* Every connection is gone or cut: make what clients were told is written durable. */
 	if (exports_flush(srv->exports, srv->n_exports) < 0)
 		status = 1;
@@ -395,23 +669,15 @@ void server_fini(struct nbdv_server *srv)
 	stop_listeners(srv);
 	executor_free(srv->exec);
 	srv->exec = NULL;
-	/* Connections cut at the deadline are dead; their jobs have now completed. */
-	while (srv->conns) {
-		struct nbdv_conn *c = srv->conns;
-		conn_abort(c);
-		c->dirty = false;
-		c->depth = 0;
-		if (!conn_release(c))
-			break;
+	if (srv->reactors && srv->reactors[0].loop && ev_is_default_loop(srv->reactors[0].loop)) {
+		ev_signal_stop(main_loop(srv), &srv->sigint);
+		ev_signal_stop(main_loop(srv), &srv->sigterm);
+		ev_signal_stop(main_loop(srv), &srv->sighup);
 	}
-	if (srv->loop) {
-		ev_timer_stop(srv->loop, &srv->shutdown_timer);
-		ev_ref(srv->loop);
-		ev_prepare_stop(srv->loop, &srv->flusher);
-		ev_signal_stop(srv->loop, &srv->sigint);
-		ev_signal_stop(srv->loop, &srv->sigterm);
-		ev_signal_stop(srv->loop, &srv->sighup);
-	}
+	for (unsigned i = 0; srv->reactors && i < srv->n_reactors; i++)
+		reactor_teardown(&srv->reactors[i]);
+	free(srv->reactors);
+	srv->reactors = NULL;
 	exports_free(srv->exports, srv->n_exports);
 	for (size_t i = 0; srv->listeners && i < srv->n_listeners; i++)
 		free(srv->listeners[i].unix_path);
@@ -421,8 +687,10 @@ void server_fini(struct nbdv_server *srv)
 		srv->tls = NULL;
 		tls_global_deinit();
 	}
+	pthread_mutex_destroy(&srv->tls_lock);
 	config_free(srv->cfg);
 	srv->cfg = NULL;
 	transmission_req_cache_drain();
+	nbdv_outmsg_cache_drain();
 	nbdv_buf_pool_drain();
 }

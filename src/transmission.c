@@ -462,7 +462,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	const char *why = NULL;
 	uint32_t e = validate(c, r, &why);
 
-	if (!e && c->srv->shutting_down) {
+	if (!e && c->r->shutting_down) {
 		why = "server is shutting down";
 		e = NBD_ESHUTDOWN;
 	}
@@ -493,12 +493,12 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	    driver_pread_nowait(c->dev, r->buf, r->count, r->offset) == 0) {
 		r->sparse = false;
 		r->job.run = req_run_nothing;
-		executor_submit(c->srv->exec, &r->job, false);
+		executor_submit(c->srv->exec, &c->r->port, &r->job, false);
 		return;
 	}
 	/* Blocking drivers always go to the workers; so do large copies of the others, so
 	 * that the copy overlaps with the reactor's socket writes on another core. */
-	executor_submit(c->srv->exec, &r->job,
+	executor_submit(c->srv->exec, &c->r->port, &r->job,
 			(c->dev->caps & NBDV_CAP_BLOCKING) ||
 			    ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) &&
 			     r->count >= OFFLOAD_BYTES));

@@ -45,6 +45,8 @@ int outmsg_add_copy(struct nbdv_outmsg *m, const void *p, size_t len);
 /* Append a piece that points at memory the caller keeps alive (e.g. m->owned). */
 void outmsg_add_ref(struct nbdv_outmsg *m, const void *p, size_t len);
 void outmsg_free(struct nbdv_outmsg *m);
+/* Free this thread's recycled messages (at thread or process exit). */
+void nbdv_outmsg_cache_drain(void);
 
 /*
  * Data buffers for requests and replies come from a pool of power-of-two size classes

@@ -18,6 +18,7 @@
 #define NBDV_DEFAULT_PORT		10809
 #define NBDV_DEFAULT_MAX_REQUEST	(32U * 1024 * 1024)
 #define NBDV_DEFAULT_IO_THREADS		4
+#define NBDV_MAX_WORKERS		64 /* reactors */
 #define NBDV_DEFAULT_MAX_INFLIGHT_BYTES (96ULL * 1024 * 1024)
 #define NBDV_DEFAULT_MAX_CONNECTIONS	1024
 #define NBDV_DEFAULT_HANDSHAKE_TIMEOUT	10.0
@@ -75,6 +76,7 @@ struct nbdv_config {
 	double handshake_timeout;    /* limits.handshake-timeout, seconds (0: off) */
 	double idle_timeout;	     /* limits.idle-timeout, seconds (0: off) */
 	unsigned io_threads;	     /* io-threads: executor worker count */
+	unsigned workers;	     /* workers: reactors; 0 = one per online CPU */
 	struct nbdv_tls_cfg tls;     /* `tls:` */
 };
 

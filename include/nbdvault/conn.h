@@ -31,6 +31,7 @@
 #define NBDV_MAX_INFLIGHT_REQS 512
 
 struct nbdv_server;
+struct nbdv_reactor;
 struct nbdv_transport;
 struct nbdv_export;
 struct nbdv_dev;
@@ -53,9 +54,10 @@ enum conn_rx {
 };
 
 struct nbdv_conn {
-	struct nbdv_server *srv;       /* owner */
-	struct nbdv_conn *prev, *next; /* server's list of connections */
-	struct nbdv_conn *dirty_next;  /* server's list of connections with output to send */
+	struct nbdv_server *srv;       /* server (config, exports, credentials) */
+	struct nbdv_reactor *r;	       /* the reactor it lives on, for its whole life */
+	struct nbdv_conn *prev, *next; /* reactor's list of connections */
+	struct nbdv_conn *dirty_next;  /* reactor's list of connections with output to send */
 	bool dirty;		       /* on the dirty list */
 	unsigned id;		       /* for log lines: "c17" */
 	int fd;			       /* socket; -1 once closed */
@@ -94,14 +96,14 @@ struct nbdv_conn {
 };
 
 /* Take over accepted socket @fd; sends the greeting.  Returns NULL (fd closed) on failure. */
-struct nbdv_conn *conn_new(struct nbdv_server *srv, int fd, bool is_tcp, const char *peer);
+struct nbdv_conn *conn_new(struct nbdv_reactor *r, int fd, bool is_tcp, const char *peer);
 
 /*
  * Same over an existing transport; @fd may be -1 for an in-memory transport, in which
  * case no watcher or timer is ever started and conn_pump() drives the connection.
  * Takes ownership of @tp (and @fd).
  */
-struct nbdv_conn *conn_new_transport(struct nbdv_server *srv, struct nbdv_transport *tp, int fd,
+struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transport *tp, int fd,
 				     bool is_tcp, const char *peer);
 /*
  * Read and process what the transport has (as on a readable event); returns false if

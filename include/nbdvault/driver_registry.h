@@ -35,7 +35,7 @@ struct nbdv_extents {
 	uint32_t max;	       /* capacity of e[] */
 	uint32_t n;	       /* entries used */
 	struct nbdv_extent *e; /* entries, contiguous from start */
-	bool owned;	       /* e was malloc'd by extents_init */
+	bool owned;	       /* e came from the buffer pool (extents_init) */
 };
 
 /* Set up a collector for [off, off+len) holding at most @max extents.  Returns 0 or -ENOMEM. */

@@ -1,25 +1,35 @@
 /*
- * nbdvault - the server: listeners, the reactor (one libev loop), signals, shutdown.
+ * nbdvault - the server: listeners, reactors (one libev loop per thread), signals,
+ * shutdown.
  *
- * A connection lives on one reactor for its whole life.  Output is batched: code that
- * queues a reply marks the connection dirty, and an ev_prepare watcher writes every
- * dirty connection's queue just before the loop waits for events again, so replies
- * completed together leave in one writev.
+ * Reactor 0 runs on the main thread's default loop, next to the listeners and signal
+ * watchers; reactors 1..n-1 each run a loop on their own thread.  The acceptor hands a
+ * new socket to the least loaded reactor and the connection stays there for its whole
+ * life: its watchers, timers, completions and output all live on that loop, so nothing
+ * in conn.c, handshake.c or transmission.c takes a lock.
+ *
+ * Output is batched per reactor: code that queues a reply marks the connection dirty,
+ * and an ev_prepare watcher writes every dirty connection's queue just before the loop
+ * waits for events again, so replies completed together leave in one writev.
+ *
+ *   listener (reactor 0) ──accept──► least loaded reactor: handoff queue ──ev_async──► conn_new
  */
 #ifndef NBDV_SERVER_H
 #define NBDV_SERVER_H
 
 #include <ev.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 
 #include "nbdvault/compiler.h"
+#include "nbdvault/executor.h"
 
 struct nbdv_config;
 struct nbdv_conn;
 struct nbdv_export;
-struct nbdv_executor;
 struct nbdv_tls;
+struct nbdv_handoff;
 
 struct nbdv_listener {
 	ev_io io;		 /* readable = a connection to accept */
@@ -29,39 +39,68 @@ struct nbdv_listener {
 	struct nbdv_server *srv; /* owner */
 };
 
+struct nbdv_reactor {
+	struct nbdv_server *srv;       /* owner */
+	unsigned idx;		       /* 0 = the main thread's loop */
+	struct ev_loop *loop;	       /* this reactor's loop */
+	struct nbdv_exec_port port;    /* completions of jobs its connections submitted */
+	struct nbdv_conn *conns;       /* its live connections */
+	unsigned n_conns;	       /* how many (atomic: the acceptor reads it) */
+	unsigned pending;	       /* sockets handed over, not yet taken (atomic) */
+	struct nbdv_conn *dirty;       /* connections with output to write */
+	ev_prepare flusher;	       /* writes dirty connections before each poll */
+	ev_async wake;		       /* handoffs queued or shutdown asked */
+	ev_timer shutdown_timer;       /* upper bound on the drain at shutdown */
+	bool shutting_down;	       /* this loop has begun its drain */
+	pthread_mutex_t lock;	       /* protects the two fields below */
+	struct nbdv_handoff *handoffs; /* accepted sockets waiting for this reactor */
+	bool stop_asked;	       /* the server is shutting down */
+	bool threaded;		       /* runs on its own thread */
+	pthread_t thread;
+};
+
 struct nbdv_server {
-	struct ev_loop *loop;	     /* the reactor */
 	struct nbdv_config *cfg;     /* config snapshot, owned */
 	struct nbdv_export *exports; /* run-time exports, owned */
 	size_t n_exports;
 	struct nbdv_executor *exec;	 /* worker pool for blocking drivers */
 	struct nbdv_listener *listeners; /* owned */
 	size_t n_listeners;
-	struct nbdv_conn *conns; /* all live connections */
-	unsigned n_conns;
-	struct nbdv_conn *dirty;   /* connections with output to write */
-	ev_prepare flusher;	   /* writes dirty connections before each poll */
+	struct nbdv_reactor *reactors; /* n_reactors, [0] is the main loop */
+	unsigned n_reactors;
+	unsigned n_conns;	   /* live connections on every reactor (atomic) */
 	ev_signal sigint, sigterm; /* orderly shutdown */
 	ev_signal sighup;	   /* reload TLS credentials */
+	pthread_mutex_t tls_lock;  /* protects tls (SIGHUP swaps it while reactors read) */
 	struct nbdv_tls *tls;	   /* current TLS credentials, or NULL when TLS is off */
-	ev_timer shutdown_timer;   /* upper bound on the drain at shutdown */
 	ev_timer resume_timer;	   /* restarts listeners paused on EMFILE */
 	ev_tstamp last_cap_log;	   /* when max-connections was last logged */
-	bool shutting_down;
-	unsigned next_id; /* next connection id */
+	bool shutting_down;	   /* main thread only */
+	unsigned next_id;	   /* last connection id given (atomic) */
 };
 
-/* Bind every listener and set up the loop.  Takes ownership of @cfg.  Returns 0 or -1 (logged). */
+/* Bind every listener and set up the reactors.  Takes ownership of @cfg.  Returns 0 or
+ * -1 (logged). */
 int server_init(struct nbdv_server *srv, struct nbdv_config *cfg) NBDV_WUR;
 /* Serve until SIGINT/SIGTERM and the drain that follows.  Returns the exit status. */
 int server_run(struct nbdv_server *srv);
 void server_fini(struct nbdv_server *srv);
 
-/* Connection bookkeeping, called by conn.c. */
-void server_conn_add(struct nbdv_server *srv, struct nbdv_conn *c);
-void server_conn_remove(struct nbdv_server *srv, struct nbdv_conn *c);
-void server_mark_dirty(struct nbdv_server *srv, struct nbdv_conn *c);
+/*
+ * For embedding (fuzzing, unit tests): a server without listeners or signals, with one
+ * reactor on a private loop that the caller drives, and @io_threads workers.  Takes
+ * ownership of @cfg.  Undo with server_fini().
+ */
+int server_init_embedded(struct nbdv_server *srv, struct nbdv_config *cfg) NBDV_WUR;
+
+/* The credentials new TLS sessions use, with a reference the caller drops. */
+struct nbdv_tls *server_tls_get(struct nbdv_server *srv);
+
+/* Connection bookkeeping, called by conn.c on the connection's reactor. */
+void reactor_conn_add(struct nbdv_reactor *r, struct nbdv_conn *c);
+void reactor_conn_remove(struct nbdv_reactor *r, struct nbdv_conn *c);
+void reactor_mark_dirty(struct nbdv_reactor *r, struct nbdv_conn *c);
 /* Write every dirty connection's output now (the flusher's work; also for harnesses). */
-void server_flush_dirty(struct nbdv_server *srv);
+void reactor_flush_dirty(struct nbdv_reactor *r);
 
 #endif /* NBDV_SERVER_H */

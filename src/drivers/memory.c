@@ -8,8 +8,9 @@
  *
  *   l1[i] ──► l2 table (CHUNKS_PER_L2 pointers) ──► chunk (CHUNK_SIZE bytes) or NULL
  *
- * Calls never block, so the reactor runs them inline; one mutex keeps the table
- * consistent when several reactors share an export.
+ * Calls never block, so reactors run them inline.  A read-write lock keeps the table
+ * consistent when several reactors (and workers doing large copies) share an export:
+ * reads run concurrently; writes, trims and zeroing take it exclusively.
  */
 #include "build-config.h"
 
@@ -32,7 +33,7 @@ struct mem {
 	uint64_t size;		       /* export size */
 	uint64_t n_l1;		       /* entries in l1 */
 	uint8_t ***l1;		       /* lazily allocated L2 tables */
-	pthread_mutex_t lock;	       /* protects l1 and every chunk */
+	pthread_rwlock_t lock;	       /* protects l1 and every chunk */
 };
 
 static struct mem *to_mem(struct nbdv_drv_instance *inst)
@@ -55,7 +56,7 @@ static int mem_create(const struct nbdv_export_params *p, struct nbdv_drv_instan
 		free(m);
 		return -ENOMEM;
 	}
-	pthread_mutex_init(&m->lock, NULL);
+	pthread_rwlock_init(&m->lock, NULL);
 	*out = &m->head;
 	return 0;
 }
@@ -72,7 +73,7 @@ static void mem_destroy(struct nbdv_drv_instance *inst)
 		free(m->l1[i]);
 	}
 	free(m->l1);
-	pthread_mutex_destroy(&m->lock);
+	pthread_rwlock_destroy(&m->lock);
 	free(m);
 }
 
@@ -124,7 +125,7 @@ static int mem_pread(struct nbdv_drv_instance *inst, void *buf, uint64_t len, ui
 	struct mem *m = to_mem(inst);
 	uint8_t *dst = buf;
 
-	pthread_mutex_lock(&m->lock);
+	pthread_rwlock_rdlock(&m->lock);
 	while (len) {
 		uint64_t in = off & (CHUNK_SIZE - 1);
 		uint64_t n = NBDV_MIN(len, CHUNK_SIZE - in);
@@ -138,7 +139,7 @@ static int mem_pread(struct nbdv_drv_instance *inst, void *buf, uint64_t len, ui
 		off += n;
 		len -= n;
 	}
-	pthread_mutex_unlock(&m->lock);
+	pthread_rwlock_unlock(&m->lock);
 	return 0;
 }
 
@@ -149,7 +150,7 @@ static int mem_pwrite(struct nbdv_drv_instance *inst, const void *buf, uint64_t 
 	const uint8_t *src = buf;
 	int r = 0;
 
-	pthread_mutex_lock(&m->lock);
+	pthread_rwlock_wrlock(&m->lock);
 	while (len) {
 		uint64_t in = off & (CHUNK_SIZE - 1);
 		uint64_t n = NBDV_MIN(len, CHUNK_SIZE - in);
@@ -164,7 +165,7 @@ static int mem_pwrite(struct nbdv_drv_instance *inst, const void *buf, uint64_t 
 		off += n;
 		len -= n;
 	}
-	pthread_mutex_unlock(&m->lock);
+	pthread_rwlock_unlock(&m->lock);
 	return r;
 }
 
@@ -182,7 +183,7 @@ static int mem_clear(struct mem *m, uint64_t len, uint64_t off, bool may_free)
 {
 	int r = 0;
 
-	pthread_mutex_lock(&m->lock);
+	pthread_rwlock_wrlock(&m->lock);
 	while (len) {
 		uint64_t in = off & (CHUNK_SIZE - 1);
 		uint64_t n = NBDV_MIN(len, CHUNK_SIZE - in);
@@ -202,7 +203,7 @@ static int mem_clear(struct mem *m, uint64_t len, uint64_t off, bool may_free)
 		off += n;
 		len -= n;
 	}
-	pthread_mutex_unlock(&m->lock);
+	pthread_rwlock_unlock(&m->lock);
 	return r;
 }
 
@@ -223,7 +224,7 @@ static int mem_block_status(struct nbdv_drv_instance *inst, uint64_t len, uint64
 	uint64_t end = off + len;
 	int r = 0;
 
-	pthread_mutex_lock(&m->lock);
+	pthread_rwlock_rdlock(&m->lock);
 	while (off < end && r == 0) {
 		uint64_t c = off >> CHUNK_SHIFT;
 		uint64_t n;
@@ -241,7 +242,7 @@ static int mem_block_status(struct nbdv_drv_instance *inst, uint64_t len, uint64
 		r = nbdv_extents_add(ext, n, st);
 		off += n;
 	}
-	pthread_mutex_unlock(&m->lock);
+	pthread_rwlock_unlock(&m->lock);
 	return r < 0 ? r : 0;
 }
 

@@ -182,7 +182,7 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
         if exc and exc[0] is not None:
             return
-        for needle in ("runtime error:", "AddressSanitizer", "LeakSanitizer",
+        for needle in ("runtime error:", "AddressSanitizer", "LeakSanitizer", "ThreadSanitizer",
                        "ERROR SUMMARY: 1", "definitely lost: 1"):
             assert needle not in log, f"sanitizer report in the server log:\n{log}"
         assert rc == 0, f"server exited with status {rc}:\n{log}"

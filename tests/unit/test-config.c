@@ -80,6 +80,7 @@ static void test_full(const char *dir)
 	CHECK(strcmp(cfg->listen[2].unix_path, "/tmp/nbdvault-valid.sock") == 0);
 	CHECK(strcmp(cfg->default_export, "disk0") == 0);
 	CHECK(cfg->io_threads == 8);
+	CHECK(cfg->workers == 3);
 	CHECK(cfg->max_request == 1024 * 1024);
 	CHECK(cfg->max_connections == 50 && cfg->handshake_timeout == 2.5);
 	CHECK(cfg->idle_timeout == 600 && cfg->max_inflight_bytes == 8ULL << 20);
@@ -110,6 +111,7 @@ static void test_full(const char *dir)
 	CHECK(cfg->max_request == 32 * 1024 * 1024);
 	CHECK(cfg->max_connections == 1024 && cfg->handshake_timeout == 10.0);
 	CHECK(cfg->idle_timeout == 0 && cfg->max_inflight_bytes == 96ULL << 20);
+	CHECK(cfg->workers == 0 && cfg->io_threads == 4); /* 0: one reactor per CPU */
 	CHECK(cfg->default_export == NULL && config_find_export(cfg, "", 0) == NULL);
 	CHECK(cfg->tls.mode == TLS_OFF && strcmp(cfg->tls.priority, NBDV_TLS_PRIORITY) == 0);
 	config_free(cfg);

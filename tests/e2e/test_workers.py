@@ -1,0 +1,172 @@
+#!/usr/bin/python3
+"""Several reactors (`workers:`): connections spread over them, many connections with
+many requests in flight each, a flush on one worker covering writes made through
+another (multi-conn), and an orderly drain of every worker on SIGTERM (issue 4,
+acceptance 3)."""
+
+import os
+import re
+import signal
+import threading
+import unittest
+
+import nbdv
+
+nbdv.require_libnbd()
+import nbd  # noqa: E402
+
+EXPORTS = """
+  - name: mem
+    driver: memory
+    size: 64M
+  - name: disk
+    driver: file
+    path: {dir}/disk.img
+    size: 64M
+"""
+
+BLOCK = 65536
+
+
+def workers_of(log):
+    """Live connection id -> worker index, from the server's log lines (the start-up
+    probe of nbdv.Server is a connection too; closed ones are left out)."""
+    opened = {int(c): int(w) for c, w in
+              re.findall(r"c(\d+): connection from .* \(worker (\d+)\)", log)}
+    for c in re.findall(r"c(\d+): closed", log):
+        opened.pop(int(c), None)
+    return opened
+
+
+def connect(srv, export):
+    h = nbd.NBD()
+    h.connect_uri(srv.uri(export))
+    return h
+
+
+class WorkersTest(unittest.TestCase):
+    def test_connections_spread_over_workers(self):
+        with nbdv.Server(EXPORTS, extra="workers: 3\n") as srv:
+            handles = [connect(srv, "mem") for _ in range(12)]
+            got = workers_of(srv.logtext())
+            self.assertEqual(len(got), 12, srv.logtext())
+            # The least loaded worker takes each new connection: 4 each (give or take
+            # the start-up probe, which may still have been open).
+            for w in range(3):
+                self.assertIn(sum(1 for x in got.values() if x == w), (3, 4, 5), got)
+            self.assertIn("3 worker(s)", srv.logtext())
+            for h in handles:
+                nbdv.disconnect(h)
+
+    def test_one_worker(self):
+        with nbdv.Server(EXPORTS, extra="workers: 1\n") as srv:
+            handles = [connect(srv, "mem") for _ in range(4)]
+            self.assertEqual(set(workers_of(srv.logtext()).values()), {0})
+            for h in handles:
+                nbdv.disconnect(h)
+
+    def test_many_connections_many_in_flight(self):
+        """16 connections on 2 workers, each with 64 writes and then 64 reads in
+        flight; every connection reads back another connection's blocks."""
+        n_conns, depth = 16, 64
+        for export in ("mem", "disk"):
+            with self.subTest(export=export), \
+                    nbdv.Server(EXPORTS, extra="workers: 2\n") as srv:
+                blobs = [[os.urandom(BLOCK) for _ in range(depth)] for _ in range(n_conns)]
+                handles = [connect(srv, export) for _ in range(n_conns)]
+                errors = []
+                barrier = threading.Barrier(n_conns)
+
+                def region(k, i):
+                    return (k * depth + i) * BLOCK % (64 << 20)
+
+                def client(k):
+                    try:
+                        h = handles[k]
+                        cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b)),
+                                                region(k, i))
+                                   for i, b in enumerate(blobs[k])]
+                        if h.aio_in_flight() < 1:
+                            errors.append(f"conn {k}: nothing in flight")
+                        while h.aio_in_flight():
+                            h.poll(-1)
+                        for c in cookies:
+                            h.aio_command_completed(c)
+                        h.flush()
+                        barrier.wait(timeout=60)
+                        # Read the blocks written through the next connection.
+                        j = (k + 1) % n_conns
+                        bufs = [nbd.Buffer(BLOCK) for _ in range(depth)]
+                        cookies = [h.aio_pread(bufs[i], region(j, i)) for i in range(depth)]
+                        while h.aio_in_flight():
+                            h.poll(-1)
+                        for i, c in enumerate(cookies):
+                            h.aio_command_completed(c)
+                            if bytes(bufs[i].to_bytearray()) != blobs[j][i]:
+                                errors.append(f"conn {k}: block {i} of conn {j} differs")
+                    except Exception as e:  # reported below, with the thread's name
+                        errors.append(f"conn {k}: {e!r}")
+
+                threads = [threading.Thread(target=client, args=(k,)) for k in range(n_conns)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(120)
+                self.assertFalse(any(t.is_alive() for t in threads), "a client hung")
+                self.assertEqual(errors, [])
+                self.assertEqual(set(workers_of(srv.logtext()).values()), {0, 1})
+                for h in handles:
+                    nbdv.disconnect(h)
+
+    def test_flush_on_one_worker_covers_writes_on_another(self):
+        """NBD_FLAG_CAN_MULTI_CONN: a write acknowledged on connection A (worker 0),
+        then a flush on connection B (worker 1): the data is visible to a third
+        connection and survives kill -9 of the server."""
+        with nbdv.Server(EXPORTS, extra="workers: 2\n") as srv:
+            a = connect(srv, "disk")
+            b = connect(srv, "disk")
+            self.assertEqual(sorted(workers_of(srv.logtext()).values()), [0, 1],
+                             srv.logtext())
+            self.assertTrue(a.can_multi_conn() and b.can_multi_conn())
+            pattern = os.urandom(1 << 20)
+            a.pwrite(pattern, 5 << 20)
+            b.flush()
+            c = connect(srv, "disk")
+            self.assertEqual(c.pread(1 << 20, 5 << 20), pattern)
+            srv.kill9()
+            for h in (a, b, c):
+                nbdv.disconnect(h)
+            with open(os.path.join(srv.dir, "disk.img"), "rb") as f:
+                f.seek(5 << 20)
+                self.assertEqual(f.read(1 << 20), pattern)
+            srv.start()
+
+    def test_sigterm_drains_every_worker(self):
+        with nbdv.Server(EXPORTS, extra="workers: 2\n") as srv:
+            raws = []
+            for _ in range(4):
+                r = nbdv.Raw(srv.sock)
+                r.greet()
+                r.go(b"disk")
+                raws.append(r)
+            self.assertEqual(set(workers_of(srv.logtext()).values()), {0, 1})
+            n = 200
+            for r in raws:
+                for i in range(n):
+                    r.request(nbdv.CMD_WRITE, i * 4096, 4096, cookie=i, data=b"D" * 4096)
+            srv.proc.send_signal(signal.SIGTERM)
+            for k, r in enumerate(raws):
+                seen = set()
+                for _ in range(n):
+                    err, cookie, _ = r.simple_reply()
+                    # Unread requests may be refused with ESHUTDOWN, never dropped.
+                    self.assertIn(err, (0, 108), f"conn {k} cookie {cookie}")
+                    seen.add(cookie)
+                self.assertEqual(seen, set(range(n)))
+                self.assertTrue(r.closed_by_server())
+                r.close()
+            self.assertEqual(srv.stop(), 0)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
