@@ -488,6 +488,8 @@ int config_parse_duration(const char *s, double *out)
 		return -EINVAL;
 	if (strcmp(end, "ms") == 0)
 		v /= 1000;
+	else if (strcmp(end, "us") == 0)
+		v /= 1000000;
 	else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
 		v *= 60;
 	else if (strcmp(end, "h") == 0)
@@ -505,10 +507,11 @@ static int get_duration(struct parse_ctx *ctx, const yaml_node_t *n, const char 
 	if (want_type(ctx, n, YAML_SCALAR_NODE, path) < 0)
 		return -1;
 	if (config_parse_duration(scalar(n), out) < 0)
-		return fail(ctx, n,
-			    "%s: '%.64s' is not a duration (a number with s, ms, m or h; 0 is off; "
-			    "at most a week)",
-			    path, scalar(n));
+		return fail(
+		    ctx, n,
+		    "%s: '%.64s' is not a duration (a number with us, ms, s, m or h; 0 is off; "
+		    "at most a week)",
+		    path, scalar(n));
 	return 0;
 }
 
@@ -589,13 +592,17 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 		} else if (strcmp(key, "io-threads") == 0) {
 			r = get_uint(ctx, v, "io-threads", 1, 256, &n);
 			cfg->io_threads = (unsigned)n;
+		} else if (strcmp(key, "busy-poll") == 0) {
+			r = get_duration(ctx, v, "busy-poll", &cfg->busy_poll);
+			if (r == 0 && cfg->busy_poll > NBDV_MAX_BUSY_POLL)
+				r = fail(ctx, v, "busy-poll: at most 10ms");
 		} else if (strcmp(key, "workers") == 0) {
 			r = get_uint(ctx, v, "workers", 1, NBDV_MAX_WORKERS, &n);
 			cfg->workers = (unsigned)n;
 		} else {
 			r = fail(ctx, k,
 				 "unknown key '%.64s' (expected listen, default-export, exports, "
-				 "tls, limits, workers or io-threads)",
+				 "tls, limits, workers, io-threads or busy-poll)",
 				 key);
 		}
 		if (r < 0)
@@ -679,6 +686,7 @@ int config_load(const char *path, struct nbdv_config **out, char *err, size_t er
 	cfg->max_connections = NBDV_DEFAULT_MAX_CONNECTIONS;
 	cfg->handshake_timeout = NBDV_DEFAULT_HANDSHAKE_TIMEOUT;
 	cfg->io_threads = NBDV_DEFAULT_IO_THREADS;
+	cfg->busy_poll = NBDV_DEFAULT_BUSY_POLL;
 	if (parse_root(&ctx, yaml_document_get_root_node(&ctx.doc), cfg) < 0)
 		goto out_doc;
 	if (set_defaults(cfg) < 0) {

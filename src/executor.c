@@ -72,6 +72,7 @@ void executor_port_deliver(struct nbdv_exec_port *p)
 	pthread_mutex_unlock(&p->lock);
 	while (list) {
 		struct nbdv_job *next = list->next;
+		p->outstanding--;
 		list->done(list);
 		list = next;
 	}
@@ -87,6 +88,7 @@ void executor_port_init(struct nbdv_exec_port *p, struct ev_loop *loop)
 	p->loop = loop;
 	p->done_head = NULL;
 	p->done_tail = &p->done_head;
+	p->outstanding = 0;
 	pthread_mutex_init(&p->lock, NULL);
 	ev_async_init(&p->wake, wake_cb);
 	ev_async_start(loop, &p->wake);
@@ -155,6 +157,7 @@ void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port, stru
 		return;
 	}
 	job->next = NULL;
+	port->outstanding++;
 	pthread_mutex_lock(&ex->lock);
 	*ex->job_tail = job;
 	ex->job_tail = &job->next;

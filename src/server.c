@@ -330,7 +330,25 @@ void reactor_flush_dirty(struct nbdv_reactor *r)
 /* Before each poll: write what every dirty connection has queued, in one batch each. */
 static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
-	reactor_flush_dirty(container_of(w, struct nbdv_reactor, flusher));
+	struct nbdv_reactor *r = container_of(w, struct nbdv_reactor, flusher);
+
+	/* Replies are leaving and no job is out on the workers: the client is probably
+	 * about to send the next request.  Keep polling for a moment instead of sleeping
+	 * (a wake-up from sleep costs tens of microseconds on virtual machines). */
+	if (r->dirty && r->srv->spin > 0 && r->port.outstanding == 0) {
+		r->spin_until = ev_time() + r->srv->spin;
+		if (!ev_is_active(&r->spin_idle))
+			ev_idle_start(loop, &r->spin_idle);
+	}
+	reactor_flush_dirty(r);
+}
+
+static void spin_cb(struct ev_loop *loop, ev_idle *w, int revents)
+{
+	struct nbdv_reactor *r = container_of(w, struct nbdv_reactor, spin_idle);
+
+	if (ev_time() >= r->spin_until)
+		ev_idle_stop(loop, w);
 }
 
 static void stop_listeners(struct nbdv_server *srv)
@@ -477,6 +495,7 @@ static void reactor_setup(struct nbdv_server *srv, unsigned idx, struct ev_loop 
 	executor_port_init(&r->port, loop);
 	ev_prepare_init(&r->flusher, flusher_cb);
 	ev_prepare_start(loop, &r->flusher);
+	ev_idle_init(&r->spin_idle, spin_cb);
 	ev_unref(loop);
 	ev_async_init(&r->wake, reactor_wake_cb);
 	ev_async_start(loop, &r->wake);
@@ -509,6 +528,7 @@ static void reactor_teardown(struct nbdv_reactor *r)
 	ev_timer_stop(r->loop, &r->shutdown_timer);
 	ev_ref(r->loop);
 	ev_prepare_stop(r->loop, &r->flusher);
+	ev_idle_stop(r->loop, &r->spin_idle);
 	if (r->idx == 0)
 		ev_ref(r->loop);
 	ev_async_stop(r->loop, &r->wake);
@@ -605,7 +625,9 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 			return -1;
 	}
 	ev_timer_init(&srv->resume_timer, resume_cb, 1.0, 0.);
-	log_info("%u worker(s), %u I/O thread(s)", n_workers, cfg->io_threads);
+	srv->spin = cfg->busy_poll;
+	log_info("%u worker(s), %u I/O thread(s), busy-poll %.0f us", n_workers, cfg->io_threads,
+		 cfg->busy_poll * 1e6);
 	return 0;
 }
 

@@ -18,7 +18,9 @@
 #define NBDV_DEFAULT_PORT		10809
 #define NBDV_DEFAULT_MAX_REQUEST	(32U * 1024 * 1024)
 #define NBDV_DEFAULT_IO_THREADS		4
-#define NBDV_MAX_WORKERS		64 /* reactors */
+#define NBDV_MAX_WORKERS		64    /* reactors */
+#define NBDV_DEFAULT_BUSY_POLL		50e-6 /* seconds */
+#define NBDV_MAX_BUSY_POLL		0.01
 #define NBDV_DEFAULT_MAX_INFLIGHT_BYTES (96ULL * 1024 * 1024)
 #define NBDV_DEFAULT_MAX_CONNECTIONS	1024
 #define NBDV_DEFAULT_HANDSHAKE_TIMEOUT	10.0
@@ -77,6 +79,7 @@ struct nbdv_config {
 	double idle_timeout;	     /* limits.idle-timeout, seconds (0: off) */
 	unsigned io_threads;	     /* io-threads: executor worker count */
 	unsigned workers;	     /* workers: reactors; 0 = one per online CPU */
+	double busy_poll;	     /* busy-poll: seconds a reactor polls after replies; 0 = off */
 	struct nbdv_tls_cfg tls;     /* `tls:` */
 };
 

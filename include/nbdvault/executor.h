@@ -34,6 +34,7 @@ struct nbdv_exec_port {
 	pthread_mutex_t lock;	    /* protects the done queue */
 	struct nbdv_job *done_head; /* finished jobs, FIFO */
 	struct nbdv_job **done_tail;
+	unsigned outstanding; /* jobs submitted to workers, done() not yet run (reactor only) */
 };
 
 /* Start @threads workers.  NULL on failure. */

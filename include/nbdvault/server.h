@@ -49,6 +49,8 @@ struct nbdv_reactor {
 	unsigned pending;	       /* sockets handed over, not yet taken (atomic) */
 	struct nbdv_conn *dirty;       /* connections with output to write */
 	ev_prepare flusher;	       /* writes dirty connections before each poll */
+	ev_idle spin_idle;	       /* polls without sleeping for a moment after replies */
+	ev_tstamp spin_until;	       /* when to stop */
 	ev_async wake;		       /* handoffs queued or shutdown asked */
 	ev_timer shutdown_timer;       /* upper bound on the drain at shutdown */
 	bool shutting_down;	       /* this loop has begun its drain */
@@ -75,6 +77,7 @@ struct nbdv_server {
 	struct nbdv_tls *tls;	   /* current TLS credentials, or NULL when TLS is off */
 	ev_timer resume_timer;	   /* restarts listeners paused on EMFILE */
 	ev_tstamp last_cap_log;	   /* when max-connections was last logged */
+	ev_tstamp spin;		   /* seconds to keep polling after a reply (0: off) */
 	bool shutting_down;	   /* main thread only */
 	unsigned next_id;	   /* last connection id given (atomic) */
 };

@@ -58,10 +58,14 @@ class WorkersTest(unittest.TestCase):
             for h in handles:
                 nbdv.disconnect(h)
 
-    def test_one_worker(self):
-        with nbdv.Server(EXPORTS, extra="workers: 1\n") as srv:
+    def test_one_worker_without_busy_poll(self):
+        with nbdv.Server(EXPORTS, extra="workers: 1\nbusy-poll: 0\n") as srv:
             handles = [connect(srv, "mem") for _ in range(4)]
             self.assertEqual(set(workers_of(srv.logtext()).values()), {0})
+            for k, h in enumerate(handles):
+                h.pwrite(bytes([k + 1]) * 4096, k * 4096)
+            for k, h in enumerate(handles):
+                self.assertEqual(h.pread(4096, ((k + 1) % 4) * 4096), bytes([(k + 1) % 4 + 1]) * 4096)
             for h in handles:
                 nbdv.disconnect(h)
 

@@ -54,9 +54,9 @@ static void test_durations(void)
 		double v;
 		int ok;
 	} cases[] = {
-	    {"0", 0, 1},     {"10", 10, 1},    {"10s", 10, 1},	{"500ms", 0.5, 1}, {"2m", 120, 1},
-	    {"1h", 3600, 1}, {"1.5s", 1.5, 1}, {"", 0, 0},	{"s", 0, 0},	   {"10 s", 0, 0},
-	    {"-1s", 0, 0},   {"10x", 0, 0},    {"1000h", 0, 0},
+	    {"0", 0, 1},     {"10", 10, 1},    {"10s", 10, 1},	{"500ms", 0.5, 1},  {"2m", 120, 1},
+	    {"1h", 3600, 1}, {"1.5s", 1.5, 1}, {"", 0, 0},	{"s", 0, 0},	    {"10 s", 0, 0},
+	    {"-1s", 0, 0},   {"10x", 0, 0},    {"1000h", 0, 0}, {"50us", 50e-6, 1},
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		double v = -1;
@@ -81,6 +81,7 @@ static void test_full(const char *dir)
 	CHECK(strcmp(cfg->default_export, "disk0") == 0);
 	CHECK(cfg->io_threads == 8);
 	CHECK(cfg->workers == 3);
+	CHECK(cfg->busy_poll == 20e-6);
 	CHECK(cfg->max_request == 1024 * 1024);
 	CHECK(cfg->max_connections == 50 && cfg->handshake_timeout == 2.5);
 	CHECK(cfg->idle_timeout == 600 && cfg->max_inflight_bytes == 8ULL << 20);
@@ -112,6 +113,7 @@ static void test_full(const char *dir)
 	CHECK(cfg->max_connections == 1024 && cfg->handshake_timeout == 10.0);
 	CHECK(cfg->idle_timeout == 0 && cfg->max_inflight_bytes == 96ULL << 20);
 	CHECK(cfg->workers == 0 && cfg->io_threads == 4); /* 0: one reactor per CPU */
+	CHECK(cfg->busy_poll == 50e-6);
 	CHECK(cfg->default_export == NULL && config_find_export(cfg, "", 0) == NULL);
 	CHECK(cfg->tls.mode == TLS_OFF && strcmp(cfg->tls.priority, NBDV_TLS_PRIORITY) == 0);
 	config_free(cfg);

@@ -110,8 +110,12 @@ static void handshake(const char *name)
 static void put_req(uint16_t type, uint16_t flags, uint64_t cookie, uint64_t off, uint32_t len,
 		    const void *payload)
 {
-	struct nbd_request q = {htobe32(NBD_REQUEST_MAGIC), htobe16(flags), htobe16(type), cookie,
-				htobe64(off), htobe32(len)};
+	struct nbd_request q = {htobe32(NBD_REQUEST_MAGIC),
+				htobe16(flags),
+				htobe16(type),
+				cookie,
+				htobe64(off),
+				htobe32(len)};
 
 	put(&q, sizeof(q));
 	if (payload)
@@ -182,8 +186,8 @@ static void check_round(const uint8_t *out, size_t from, size_t to, bool check_d
 			CHECK(be32toh(h.length) == 8 + BLK);
 			memset(want, (int)(i + 1), sizeof(want));
 			CHECK_MSG(!check_data || memcmp(out + p + sizeof(h) + 8, want, BLK) == 0,
-				  "block %u reads back 0x%02x, wrote 0x%02x", i, out[p + sizeof(h) + 8],
-				  i + 1);
+				  "block %u reads back 0x%02x, wrote 0x%02x", i,
+				  out[p + sizeof(h) + 8], i + 1);
 		}
 		if (kind == 4)
 			CHECK(be16toh(h.type) == NBD_REPLY_TYPE_BLOCK_STATUS);
