@@ -17,6 +17,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "nbdvault/config.h"
@@ -26,6 +28,7 @@
 
 #define REC_MAX	     16384	   /* plaintext bytes per TLS record */
 #define SEND_BUDGET  (1024 * 1024) /* bytes one sendv call may write */
+#define RECV_BUDGET  (256 * 1024)  /* bytes one recv call may read */
 #define PSK_PRIORITY ":+ECDHE-PSK:+DHE-PSK:+PSK"
 
 struct psk_entry {
@@ -50,6 +53,7 @@ struct tls_transport {
 	const void *pend_ptr;	    /* data offered to a send that returned AGAIN */
 	size_t pend_len;	    /* its length; 0 when nothing is pending */
 	unsigned char *stage;	    /* small pieces gathered into one record */
+	bool more;		    /* more records follow at once: send them with MSG_MORE */
 	bool done;		    /* handshake finished */
 	char why[256];		    /* last failure reason */
 };
@@ -338,10 +342,8 @@ err:
 
 /* --- transport --- */
 
-static ssize_t tls_recv(struct nbdv_transport *t, void *buf, size_t len)
+static ssize_t recv_record(struct tls_transport *tt, void *buf, size_t len)
 {
-	struct tls_transport *tt = to_tt(t);
-
 	for (;;) {
 		ssize_t n = gnutls_record_recv(tt->s, buf, len);
 		if (n >= 0)
@@ -361,6 +363,28 @@ static ssize_t tls_recv(struct nbdv_transport *t, void *buf, size_t len)
 	}
 }
 
+/*
+ * One call returns at most RECV_BUDGET bytes.  GnuTLS hands over one record per
+ * gnutls_record_recv(); after a full-sized record the client is probably streaming (a
+ * large WRITE), so read on instead of returning to the loop for one epoll_wait per
+ * record.  A short record (a request header) ends the call without a probing read.
+ */
+static ssize_t tls_recv(struct nbdv_transport *t, void *buf, size_t len)
+{
+	struct tls_transport *tt = to_tt(t);
+	size_t got = 0;
+
+	while (got < len && got < RECV_BUDGET) {
+		ssize_t n = recv_record(tt, (char *)buf + got, len - got);
+		if (n <= 0)
+			return got ? (ssize_t)got : n; /* the error or EOF repeats next call */
+		got += (size_t)n;
+		if (n < REC_MAX)
+			break;
+	}
+	return (ssize_t)got;
+}
+
 /* Advance (*i, *off) through @iov by @n bytes. */
 static void iov_advance(const struct iovec *iov, int *i, size_t *off, size_t n)
 {
@@ -375,12 +399,40 @@ static void iov_advance(const struct iovec *iov, int *i, size_t *off, size_t n)
 	}
 }
 
+/*
+ * GnuTLS's push: records of a multi-record reply go out with MSG_MORE, so the kernel
+ * sends them in full-sized segments (a quarter of the packets and ACKs for 16 KiB
+ * records on loopback) instead of one segment per record.  The last record of each
+ * tls_sendv() call is sent without it, which pushes everything out.
+ */
+static ssize_t tls_push(gnutls_transport_ptr_t ptr, const void *buf, size_t len)
+{
+	struct tls_transport *tt = ptr;
+
+	return send(tt->base.fd, buf, len, MSG_NOSIGNAL | (tt->more ? MSG_MORE : 0));
+}
+
+static ssize_t tls_pull(gnutls_transport_ptr_t ptr, void *buf, size_t len)
+{
+	return recv(((struct tls_transport *)ptr)->base.fd, buf, len, 0);
+}
+
+/* Only for GnuTLS's own waits (none on a non-blocking session): poll the socket. */
+static int tls_pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
+{
+	struct pollfd p = {.fd = ((struct tls_transport *)ptr)->base.fd, .events = POLLIN};
+
+	return poll(&p, 1, ms == GNUTLS_INDEFINITE_TIMEOUT ? -1 : (int)ms);
+}
+
 static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int iovcnt)
 {
 	struct tls_transport *tt = to_tt(t);
-	size_t total = 0, off = 0;
+	size_t total = 0, off = 0, all = 0;
 	int i = 0;
 
+	for (int k = 0; k < iovcnt; k++)
+		all += iov[k].iov_len;
 	while (total < SEND_BUDGET) {
 		const void *p;
 		size_t n;
@@ -419,10 +471,14 @@ static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int 
 			}
 			p = tt->stage;
 		}
+		/* More follows unless this record ends the data or the budget.  (A pending
+		 * record and a gathered one are the next n bytes of @iov too.) */
+		tt->more = total + n < NBDV_MIN(all, (size_t)SEND_BUDGET);
 		r = gnutls_record_send(tt->s, p, n);
 		if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
 			tt->pend_ptr = p;
 			tt->pend_len = n;
+			tt->more = false;
 			return total ? (ssize_t)total : -EAGAIN;
 		}
 		if (r < 0) {
@@ -433,6 +489,7 @@ static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int 
 		total += (size_t)r;
 		iov_advance(iov, &i, &off, (size_t)r);
 	}
+	tt->more = false; /* GnuTLS's own records (alerts, tickets) never wait */
 	return (ssize_t)total;
 }
 
@@ -500,7 +557,10 @@ struct nbdv_transport *tls_transport_new(struct nbdv_tls *creds, int fd)
 		tls_free_transport(&tt->base);
 		return NULL;
 	}
-	gnutls_transport_set_int(tt->s, fd);
+	gnutls_transport_set_ptr(tt->s, tt);
+	gnutls_transport_set_push_function(tt->s, tls_push);
+	gnutls_transport_set_pull_function(tt->s, tls_pull);
+	gnutls_transport_set_pull_timeout_function(tt->s, tls_pull_timeout);
 	return &tt->base;
 }
 
