@@ -312,10 +312,12 @@ static int parse_tls(struct parse_ctx *ctx, const yaml_node_t *map, struct nbdv_
 			r = get_string(ctx, v, sub, &t->psk_file);
 		} else if (strcmp(key, "priority") == 0) {
 			r = get_string(ctx, v, sub, &t->priority);
+		} else if (strcmp(key, "session-tickets") == 0) {
+			r = get_bool(ctx, v, sub, &t->session_tickets);
 		} else {
 			r = fail(ctx, k,
 				 "tls: unknown key '%.64s' (expected mode, certificates, "
-				 "verify-clients, psk-file or priority)",
+				 "verify-clients, psk-file, priority or session-tickets)",
 				 key);
 		}
 		if (r < 0)
@@ -687,6 +689,7 @@ int config_load(const char *path, struct nbdv_config **out, char *err, size_t er
 	cfg->handshake_timeout = NBDV_DEFAULT_HANDSHAKE_TIMEOUT;
 	cfg->io_threads = NBDV_DEFAULT_IO_THREADS;
 	cfg->busy_poll = NBDV_DEFAULT_BUSY_POLL;
+	cfg->tls.session_tickets = true;
 	if (parse_root(&ctx, yaml_document_get_root_node(&ctx.doc), cfg) < 0)
 		goto out_doc;
 	if (set_defaults(cfg) < 0) {

@@ -223,7 +223,8 @@ static void tls_step(struct nbdv_conn *c)
 	}
 	c->tls_up = true;
 	tls_peer_info(c->tp, &c->peer);
-	log_info("c%u: TLS up: %s, %s, client %s%s%s%s", c->id, c->peer.protocol, c->peer.cipher,
+	log_info("c%u: TLS up%s: %s, %s, client %s%s%s%s", c->id,
+		 c->peer.resumed ? " (resumed)" : "", c->peer.protocol, c->peer.cipher,
 		 c->peer.psk_user ? "psk:"
 		 : c->peer.dn	  ? "dn:"
 				  : "anonymous",

@@ -44,6 +44,7 @@ struct nbdv_tls {
 	bool verify_clients;		       /* require a verified client cert */
 	struct psk_entry *psk_table;	       /* identities from the PSK file */
 	size_t n_psk;
+	gnutls_datum_t ticket_key; /* session ticket master key, or empty */
 };
 
 struct tls_transport {
@@ -95,6 +96,10 @@ static void tls_free(struct nbdv_tls *t)
 		gnutls_free(t->psk_table[i].key.data);
 	}
 	free(t->psk_table);
+	if (t->ticket_key.data) {
+		gnutls_memset(t->ticket_key.data, 0, t->ticket_key.size);
+		gnutls_free(t->ticket_key.data);
+	}
 	free(t);
 }
 
@@ -333,6 +338,16 @@ int tls_load(const struct nbdv_tls_cfg *cfg, struct nbdv_tls **out, char *err, s
 		goto err;
 	}
 	free(prio);
+	/* Session tickets let a client resume (TLS 1.3: a PSK from the ticket with a fresh
+	 * ECDHE exchange, no certificate work).  The key lives in memory only and is new
+	 * with every credential snapshot, so SIGHUP also ends every earlier ticket. */
+	if (cfg->session_tickets) {
+		r = gnutls_session_ticket_key_generate(&t->ticket_key);
+		if (r < 0) {
+			snprintf(err, errlen, "tls: session ticket key: %s", gnutls_strerror(r));
+			goto err;
+		}
+	}
 	*out = t;
 	return 0;
 err:
@@ -552,6 +567,8 @@ struct nbdv_transport *tls_transport_new(struct nbdv_tls *creds, int fd)
 	}
 	if (r == 0 && creds->psk)
 		r = gnutls_credentials_set(tt->s, GNUTLS_CRD_PSK, creds->psk);
+	if (r == 0 && creds->ticket_key.data)
+		r = gnutls_session_ticket_enable_server(tt->s, &creds->ticket_key);
 	if (r < 0) {
 		log_err("TLS session set-up: %s", gnutls_strerror(r));
 		tls_free_transport(&tt->base);
@@ -607,6 +624,7 @@ void tls_peer_info(struct nbdv_transport *t, struct nbdv_tls_peer *peer)
 	snprintf(peer->protocol, sizeof(peer->protocol), "%s", s ? s : "unknown");
 	s = gnutls_cipher_get_name(gnutls_cipher_get(tt->s));
 	snprintf(peer->cipher, sizeof(peer->cipher), "%s", s ? s : "unknown");
+	peer->resumed = gnutls_session_is_resumed(tt->s) != 0;
 	if (gnutls_auth_get_type(tt->s) == GNUTLS_CRD_PSK) {
 		s = gnutls_psk_server_get_username(tt->s);
 		peer->psk_user = s ? strdup(s) : NULL;

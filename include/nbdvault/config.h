@@ -48,6 +48,7 @@ struct nbdv_tls_cfg {
 	bool verify_clients;	 /* demand a client certificate from ca-cert.pem's CA */
 	char *psk_file;		 /* psktool file, or NULL */
 	char *priority;		 /* GnuTLS priority string (default NBDV_TLS_PRIORITY) */
+	bool session_tickets;	 /* issue session tickets (resumption); default true */
 };
 
 /* One `exports:` entry. */

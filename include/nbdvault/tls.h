@@ -25,6 +25,7 @@ struct nbdv_tls_peer {
 	char *psk_user;	   /* PSK identity, or NULL */
 	char *cn;	   /* verified client certificate's common name, or NULL */
 	char *dn;	   /* its subject DN, RFC 4514 ("CN=vm7,O=Example"), or NULL */
+	bool resumed;	   /* the session was resumed from a ticket */
 };
 
 /* Initialise GnuTLS once at start-up (0 or -1). */

@@ -80,7 +80,33 @@ def pem_der(path):
         return ssl.PEM_cert_to_DER_cert(f.read())
 
 
-class TlsTest(unittest.TestCase):
+class ResumeMixin:
+    """Raw TLS clients through Python's ssl, which can resume sessions (libnbd 1.14
+    cannot)."""
+
+    def resume_ctx(self, pki, name="vm7"):
+        """One client context: Python keeps TLS sessions per context."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(f"{pki}/ca-cert.pem")
+        ctx.load_cert_chain(f"{pki}/clients/{name}/client-cert.pem",
+                            f"{pki}/clients/{name}/client-key.pem")
+        return ctx
+
+    def tls_connect(self, sock, ctx, session=None):
+        """STARTTLS with @ctx, offering @session; returns the Raw client (TLS up)."""
+        r = nbdv.Raw(sock)
+        self.addCleanup(r.close)
+        r.greet()
+        self.assertEqual(r.opt(nbdv.OPT_STARTTLS)[-1][0], nbdv.REP_ACK)
+        r.s = ctx.wrap_socket(r.s, server_hostname="localhost", session=session)
+        return r
+
+    def go_status(self, r, name):
+        replies = r.opt(nbdv.OPT_GO, struct.pack(">I", len(name)) + name + b"\0\0")
+        return replies[-1][0]
+
+
+class TlsTest(ResumeMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="nbdvault-tls-")
@@ -259,6 +285,31 @@ class TlsTest(unittest.TestCase):
         h.pread(512, 0)
         nbdv.disconnect(h)
 
+    # --- issue 4: session resumption ---
+
+    def test_session_resumption_keeps_identity(self):
+        ctx = self.resume_ctx(self.pki)
+        first = self.tls_connect(self.srv.sock, ctx)
+        self.assertFalse(first.s.session_reused)
+        # TLS 1.3 tickets arrive after the handshake: read an option reply first.
+        self.assertEqual(self.go_status(first, b"vmonly"), nbdv.REP_ACK)
+        session = first.s.session
+        self.assertIsNotNone(session)
+        self.assertTrue(session.has_ticket, "the server issued no session ticket")
+        first.request(nbdv.CMD_WRITE, 0, 512, cookie=1, data=b"r" * 512)
+        self.assertEqual(first.simple_reply()[:2], (0, 1))
+
+        again = self.tls_connect(self.srv.sock, ctx, session=session)
+        self.assertTrue(again.s.session_reused, "the session was not resumed")
+        self.assertEqual(again.s.version(), "TLSv1.3")
+        # The identity of the resumed session is the certificate's: vm7 may open
+        # vmonly (dn:CN=vm7,...) and may not open backup (cn:backup-host only).
+        self.assertEqual(self.go_status(again, b"backup"), nbdv.REP_ERR_POLICY)
+        self.assertEqual(self.go_status(again, b"vmonly"), nbdv.REP_ACK)
+        again.request(nbdv.CMD_READ, 0, 512, cookie=2)
+        self.assertEqual(again.simple_reply(512), (0, 2, b"r" * 512))
+        self.assertIn("TLS up (resumed)", self.srv.logtext())
+
     # --- acceptance 3: raw sockets ---
 
     def raw(self):
@@ -358,7 +409,7 @@ class TlsTest(unittest.TestCase):
         nbdv.disconnect(h)
 
 
-class TlsModesTest(unittest.TestCase):
+class TlsModesTest(ResumeMixin, unittest.TestCase):
     """Optional mode, state reset across STARTTLS, SIGHUP, and credential errors."""
 
     @classmethod
@@ -453,6 +504,35 @@ class TlsModesTest(unittest.TestCase):
             early.request(nbdv.CMD_READ, 0, 512, cookie=2)
             self.assertEqual(early.simple_reply(512), (0, 2, b"e" * 512))
             early.close()
+
+    def test_session_tickets_off_and_sighup(self):
+        pki = os.path.join(self.tmp, "tickets")
+        shutil.copytree(self.pki, pki)
+        exports = "\n  - name: d\n    driver: memory\n    size: 1M\n"
+        with nbdv.Server(exports, extra=tls_block(pki, psk=False)) as srv:
+            ctx = self.resume_ctx(pki)
+            first = self.tls_connect(srv.sock, ctx)
+            self.assertEqual(self.go_status(first, b"d"), nbdv.REP_ACK)
+            session = first.s.session
+            self.assertTrue(self.tls_connect(srv.sock, ctx, session).s.session_reused)
+            # SIGHUP makes a new ticket key: earlier tickets no longer resume.
+            srv.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10 * nbdv.SLOW
+            while "reloaded for new connections" not in srv.logtext():
+                self.assertLess(time.monotonic(), deadline, srv.logtext())
+                time.sleep(0.05)
+            late = self.tls_connect(srv.sock, ctx, session)
+            self.assertFalse(late.s.session_reused)
+            self.assertEqual(self.go_status(late, b"d"), nbdv.REP_ACK)
+        off = tls_block(pki, psk=False, extra="  session-tickets: false\n")
+        with nbdv.Server(exports, extra=off) as srv:
+            ctx = self.resume_ctx(pki)
+            first = self.tls_connect(srv.sock, ctx)
+            self.assertEqual(self.go_status(first, b"d"), nbdv.REP_ACK)
+            self.assertFalse(first.s.session.has_ticket)
+            again = self.tls_connect(srv.sock, ctx, first.s.session)
+            self.assertFalse(again.s.session_reused)
+            self.assertEqual(self.go_status(again, b"d"), nbdv.REP_ACK)
 
     def start_fails(self, extra, *needles):
         srv = nbdv.Server(extra=extra)

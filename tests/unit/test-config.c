@@ -94,6 +94,7 @@ static void test_full(const char *dir)
 	CHECK(cfg->exports[1].readonly && cfg->exports[1].size == 512 * 1024);
 	CHECK(cfg->exports[1].description == NULL);
 	CHECK(cfg->tls.mode == TLS_OPTIONAL && cfg->tls.verify_clients);
+	CHECK(!cfg->tls.session_tickets);
 	CHECK(strcmp(cfg->tls.certificates, "/etc/nbdvault/pki") == 0);
 	CHECK(strcmp(cfg->tls.psk_file, "/etc/nbdvault/keys.psk") == 0);
 	CHECK(strcmp(cfg->tls.priority, "NORMAL:-VERS-ALL:+VERS-TLS1.3") == 0);
@@ -116,6 +117,7 @@ static void test_full(const char *dir)
 	CHECK(cfg->busy_poll == 50e-6);
 	CHECK(cfg->default_export == NULL && config_find_export(cfg, "", 0) == NULL);
 	CHECK(cfg->tls.mode == TLS_OFF && strcmp(cfg->tls.priority, NBDV_TLS_PRIORITY) == 0);
+	CHECK(cfg->tls.session_tickets);
 	config_free(cfg);
 }
 
