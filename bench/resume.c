@@ -54,7 +54,8 @@ static void io_all(int fd, gnutls_session_t s, void *buf, size_t len, int writin
 		if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED)
 			continue;
 		if (n <= 0)
-			die(writing ? "send" : "receive", s && n < 0 ? gnutls_strerror((int)n) : "EOF");
+			die(writing ? "send" : "receive",
+			    s && n < 0 ? gnutls_strerror((int)n) : "EOF");
 		p += n;
 		len -= (size_t)n;
 	}

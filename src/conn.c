@@ -418,10 +418,17 @@ static void process_input(struct nbdv_conn *c)
 			c->istart += NBDV_REQ_HEADER_SIZE;
 			switch (transmission_header(c, p)) {
 			case TX_OK:
+				c->header_reads = false;
 				break;
-			case TX_NEED_PAYLOAD:
+			case TX_NEED_PAYLOAD: {
+				uint32_t missing;
+				(void)transmission_payload_ptr(c->cur_req, &missing);
+				/* In a stream of large WRITEs, read headers alone so that no
+				 * payload lands in ibuf and has to be copied again. */
+				c->header_reads = missing >= NBDV_BIG_WRITE;
 				c->rx = RX_REQ_PAYLOAD;
 				break;
+			}
 			case TX_DISC:
 				conn_close_graceful(c);
 				return;
@@ -478,9 +485,13 @@ static bool read_once(struct nbdv_conn *c)
 			c->iend -= c->istart;
 			c->istart = 0;
 		}
-		if (c->iend == NBDV_IBUF_SIZE)
+		size_t want = NBDV_IBUF_SIZE - c->iend;
+
+		if (want == 0)
 			return false; /* full (back-pressure): a 0-byte read is not EOF */
-		n = c->tp->ops->recv(c->tp, c->ibuf + c->iend, NBDV_IBUF_SIZE - c->iend);
+		if (c->header_reads && c->rx == RX_REQ_HEADER && avail(c) < NBDV_REQ_HEADER_SIZE)
+			want = NBDV_REQ_HEADER_SIZE - avail(c);
+		n = c->tp->ops->recv(c->tp, c->ibuf + c->iend, want);
 		if (n > 0) {
 			c->iend += (size_t)n;
 			touch_idle_timer(c);

@@ -27,6 +27,8 @@
 #define NBDV_MAX_OPTION (64 * 1024)
 /* Input buffer: one whole maximal option plus its header fits. */
 #define NBDV_IBUF_SIZE (NBDV_MAX_OPTION + 4096)
+/* WRITEs at least this large switch header reads to header size (no payload copy). */
+#define NBDV_BIG_WRITE (64 * 1024)
 /* Back-pressure: stop reading past this many requests (or limits.max-inflight-bytes). */
 #define NBDV_MAX_INFLIGHT_REQS 512
 
@@ -90,6 +92,7 @@ struct nbdv_conn {
 	const struct nbdv_dev *dev; /* its open driver instance */
 	uint16_t tflags;	    /* transmission flags sent to the client */
 	struct nbdv_req *cur_req;   /* WRITE whose payload is being received */
+	bool header_reads;	    /* last request was a big WRITE: read headers alone */
 	bool draining;		    /* server shutting down: close when idle */
 	unsigned inflight;	    /* requests submitted and not yet replied */
 	size_t inflight_bytes;	    /* their data buffers */
