@@ -692,9 +692,19 @@ void server_fini(struct nbdv_server *srv)
 	executor_free(srv->exec);
 	srv->exec = NULL;
 	if (srv->reactors && srv->reactors[0].loop && ev_is_default_loop(srv->reactors[0].loop)) {
+		sigset_t old;
+
+		/* Stopping the watchers restores the default actions; a second SIGTERM while
+		 * the exports are being closed must not kill the process with status -15.
+		 * Blocked meanwhile, then ignored (a pending one is discarded). */
+		block_signals(&old);
 		ev_signal_stop(main_loop(srv), &srv->sigint);
 		ev_signal_stop(main_loop(srv), &srv->sigterm);
 		ev_signal_stop(main_loop(srv), &srv->sighup);
+		signal(SIGINT, SIG_IGN);
+		signal(SIGTERM, SIG_IGN);
+		signal(SIGHUP, SIG_IGN);
+		pthread_sigmask(SIG_SETMASK, &old, NULL);
 	}
 	for (unsigned i = 0; srv->reactors && i < srv->n_reactors; i++)
 		reactor_teardown(&srv->reactors[i]);

@@ -7,6 +7,7 @@ import signal
 import socket
 import struct
 import subprocess
+import time
 import unittest
 
 import nbdv
@@ -39,6 +40,27 @@ class LifecycleTest(unittest.TestCase):
             self.assertEqual(h.pread(1 << 20, 3 << 20), pattern)
             self.assertEqual(h.pread(1 << 20, 7 << 20), pattern[::-1])
             nbdv.disconnect(h)
+
+    def test_sigterm_storm_still_exits_0(self):
+        """Signals keep coming while the server drains, joins its workers and closes
+        the exports: the exit status stays 0 (no default action after the watchers
+        are gone)."""
+        for _ in range(3):
+            with nbdv.Server(FILE_EXPORT, extra="workers: 2\n") as srv:
+                h = nbd.NBD()
+                h.connect_uri(srv.uri("disk"))
+                h.pwrite(b"s" * 65536, 0)
+                nbdv.disconnect(h)
+                deadline = time.monotonic() + 30 * nbdv.SLOW
+                while srv.proc.poll() is None:
+                    self.assertLess(time.monotonic(), deadline, "server did not stop")
+                    try:
+                        srv.proc.send_signal(signal.SIGTERM)
+                    except ProcessLookupError:
+                        break
+                    time.sleep(0.0002)
+                self.assertEqual(srv.proc.wait(), 0, srv.logtext())
+                srv.proc = None
 
     def test_sigterm_finishes_in_flight_then_exits_0(self):
         with nbdv.Server(FILE_EXPORT) as srv:
