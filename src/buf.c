@@ -88,23 +88,46 @@ void nbdv_buf_pool_drain(void)
 	pthread_mutex_unlock(&pool.lock);
 }
 
+void *nbdv_freelist_get(struct nbdv_freelist *fl)
+{
+	void *p = fl->head;
+
+	if (p) {
+		memcpy(&fl->head, p, sizeof(void *));
+		fl->n--;
+	}
+	return p;
+}
+
+bool nbdv_freelist_put(struct nbdv_freelist *fl, void *p)
+{
+	if (fl->n >= fl->max)
+		return false;
+	memcpy(p, &fl->head, sizeof(void *));
+	fl->head = p;
+	fl->n++;
+	return true;
+}
+
+void nbdv_freelist_drain(struct nbdv_freelist *fl)
+{
+	void *p;
+
+	while ((p = nbdv_freelist_get(fl)))
+		free(p);
+}
+
 /* Messages with up to OUTMSG_SMALL bytes of inline storage (every reply header, every
  * small option reply) are recycled per thread, so queuing a reply does not malloc. */
-#define OUTMSG_SMALL	 192
-#define OUTMSG_CACHE_MAX 1024
-static __thread struct nbdv_outmsg *outmsg_cache;
-static __thread unsigned outmsg_cached;
+#define OUTMSG_SMALL 192
+static __thread struct nbdv_freelist outmsg_cache = {.max = 1024};
 
 struct nbdv_outmsg *outmsg_new(size_t inl_cap)
 {
-	struct nbdv_outmsg *m;
 	bool small = inl_cap <= OUTMSG_SMALL;
+	struct nbdv_outmsg *m = small ? nbdv_freelist_get(&outmsg_cache) : NULL;
 
-	if (small && outmsg_cache) {
-		m = outmsg_cache;
-		outmsg_cache = m->next;
-		outmsg_cached--;
-	} else {
+	if (!m) {
 		m = malloc(sizeof(*m) + (small ? OUTMSG_SMALL : inl_cap));
 		if (!m)
 			return NULL;
@@ -120,12 +143,7 @@ struct nbdv_outmsg *outmsg_new(size_t inl_cap)
 
 void nbdv_outmsg_cache_drain(void)
 {
-	while (outmsg_cache) {
-		struct nbdv_outmsg *m = outmsg_cache;
-		outmsg_cache = m->next;
-		free(m);
-	}
-	outmsg_cached = 0;
+	nbdv_freelist_drain(&outmsg_cache);
 }
 
 int outmsg_add_copy(struct nbdv_outmsg *m, const void *p, size_t len)
@@ -157,13 +175,8 @@ void outmsg_free(struct nbdv_outmsg *m)
 	if (!m)
 		return;
 	nbdv_buf_free(m->owned);
-	if (m->cap == OUTMSG_SMALL && outmsg_cached < OUTMSG_CACHE_MAX) {
-		m->next = outmsg_cache;
-		outmsg_cache = m;
-		outmsg_cached++;
-		return;
-	}
-	free(m);
+	if (m->cap != OUTMSG_SMALL || !nbdv_freelist_put(&outmsg_cache, m))
+		free(m);
 }
 
 void outq_push(struct nbdv_outq *q, struct nbdv_outmsg *m)

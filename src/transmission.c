@@ -47,7 +47,6 @@ struct nbdv_req {
 	struct nbdv_extents ext;    /* BLOCK_STATUS result, or READ layout */
 	/* Not cleared when recycled: */
 	struct nbdv_extent read_ext[MAX_READ_CHUNKS]; /* storage for a sparse READ's layout */
-	struct nbdv_req *free_next;		      /* freelist link while unused */
 };
 
 uint32_t transmission_nbd_errno(int err, bool fast_zero)
@@ -87,18 +86,14 @@ static size_t req_bytes(const struct nbdv_req *r)
 
 /* Request structs are recycled per thread (each reactor allocates and frees its own),
  * so the steady-state request path does not call malloc. */
-#define REQ_CACHE_MAX 1024
-static __thread struct nbdv_req *req_cache;
-static __thread unsigned req_cached;
+static __thread struct nbdv_freelist req_cache = {.max = 1024};
 
 static struct nbdv_req *req_alloc(void)
 {
-	struct nbdv_req *r = req_cache;
+	struct nbdv_req *r = nbdv_freelist_get(&req_cache);
 
 	if (!r)
 		return calloc(1, sizeof(*r));
-	req_cache = r->free_next;
-	req_cached--;
 	memset(r, 0, offsetof(struct nbdv_req, read_ext));
 	return r;
 }
@@ -110,23 +105,13 @@ void transmission_req_free(struct nbdv_req *r)
 	extents_free(&r->ext);
 	nbdv_buf_free(r->buf);
 	r->buf = NULL;
-	if (req_cached < REQ_CACHE_MAX) {
-		r->free_next = req_cache;
-		req_cache = r;
-		req_cached++;
-		return;
-	}
-	free(r);
+	if (!nbdv_freelist_put(&req_cache, r))
+		free(r);
 }
 
 void transmission_req_cache_drain(void)
 {
-	while (req_cache) {
-		struct nbdv_req *r = req_cache;
-		req_cache = r->free_next;
-		free(r);
-	}
-	req_cached = 0;
+	nbdv_freelist_drain(&req_cache);
 }
 
 /* --- replies --- */

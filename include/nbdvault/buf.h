@@ -13,6 +13,7 @@
 #ifndef NBDV_BUF_H
 #define NBDV_BUF_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
@@ -59,6 +60,26 @@ void *nbdv_buf_alloc(size_t len) NBDV_WUR;
 void nbdv_buf_free(void *p);
 /* Release every idle pooled buffer (at exit, so leak checkers see a clean heap). */
 void nbdv_buf_pool_drain(void);
+
+/*
+ * A cache of freed objects of one kind, for one thread (declare it __thread, with .max
+ * set): the steady-state request path recycles request structs and reply messages
+ * through these instead of calling malloc.  While cached, an object's first pointer's
+ * worth of bytes holds the link, so its first member must be one that is rewritten on
+ * reuse (a queue link).  Objects come from malloc and go back to free.
+ */
+struct nbdv_freelist {
+	void *head;   /* most recently cached object */
+	unsigned n;   /* objects cached */
+	unsigned max; /* most kept */
+};
+
+/* A cached object, or NULL when there is none. */
+void *nbdv_freelist_get(struct nbdv_freelist *fl);
+/* Cache @p; false when the list is full (the caller frees it). */
+bool nbdv_freelist_put(struct nbdv_freelist *fl, void *p);
+/* Free every cached object (at thread or process exit). */
+void nbdv_freelist_drain(struct nbdv_freelist *fl);
 
 void outq_push(struct nbdv_outq *q, struct nbdv_outmsg *m);
 /* Gather up to @max pieces of unsent data into @iov; returns how many. */

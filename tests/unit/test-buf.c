@@ -2,6 +2,7 @@
 #include "build-config.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "check.h"
@@ -72,6 +73,21 @@ int main(void)
 		CHECK(nbdv_buf_alloc((size_t)1 << 40) == NULL);
 		nbdv_buf_free(NULL);
 		nbdv_buf_pool_drain();
+	}
+	/* A freelist keeps up to max objects, hands back the newest first, frees the rest. */
+	{
+		struct nbdv_freelist fl = {.max = 2};
+		void *a1 = malloc(32), *a2 = malloc(32), *a3 = malloc(32);
+
+		CHECK(a1 && a2 && a3);
+		CHECK(nbdv_freelist_get(&fl) == NULL);
+		CHECK(nbdv_freelist_put(&fl, a1) && nbdv_freelist_put(&fl, a2));
+		CHECK(!nbdv_freelist_put(&fl, a3)); /* full: the caller frees it */
+		free(a3);
+		CHECK(fl.n == 2 && nbdv_freelist_get(&fl) == a2 && fl.n == 1);
+		CHECK(nbdv_freelist_put(&fl, a2));
+		nbdv_freelist_drain(&fl); /* ASan checks that both were freed */
+		CHECK(fl.n == 0 && fl.head == NULL);
 	}
 	CHECKS_DONE("test-buf");
 }
