@@ -335,8 +335,8 @@ static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 	/* Replies are leaving and no job is out on the workers: the client is probably
 	 * about to send the next request.  Keep polling for a moment instead of sleeping
 	 * (a wake-up from sleep costs tens of microseconds on virtual machines). */
-	if (r->dirty && r->srv->spin > 0 && r->port.outstanding == 0) {
-		r->spin_until = ev_time() + r->srv->spin;
+	if (r->dirty && r->srv->cfg->busy_poll > 0 && r->port.outstanding == 0) {
+		r->spin_until = ev_time() + r->srv->cfg->busy_poll;
 		if (!ev_is_active(&r->spin_idle))
 			ev_idle_start(loop, &r->spin_idle);
 	}
@@ -391,7 +391,6 @@ static void reactor_begin_shutdown(struct nbdv_reactor *r)
 		conn_shutdown(c);
 		conn_release(c);
 	}
-	ev_timer_init(&r->shutdown_timer, shutdown_timeout_cb, SHUTDOWN_GRACE, 0.);
 	ev_timer_start(r->loop, &r->shutdown_timer);
 	if (load_u(&r->n_conns) == 0)
 		ev_break(r->loop, EVBREAK_ALL);
@@ -625,7 +624,6 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 			return -1;
 	}
 	ev_timer_init(&srv->resume_timer, resume_cb, 1.0, 0.);
-	srv->spin = cfg->busy_poll;
 	log_info("%u worker(s), %u I/O thread(s), busy-poll %.0f us", n_workers, cfg->io_threads,
 		 cfg->busy_poll * 1e6);
 	return 0;
@@ -646,14 +644,19 @@ int server_init_embedded(struct nbdv_server *srv, struct nbdv_config *cfg)
 	return srv->exports && srv->exec ? 0 : -1;
 }
 
+/* Requests and replies freed on the calling thread are cached there: free them. */
+static void drain_thread_caches(void)
+{
+	transmission_req_cache_drain();
+	nbdv_outmsg_cache_drain();
+}
+
 static void *reactor_main(void *arg)
 {
 	struct nbdv_reactor *r = arg;
 
 	ev_run(r->loop, 0);
-	/* Requests and replies freed on this thread were cached here. */
-	transmission_req_cache_drain();
-	nbdv_outmsg_cache_drain();
+	drain_thread_caches();
 	return NULL;
 }
 
@@ -667,7 +670,10 @@ int server_run(struct nbdv_server *srv)
 		struct nbdv_reactor *r = &srv->reactors[i];
 		if (pthread_create(&r->thread, NULL, reactor_main, r) != 0) {
 			log_err("cannot start worker %u; serving with %u", i, i);
-			srv->n_reactors = i; /* the acceptor never picks the rest */
+			/* The acceptor never picks the rest; they hold no connection yet. */
+			for (unsigned k = i; k < srv->n_reactors; k++)
+				reactor_teardown(&srv->reactors[k]);
+			srv->n_reactors = i;
 			break;
 		}
 		r->threaded = true;
@@ -722,7 +728,6 @@ void server_fini(struct nbdv_server *srv)
 	pthread_mutex_destroy(&srv->tls_lock);
 	config_free(srv->cfg);
 	srv->cfg = NULL;
-	transmission_req_cache_drain();
-	nbdv_outmsg_cache_drain();
+	drain_thread_caches();
 	nbdv_buf_pool_drain();
 }

@@ -77,7 +77,6 @@ struct nbdv_server {
 	struct nbdv_tls *tls;	   /* current TLS credentials, or NULL when TLS is off */
 	ev_timer resume_timer;	   /* restarts listeners paused on EMFILE */
 	ev_tstamp last_cap_log;	   /* when max-connections was last logged */
-	ev_tstamp spin;		   /* seconds to keep polling after a reply (0: off) */
 	bool shutting_down;	   /* main thread only */
 	unsigned next_id;	   /* last connection id given (atomic) */
 };
