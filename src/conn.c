@@ -36,7 +36,7 @@ static void watch(struct nbdv_conn *c, ev_io *w)
 /*
  * The input buffer is its own anonymous mapping: only the pages a connection actually
  * fills are resident, and nothing of the heap's used memory is handed to it.  An idle
- * TLS connection costs ~31 KiB instead of ~57 KiB with malloc (bench: 1,000 idle
+ * TLS connection costs ~31 KiB instead of ~57 KiB with malloc (500 idle
  * connections).  Under AddressSanitizer it comes from malloc, to keep the redzones.
  */
 #if defined(__SANITIZE_ADDRESS__)

@@ -487,13 +487,14 @@ static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int 
 			p = tt->stage;
 		}
 		/* More follows unless this record ends the data or the budget.  (A pending
-		 * record and a gathered one are the next n bytes of @iov too.) */
+		 * record and a gathered one are the next n bytes of @iov too.)  Only this
+		 * send sees the flag: GnuTLS's own records (alerts, tickets) never wait. */
 		tt->more = total + n < NBDV_MIN(all, (size_t)SEND_BUDGET);
 		r = gnutls_record_send(tt->s, p, n);
+		tt->more = false;
 		if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
 			tt->pend_ptr = p;
 			tt->pend_len = n;
-			tt->more = false;
 			return total ? (ssize_t)total : -EAGAIN;
 		}
 		if (r < 0) {
@@ -504,7 +505,6 @@ static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int 
 		total += (size_t)r;
 		iov_advance(iov, &i, &off, (size_t)r);
 	}
-	tt->more = false; /* GnuTLS's own records (alerts, tickets) never wait */
 	return (ssize_t)total;
 }
 

@@ -9,7 +9,7 @@
  *   l1[i] ──► l2 table (CHUNKS_PER_L2 pointers) ──► chunk (CHUNK_SIZE bytes) or NULL
  *
  * Calls never block, so reactors run them inline.  A read-write lock keeps the table
- * consistent when several reactors (and workers doing large copies) share an export:
+ * consistent when several reactors share an export:
  * reads run concurrently; writes, trims and zeroing take it exclusively.
  */
 #include "build-config.h"
