@@ -4,12 +4,15 @@
 #include "build-config.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "nbdvault/buf.h"
 #include "nbdvault/driver_registry.h"
+#include "nbdvault/log.h"
 #include "nbdvault/protocol.h"
 
 extern const struct nbdv_driver nbdv_driver_file;
@@ -133,6 +136,15 @@ int driver_open(const struct nbdv_driver *drv, const struct nbdv_export_params *
 	if (p->readonly)
 		dev->caps &= ~WRITE_CAPS;
 	dev->size = drv->get_size(dev->inst);
+	dev->gate = NULL;
+	if (drv->pwrite_nowait && (dev->caps & NBDV_CAP_WRITE)) {
+		dev->gate = calloc(1, sizeof(*dev->gate));
+		if (!dev->gate) {
+			drv->destroy(dev->inst);
+			dev->inst = NULL;
+			return -ENOMEM;
+		}
+	}
 	return 0;
 }
 
@@ -140,6 +152,8 @@ void driver_close(struct nbdv_dev *dev)
 {
 	dev->inst->drv->destroy(dev->inst);
 	dev->inst = NULL;
+	free(dev->gate);
+	dev->gate = NULL;
 }
 
 static bool in_range(const struct nbdv_dev *d, uint64_t len, uint64_t off)
@@ -183,6 +197,51 @@ int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint6
 		return -EINVAL;
 	return emulate_fua(d, d->inst->drv->pwrite(d->inst, buf, len, off, native_flags(d, flags)),
 			   flags);
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* An inline write took @took ns, ending at @now: close the gate for a while. */
+static void gate_stall(struct nbdv_stall_gate *g, uint64_t now, uint64_t took)
+{
+	uint64_t last = atomic_load_explicit(&g->last_stall, memory_order_relaxed);
+	uint64_t b = atomic_load_explicit(&g->backoff, memory_order_relaxed);
+
+	if (!b || now - last > 4 * b + 1000000000ULL)
+		b = NBDV_STALL_BACKOFF_NS;
+	else if ((b *= 4) > NBDV_STALL_MAX_NS)
+		b = NBDV_STALL_MAX_NS;
+	atomic_store_explicit(&g->backoff, b, memory_order_relaxed);
+	atomic_store_explicit(&g->last_stall, now, memory_order_relaxed);
+	atomic_store_explicit(&g->closed_until, now + b, memory_order_relaxed);
+	log_debug("an inline write took %llu us: writes go to the workers for %llu ms",
+		  (unsigned long long)(took / 1000), (unsigned long long)(b / 1000000));
+}
+
+int driver_pwrite_nowait(const struct nbdv_dev *d, const void *buf, uint64_t len, uint64_t off)
+{
+	struct nbdv_stall_gate *g = d->gate;
+	uint64_t t0, t1;
+	int r;
+
+	if (!in_range(d, len, off) || !(d->caps & NBDV_CAP_WRITE))
+		return -EINVAL;
+	if (!g)
+		return -EAGAIN;
+	t0 = now_ns();
+	if (t0 < atomic_load_explicit(&g->closed_until, memory_order_relaxed))
+		return -EAGAIN;
+	r = d->inst->drv->pwrite_nowait(d->inst, buf, len, off);
+	t1 = now_ns();
+	if (t1 - t0 > NBDV_STALL_NS)
+		gate_stall(g, t1, t1 - t0);
+	return r;
 }
 
 int driver_flush(const struct nbdv_dev *d)

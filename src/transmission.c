@@ -28,6 +28,8 @@
 #define MAX_STATUS_EXTENTS 1024
 /* Reads up to this size are tried inline from the page cache (RWF_NOWAIT) first. */
 #define INLINE_READ_BYTES (64 * 1024)
+/* Writes up to this size, without FUA, are offered to the driver inline first. */
+#define INLINE_WRITE_BYTES (256 * 1024)
 /* Most chunks a sparse READ reply is split into; the rest is sent as data. */
 #define MAX_READ_CHUNKS 32
 
@@ -329,7 +331,7 @@ static void req_run(struct nbdv_job *job)
 	}
 }
 
-/* The work was done before submission (an inline cached read). */
+/* The work was done before submission (an inline read or write). */
 static void req_run_nothing(struct nbdv_job *job)
 {
 }
@@ -477,6 +479,20 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 		r->job.run = req_run_nothing;
 		executor_submit(c->srv->exec, &c->r->port, &r->job, false);
 		return;
+	}
+	/* Likewise a small write the page cache takes at once: the hand-off to a worker and
+	 * back cost 38% of server time on 4 KiB random writes.  driver_pwrite_nowait() stops
+	 * offering them here while they stall.  FUA writes wait for the disk: workers. */
+	if (r->type == NBD_CMD_WRITE && r->count <= INLINE_WRITE_BYTES &&
+	    !(r->flags & NBD_CMD_FLAG_FUA) && (c->dev->caps & NBDV_CAP_BLOCKING)) {
+		int err = driver_pwrite_nowait(c->dev, r->buf, r->count, r->offset);
+
+		if (err != -EAGAIN) {
+			r->err = err;
+			r->job.run = req_run_nothing;
+			executor_submit(c->srv->exec, &c->r->port, &r->job, false);
+			return;
+		}
 	}
 	/* Blocking drivers go to the workers; the others run here, copies included.  (Large
 	 * copies used to go to the workers to overlap with socket I/O on a single reactor;

@@ -115,6 +115,15 @@ struct nbdv_driver {
 	 * small reads; -EAGAIN sends the read to the workers.
 	 */
 	int (*pread_nowait)(struct nbdv_drv_instance *inst, void *buf, uint64_t len, uint64_t off);
+	/*
+	 * Optional, for blocking drivers: a write that is expected to be quick (it lands in
+	 * a cache), called on the reactor for small writes without FUA.  Return -EAGAIN
+	 * having changed nothing when it could not be quick; the write then goes to the
+	 * workers.  Any other result is the write's result.  The wrapper times these calls
+	 * and stops making them for a while when they stall (see driver_pwrite_nowait()).
+	 */
+	int (*pwrite_nowait)(struct nbdv_drv_instance *inst, const void *buf, uint64_t len,
+			     uint64_t off);
 };
 
 #endif /* NBDV_DRIVER_H */

@@ -45,11 +45,32 @@ void extents_init_in(struct nbdv_extents *ext, uint64_t off, uint64_t len,
 		     struct nbdv_extent *storage, uint32_t max);
 void extents_free(struct nbdv_extents *ext);
 
+/*
+ * Whether writes may be tried on the reactor (driver_pwrite_nowait).  Shared by every
+ * reactor; relaxed atomics, since a race only costs one more or one fewer inline try.
+ */
+struct nbdv_stall_gate {
+	_Atomic uint64_t closed_until; /* CLOCK_MONOTONIC ns: no inline writes before this */
+	_Atomic uint64_t last_stall;   /* when the last slow inline write ended */
+	_Atomic uint64_t backoff;      /* how long the gate closed for last time */
+};
+
+/*
+ * An inline write slower than NBDV_STALL_NS closes the gate for 10 ms; each further
+ * stall soon after the gate reopens (within 4 x the last backoff + 1 s) closes it 4
+ * times longer, up to 30 s.  Storage that always stalls thus costs 6 stalls in the
+ * first 3.4 s, then one every 30 s; a stall after a calm period starts again at 10 ms.
+ */
+#define NBDV_STALL_NS	      (200 * 1000ULL)
+#define NBDV_STALL_BACKOFF_NS (10 * 1000 * 1000ULL)
+#define NBDV_STALL_MAX_NS     (30 * 1000 * 1000 * 1000ULL)
+
 /* An export's driver instance with its cached capabilities and size. */
 struct nbdv_dev {
 	struct nbdv_drv_instance *inst; /* owned */
 	uint32_t caps;			/* NBDV_CAP_*, cached once */
 	uint64_t size;			/* bytes, cached once */
+	struct nbdv_stall_gate *gate;	/* owned; NULL without drv->pwrite_nowait */
 };
 
 /*
@@ -70,6 +91,13 @@ int driver_pread(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off
 int driver_pread_nowait(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off) NBDV_WUR;
 int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint64_t off,
 		  uint32_t flags) NBDV_WUR;
+/*
+ * A write (no FUA) on the calling thread if the driver expects it to be quick; -EAGAIN
+ * when it cannot or when recent such writes stalled (over NBDV_STALL_NS: the gate then
+ * stays closed for a backoff), else the write's result.
+ */
+int driver_pwrite_nowait(const struct nbdv_dev *d, const void *buf, uint64_t len,
+			 uint64_t off) NBDV_WUR;
 int driver_flush(const struct nbdv_dev *d) NBDV_WUR;
 int driver_trim(const struct nbdv_dev *d, uint64_t len, uint64_t off, uint32_t flags) NBDV_WUR;
 int driver_zero(const struct nbdv_dev *d, uint64_t len, uint64_t off, uint32_t flags) NBDV_WUR;

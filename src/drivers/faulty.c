@@ -140,6 +140,14 @@ static int faulty_pwrite(struct nbdv_drv_instance *inst, const void *buf, uint64
 	FAULT_OR(f, len, off, true, nbdv_driver_memory.pwrite(f->mem, buf, len, off, flags));
 }
 
+/* Quick unless the control file says otherwise: a delay here stalls the caller, which
+ * is how tests make inline writes stall. */
+static int faulty_pwrite_nowait(struct nbdv_drv_instance *inst, const void *buf, uint64_t len,
+				uint64_t off)
+{
+	return faulty_pwrite(inst, buf, len, off, 0);
+}
+
 static int faulty_flush(struct nbdv_drv_instance *inst, uint32_t flags)
 {
 	struct faulty *f = to_faulty(inst);
@@ -195,4 +203,5 @@ const struct nbdv_driver nbdv_driver_faulty = {
     .block_status = faulty_block_status,
     .cache = faulty_cache,
     .probe = faulty_probe,
+    .pwrite_nowait = faulty_pwrite_nowait,
 };

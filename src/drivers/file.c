@@ -8,7 +8,9 @@
  *    for a fast zero.
  *  - Block status: SEEK_DATA / SEEK_HOLE; holes read as zeroes.
  * Every call may block, so they run on the executor's worker threads, concurrently:
- * only positional I/O is used, and nothing in the instance changes after create().
+ * only positional I/O is used, and nothing in the instance changes after create()
+ * but one atomic flag.  Small cached reads (RWF_NOWAIT) and small page-aligned writes
+ * (into the page cache) are offered to the reactor through the *_nowait calls.
  */
 #include "build-config.h"
 
@@ -16,6 +18,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -34,6 +37,8 @@ struct filedrv {
 	uint64_t size;		       /* bytes */
 	bool is_blk;		       /* a block device */
 	bool readonly;		       /* opened O_RDONLY */
+	uint64_t page_mask;	       /* page size - 1 */
+	atomic_bool no_nowait_write;   /* pwritev2(RWF_NOWAIT) is EOPNOTSUPP here */
 };
 
 static struct filedrv *to_file(struct nbdv_drv_instance *inst)
@@ -73,6 +78,7 @@ static int file_create(const struct nbdv_export_params *p, struct nbdv_drv_insta
 	}
 	f->fd = fd;
 	f->readonly = p->readonly;
+	f->page_mask = (uint64_t)sysconf(_SC_PAGESIZE) - 1;
 	if (fstat(fd, &st) < 0)
 		goto err_errno;
 	if (S_ISBLK(st.st_mode)) {
@@ -235,6 +241,38 @@ static int file_pwrite(struct nbdv_drv_instance *inst, const void *buf, uint64_t
 	return 0;
 }
 
+/*
+ * A write of whole pages of a regular file goes to the page cache without reading
+ * anything first.  Where the filesystem supports RWF_NOWAIT for buffered writes (XFS,
+ * btrfs) it is used; ext4 answers EOPNOTSUPP and gets a plain pwrite, which may still
+ * block (dirty-page throttling, the inode lock): the wrapper's stall gate covers that.
+ */
+static int file_pwrite_nowait(struct nbdv_drv_instance *inst, const void *buf, uint64_t len,
+			      uint64_t off)
+{
+	struct filedrv *f = to_file(inst);
+	struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+	ssize_t n;
+
+	if (f->is_blk || ((off | len) & f->page_mask))
+		return -EAGAIN;
+	if (!atomic_load_explicit(&f->no_nowait_write, memory_order_relaxed)) {
+		n = pwritev2(f->fd, &iov, 1, (off_t)off, RWF_NOWAIT);
+		if (n == (ssize_t)len)
+			return 0;
+		if (n < 0 && errno == EAGAIN)
+			return -EAGAIN;
+		if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
+			atomic_store_explicit(&f->no_nowait_write, true, memory_order_relaxed);
+		else if (n < 0)
+			return -errno;
+		else /* a short write: the rest the ordinary way */
+			return file_pwrite(inst, (const char *)buf + n, len - (uint64_t)n,
+					   off + (uint64_t)n, 0);
+	}
+	return file_pwrite(inst, buf, len, off, 0);
+}
+
 static int fua_sync(struct filedrv *f, uint32_t flags)
 {
 	if ((flags & NBDV_F_FUA) && fdatasync(f->fd) < 0)
@@ -354,4 +392,5 @@ const struct nbdv_driver nbdv_driver_file = {
     .cache = file_cache,
     .probe = file_probe,
     .pread_nowait = file_pread_nowait,
+    .pwrite_nowait = file_pwrite_nowait,
 };

@@ -27,6 +27,13 @@ FAULTY = """
 """
 
 
+def raw_go(srv, name=b"f"):
+    r = nbdv.Raw(srv.sock)
+    r.greet()
+    r.go(name)
+    return r
+
+
 def control(srv, text):
     path = os.path.join(srv.dir, "control")
     if text is None:
@@ -77,12 +84,7 @@ class FaultsTest(unittest.TestCase):
     def test_slow_request_stalls_nothing_else(self):
         with nbdv.Server(FAULTY) as srv:
             control(srv, f"delay {3 * nbdv.SLOW} 8388608 4096")
-            a = nbdv.Raw(srv.sock)
-            a.greet()
-            a.go(b"f")
-            b = nbdv.Raw(srv.sock)
-            b.greet()
-            b.go(b"f")
+            a, b = raw_go(srv), raw_go(srv)
             t = time.monotonic()
             a.request(nbdv.CMD_READ, 8388608, 4096, cookie=100)  # stalls 3 s
             for i in range(20):
@@ -99,6 +101,36 @@ class FaultsTest(unittest.TestCase):
             a.close()
             b.close()
             control(srv, None)
+
+    def test_stalling_inline_writes_go_to_the_workers(self):
+        # Small writes are first tried on the reactor (they normally land in the page
+        # cache in microseconds).  Storage that stalls them may cost one stall; after
+        # that they must go to the worker pool, where they run side by side and leave
+        # the reactor free for other connections.
+        delay = 0.4 * nbdv.SLOW
+        with nbdv.Server(FAULTY, extra="workers: 1\nio-threads: 8\n") as srv:
+            control(srv, f"delay {delay} 0 65536")
+            a, b = raw_go(srv), raw_go(srv)
+            t = time.monotonic()
+            for i in range(6):
+                a.request(nbdv.CMD_WRITE, i * 4096, 4096, cookie=i, data=bytes([65 + i]) * 4096)
+            time.sleep(delay / 4)  # the first write is stalling the reactor now
+            b.request(nbdv.CMD_READ, 1048576, 4096, cookie=99)
+            self.assertEqual(b.simple_reply(4096)[:2], (0, 99))
+            b_wait = time.monotonic() - t
+            got = sorted(a.simple_reply()[:2] for _ in range(6))
+            total = time.monotonic() - t
+            self.assertEqual(got, [(0, i) for i in range(6)])
+            # Six stalls one after another would take 6 x delay; one inline stall, then
+            # five in parallel on the workers, about 2 x delay.
+            self.assertLess(total, 4 * delay, "stalling writes kept running inline")
+            self.assertLess(b_wait, 2.5 * delay, "the reactor stayed blocked")
+            control(srv, None)
+            for i in range(6):
+                a.request(nbdv.CMD_READ, i * 4096, 4096, cookie=i)
+                self.assertEqual(a.simple_reply(4096), (0, i, bytes([65 + i]) * 4096))
+            a.close()
+            b.close()
 
     def test_enospc_on_full_filesystem(self):
         mnt = tempfile.mkdtemp(prefix="nbdvault-full-")

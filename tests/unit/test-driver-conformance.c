@@ -6,9 +6,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -132,6 +135,21 @@ static void conformance(const struct nbdv_driver *drv)
 	CHECK(driver_pread(&d, buf, CH, 4 * CH) == 0);
 	CHECK(r == 0 ? is_zero(buf, CH) : memcmp(buf, pat, CH) == 0);
 
+	/* An inline write is done, or refused with -EAGAIN having changed nothing. */
+	uint8_t *pat2 = pat + 3 * CH; /* the rest of pat is compared again below */
+	fill(pat2, CH, 9);
+	r = driver_pwrite_nowait(&d, pat2, 4096, 5 * CH);
+	CHECK(r == 0 || r == -EAGAIN);
+	CHECK(driver_pread(&d, buf, 4096, 5 * CH) == 0);
+	CHECK(r == 0 ? memcmp(buf, pat2, 4096) == 0 : is_zero(buf, 4096));
+	CHECK(r == -EAGAIN || d.gate); /* only drivers that offer it, and with a gate */
+	if (strcmp(drv->name, "file") == 0) {
+		/* Part of a page may need a read first: never inline. */
+		CHECK(driver_pwrite_nowait(&d, pat2, 1000, 5 * CH + 4096) == -EAGAIN);
+		CHECK(driver_pread(&d, buf, 1000, 5 * CH + 4096) == 0 && is_zero(buf, 1000));
+	}
+	CHECK(driver_pwrite_nowait(&d, pat2, 4096, SIZE - 2048) == -EINVAL);
+
 	/* The last byte, and one past it through the wrapper. */
 	CHECK(driver_pwrite(&d, "Z", 1, SIZE - 1, 0) == 0);
 	CHECK(driver_pread(&d, buf, 1, SIZE - 1) == 0 && buf[0] == 'Z');
@@ -149,6 +167,7 @@ static void conformance(const struct nbdv_driver *drv)
 		CHECK(driver_pread(&d, buf, CH, CH) == 0 &&
 		      memcmp(buf + 1000, pat + 500 + 1000, 100) == 0);
 		CHECK(driver_pwrite(&d, buf, 1, 0, 0) == -EINVAL);
+		CHECK(driver_pwrite_nowait(&d, buf, 4096, 0) == -EINVAL && !d.gate);
 		driver_close(&d);
 		/* The file was created sparse: far fewer blocks than its size. */
 		CHECK(stat(path, &st) == 0 && (uint64_t)st.st_blocks * 512 < SIZE / 2);
@@ -162,6 +181,96 @@ static void conformance(const struct nbdv_driver *drv)
 	printf("driver %s: conformant\n", drv->name);
 }
 
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void set_control(const char *path, const char *line)
+{
+	FILE *f = fopen(path, "w");
+
+	CHECK(f != NULL);
+	fputs(line, f);
+	CHECK(fclose(f) == 0);
+}
+
+static void gate_reset(struct nbdv_dev *d)
+{
+	atomic_store(&d->gate->closed_until, 0);
+	atomic_store(&d->gate->last_stall, 0);
+	atomic_store(&d->gate->backoff, 0);
+}
+
+/* The stall gate of driver_pwrite_nowait(), on the faulty driver's delays. */
+static void stall_gate(void)
+{
+	char control[256];
+	struct nbdv_export_params p = {
+	    .name = "gate", .path = control, .size = SIZE, .size_given = true};
+	const struct nbdv_driver *drv = driver_lookup("faulty");
+	uint8_t pat[4096], buf[4096];
+	struct nbdv_dev d;
+	double t;
+
+	snprintf(control, sizeof(control), "%s/control", tmpdir);
+	fill(pat, sizeof(pat), 1);
+	CHECK(drv && driver_open(drv, &p, &d) == 0 && d.gate);
+
+	/* (Gate fields are reset by hand before each step: under a sanitizer even a
+	 * quick write may take longer than NBDV_STALL_NS.) */
+	CHECK(driver_pwrite(&d, pat, 4096, 0, 0) == 0);
+	CHECK(driver_pwrite_nowait(&d, pat, 4096, 0) == 0);
+
+	/* One slow write (50 ms) is done, then the next is refused at once, unchanged. */
+	set_control(control, "delay 0.05\n");
+	gate_reset(&d);
+	t = now_s();
+	CHECK(driver_pwrite_nowait(&d, pat, 4096, 4096) == 0);
+	CHECK(now_s() - t >= 0.05);
+	CHECK(atomic_load(&d.gate->backoff) == NBDV_STALL_BACKOFF_NS);
+	CHECK(driver_pwrite_nowait(&d, pat, 4096, 8192) == -EAGAIN);
+	unlink(control);
+	CHECK(driver_pread(&d, buf, 4096, 8192) == 0 && is_zero(buf, 4096));
+	set_control(control, "delay 0.05\n");
+
+	/* A stall soon after the gate reopens closes it 4 times longer. */
+	atomic_store(&d.gate->closed_until, 0);
+	CHECK(driver_pwrite_nowait(&d, pat, 4096, 8192) == 0);
+	t = now_s();
+	CHECK(atomic_load(&d.gate->backoff) == 4 * NBDV_STALL_BACKOFF_NS);
+	unlink(control);
+	CHECK(driver_pread(&d, buf, 4096, 8192) == 0 && memcmp(buf, pat, 4096) == 0);
+
+	/* The gate reopens by itself once its backoff has passed. */
+	while (driver_pwrite_nowait(&d, pat, 4096, 12288) == -EAGAIN) {
+		CHECK(now_s() - t < 5);
+		usleep(1000);
+	}
+	CHECK(now_s() - t >= 0.9 * 4 * NBDV_STALL_BACKOFF_NS / 1e9);
+
+	/* After a calm period a stall starts again from the shortest backoff. */
+	set_control(control, "delay 0.05\n");
+	atomic_store(&d.gate->last_stall, atomic_load(&d.gate->last_stall) - 5000000000ULL);
+	atomic_store(&d.gate->closed_until, 0);
+	CHECK(driver_pwrite_nowait(&d, pat, 4096, 16384) == 0);
+	CHECK(atomic_load(&d.gate->backoff) == NBDV_STALL_BACKOFF_NS);
+
+	/* Repeated stalls never close it for longer than the maximum. */
+	set_control(control, "delay 0.001\n");
+	for (int i = 0; i < 8; i++) {
+		atomic_store(&d.gate->closed_until, 0);
+		CHECK(driver_pwrite_nowait(&d, pat, 4096, 0) == 0);
+	}
+	CHECK(atomic_load(&d.gate->backoff) == NBDV_STALL_MAX_NS);
+	unlink(control);
+	driver_close(&d);
+	printf("stall gate: ok\n");
+}
+
 int main(void)
 {
 	size_t n;
@@ -171,6 +280,7 @@ int main(void)
 	CHECK(n >= 2);
 	for (size_t i = 0; i < n; i++)
 		conformance(all[i]);
+	stall_gate();
 	CHECK(driver_lookup("memory") && driver_lookup("file") && !driver_lookup("nope"));
 	rmdir(tmpdir);
 	CHECKS_DONE("test-driver-conformance");
