@@ -582,6 +582,10 @@ void conn_service(struct nbdv_conn *c)
 	 * wait in the input buffer; the socket may never become readable for them. */
 	if (c->phase == CONN_TRANSMISSION && !throttled(c) && avail(c))
 		process_input(c);
+	/* The same for requests the TLS layer holds (decrypted or read ahead). */
+	while (c->phase == CONN_TRANSMISSION && !throttled(c) && c->tp->ops->pending(c->tp) &&
+	       read_once(c))
+		process_input(c);
 	maybe_close_drained(c);
 	c->depth--;
 }

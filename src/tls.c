@@ -21,6 +21,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "nbdvault/buf.h"
 #include "nbdvault/config.h"
 #include "nbdvault/log.h"
 #include "nbdvault/tls.h"
@@ -29,6 +30,9 @@
 #define REC_MAX	     16384	   /* plaintext bytes per TLS record */
 #define SEND_BUDGET  (1024 * 1024) /* bytes one sendv call may write */
 #define RECV_BUDGET  (256 * 1024)  /* bytes one recv call may read */
+#define TLS_HEADER   5		   /* bytes of a TLS record header */
+#define PULL_STAGE   (64 * 1024)   /* ciphertext read ahead when records are small */
+#define PULL_SMALL   (4096 + 256)  /* record bodies up to this size count as small */
 #define PSK_PRIORITY ":+ECDHE-PSK:+DHE-PSK:+PSK"
 
 struct psk_entry {
@@ -54,6 +58,9 @@ struct tls_transport {
 	const void *pend_ptr;	    /* data offered to a send that returned AGAIN */
 	size_t pend_len;	    /* its length; 0 when nothing is pending */
 	unsigned char *stage;	    /* small pieces gathered into one record */
+	unsigned char *rstage;	    /* ciphertext read ahead of GnuTLS (pool buffer), or NULL */
+	size_t rpos, rlen;	    /* bytes of rstage consumed and filled */
+	bool rbulk;		    /* the last record body GnuTLS asked for was large */
 	bool more;		    /* more records follow at once: send them with MSG_MORE */
 	bool done;		    /* handshake finished */
 	char why[256];		    /* last failure reason */
@@ -394,8 +401,8 @@ static ssize_t tls_recv(struct nbdv_transport *t, void *buf, size_t len)
 		if (n <= 0)
 			return got ? (ssize_t)got : n; /* the error or EOF repeats next call */
 		got += (size_t)n;
-		if (n < REC_MAX)
-			break;
+		if (n < REC_MAX && tt->rpos == tt->rlen)
+			break; /* (records already read ahead cost no syscall: go on) */
 	}
 	return (ssize_t)got;
 }
@@ -427,16 +434,61 @@ static ssize_t tls_push(gnutls_transport_ptr_t ptr, const void *buf, size_t len)
 	return send(tt->base.fd, buf, len, MSG_NOSIGNAL | (tt->more ? MSG_MORE : 0));
 }
 
+static void rstage_release(struct tls_transport *tt)
+{
+	nbdv_buf_free(tt->rstage);
+	tt->rstage = NULL;
+	tt->rpos = tt->rlen = 0;
+}
+
+/*
+ * GnuTLS's pull.  GnuTLS asks for exactly what it lacks: a record's 5-byte header,
+ * then its body, so a stream of small records (request headers, 4 KiB WRITEs) costs
+ * two recv() per record.  While records are small, one recv() reads up to 64 KiB
+ * ahead into a pool buffer and the asks are served from it; bodies of large records,
+ * and the headers between them, go straight into GnuTLS's buffer as before, so bulk
+ * transfers gain no copy.  The buffer goes back to the pool as soon as it is drained:
+ * an idle connection holds none.
+ */
 static ssize_t tls_pull(gnutls_transport_ptr_t ptr, void *buf, size_t len)
 {
-	return recv(((struct tls_transport *)ptr)->base.fd, buf, len, 0);
+	struct tls_transport *tt = ptr;
+	size_t n;
+
+	if (len > TLS_HEADER)
+		tt->rbulk = len > PULL_SMALL;
+	if (tt->rpos == tt->rlen) {
+		ssize_t got;
+		int e;
+
+		if (tt->rbulk || (!tt->rstage && !(tt->rstage = nbdv_buf_alloc(PULL_STAGE))))
+			return recv(tt->base.fd, buf, len, 0);
+		got = recv(tt->base.fd, tt->rstage, PULL_STAGE, 0);
+		if (got <= 0) {
+			e = errno;
+			rstage_release(tt);
+			errno = e; /* GnuTLS reads EAGAIN from errno */
+			return got;
+		}
+		tt->rpos = 0;
+		tt->rlen = (size_t)got;
+	}
+	n = NBDV_MIN(len, tt->rlen - tt->rpos);
+	memcpy(buf, tt->rstage + tt->rpos, n);
+	tt->rpos += n;
+	if (tt->rpos == tt->rlen)
+		rstage_release(tt);
+	return (ssize_t)n;
 }
 
 /* Only for GnuTLS's own waits (none on a non-blocking session): poll the socket. */
 static int tls_pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
 {
-	struct pollfd p = {.fd = ((struct tls_transport *)ptr)->base.fd, .events = POLLIN};
+	struct tls_transport *tt = ptr;
+	struct pollfd p = {.fd = tt->base.fd, .events = POLLIN};
 
+	if (tt->rpos < tt->rlen)
+		return 1;
 	return poll(&p, 1, ms == GNUTLS_INDEFINITE_TIMEOUT ? -1 : (int)ms);
 }
 
@@ -508,9 +560,13 @@ static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int 
 	return (ssize_t)total;
 }
 
+/* Plaintext GnuTLS holds, or ciphertext read ahead: either way no epoll event will
+ * announce it. */
 static bool tls_pending(struct nbdv_transport *t)
 {
-	return gnutls_record_check_pending(to_tt(t)->s) > 0;
+	struct tls_transport *tt = to_tt(t);
+
+	return gnutls_record_check_pending(tt->s) > 0 || tt->rpos < tt->rlen;
 }
 
 static void tls_shutdown(struct nbdv_transport *t)
@@ -530,6 +586,8 @@ static void tls_free_transport(struct nbdv_transport *t)
 	gnutls_deinit(tt->s);
 	tls_unref(tt->creds);
 	free(tt->stage);
+	if (tt->rstage)
+		rstage_release(tt);
 	free(tt);
 }
 

@@ -409,6 +409,85 @@ class TlsTest(ResumeMixin, unittest.TestCase):
         nbdv.disconnect(h)
 
 
+    def test_request_read_ahead_when_back_pressure_lifts(self):
+        # Many small TLS records in one TCP send: the server reads ciphertext ahead of
+        # GnuTLS.  16 slow 64 KiB WRITEs (FUA, so never tried inline) fill the 1 MiB
+        # in-flight limit; the READ sent after them is then already read ahead, and
+        # nothing more arrives on the socket to wake the server.  It must still be
+        # answered when the WRITEs complete.
+        srv = nbdv.Server("""
+  - name: slow
+    driver: faulty
+    path: {dir}/control
+    size: 16M
+""", extra=tls_block(self.pki) + "limits:\n  max-inflight-bytes: 1M\n").start()
+        self.addCleanup(srv.__exit__, None, None, None)
+        with open(os.path.join(srv.dir, "control"), "w") as f:
+            f.write(f"delay {0.3 * nbdv.SLOW}\n")
+        r = nbdv.Raw(srv.sock)
+        self.addCleanup(r.close)
+        r.greet()
+        self.assertEqual(r.opt(nbdv.OPT_STARTTLS)[-1][0], nbdv.REP_ACK)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(f"{self.pki}/ca-cert.pem")
+        ctx.load_cert_chain(f"{self.client('vm7')}/client-cert.pem",
+                            f"{self.client('vm7')}/client-key.pem")
+        into, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(into, out, server_hostname="localhost")
+        r.s.settimeout(10 * nbdv.SLOW)
+
+        def pump():  # what TLS wrote goes out; what the server sent comes in
+            if out.pending:
+                r.s.sendall(out.read())
+            data = r.s.recv(262144)
+            self.assertTrue(data, "server closed the connection")
+            into.write(data)
+
+        def read(n):
+            buf = b""
+            while len(buf) < n:
+                try:
+                    buf += tls.read(n - len(buf))
+                except ssl.SSLWantReadError:
+                    pump()
+            return buf
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pump()
+        tls.write(struct.pack(">QII", nbdv.IHAVEOPT, nbdv.OPT_GO, 10) +
+                  struct.pack(">I", 4) + b"slow\0\0")
+        while True:  # option replies up to the final one (ACK)
+            _, _, rtype, rlen = struct.unpack(">QIII", read(20))
+            read(rlen)
+            if rtype == nbdv.REP_ACK:
+                break
+        for i in range(16):  # one record per 4 KiB of payload
+            tls.write(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 1, nbdv.CMD_WRITE, i,
+                                  i * 65536, 65536))
+            for _ in range(16):
+                tls.write(bytes([65 + i]) * 4096)
+        tls.write(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_READ, 99,
+                              8 << 20, 4096))
+        r.s.sendall(out.read())
+        seen = {}
+        for _ in range(17):
+            magic, err, cookie = struct.unpack(">IIQ", read(16))
+            self.assertEqual((magic, err), (nbdv.SIMPLE_REPLY_MAGIC, 0))
+            seen[cookie] = read(4096) if cookie == 99 else b""
+        self.assertEqual(sorted(seen), list(range(16)) + [99])
+        self.assertEqual(seen[99], bytes(4096))
+        for i in (0, 15):  # and the WRITEs landed
+            tls.write(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_READ, 200 + i,
+                                  i * 65536 + 61440, 4096))
+            r.s.sendall(out.read())
+            self.assertEqual(struct.unpack(">IIQ", read(16))[1:], (0, 200 + i))
+            self.assertEqual(read(4096), bytes([65 + i]) * 4096)
+
+
 class TlsModesTest(ResumeMixin, unittest.TestCase):
     """Optional mode, state reset across STARTTLS, SIGHUP, and credential errors."""
 
