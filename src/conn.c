@@ -271,6 +271,11 @@ static void tls_step(struct nbdv_conn *c)
 	c->phase = CONN_OPTIONS;
 	ev_io_stop(c->r->loop, &c->wio);
 	update_reading(c);
+	/* The client's first option may have been read ahead together with its Finished
+	 * (or be held by GnuTLS); no epoll event will announce it, so make one.  The
+	 * handshake can end in any caller of tls_step(), start_tls() included. */
+	if (c->tp->ops->pending(c->tp))
+		ev_feed_event(c->r->loop, &c->rio, EV_READ);
 }
 
 static void start_tls(struct nbdv_conn *c)
@@ -553,18 +558,15 @@ bool conn_pump(struct nbdv_conn *c)
 {
 	c->depth++;
 	if (c->phase == CONN_TLS_HANDSHAKE) {
-		tls_step(c);
-		/* A client may send its first option in the same flight as its Finished. */
-		if (c->phase != CONN_OPTIONS || !c->tp->ops->pending(c->tp))
-			goto out;
+		tls_step(c); /* data read with the client's Finished comes as an event */
+	} else {
+		do {
+			if (!read_once(c))
+				break;
+			process_input(c);
+		} while ((c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) &&
+			 !throttled(c) && c->tp->ops->pending(c->tp));
 	}
-	do {
-		if (!read_once(c))
-			break;
-		process_input(c);
-	} while ((c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) && !throttled(c) &&
-		 c->tp->ops->pending(c->tp));
-out:
 	c->depth--;
 	return !conn_release(c);
 }
