@@ -58,6 +58,19 @@ static uint8_t *ibuf_alloc(void)
 #endif
 }
 
+/* An empty input buffer gives its pages back: a connection that has just finished its
+ * handshake and waits for its first request then holds none (4 KiB less per idle
+ * connection).  The next read faults a page in again. */
+static void ibuf_release_pages(struct nbdv_conn *c)
+{
+	if (c->istart != c->iend)
+		return;
+	c->istart = c->iend = 0;
+#ifndef IBUF_FROM_MALLOC
+	(void)madvise(c->ibuf, NBDV_IBUF_SIZE, MADV_DONTNEED);
+#endif
+}
+
 static void ibuf_free(uint8_t *p)
 {
 #ifdef IBUF_FROM_MALLOC
@@ -445,8 +458,10 @@ static void process_input(struct nbdv_conn *c)
 				ev_io_stop(c->r->loop, &c->rio);
 				return;
 			}
-			if (r == HS_TRANSMISSION)
+			if (r == HS_TRANSMISSION) {
 				start_idle_timer(c);
+				ibuf_release_pages(c);
+			}
 			c->rx = r == HS_TRANSMISSION ? RX_REQ_HEADER : RX_OPT_HEADER;
 			break;
 		case RX_REQ_HEADER:
