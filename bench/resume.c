@@ -2,11 +2,14 @@
  * bench/resume: NBD connections per second over TLS, with full handshakes or with TLS
  * session resumption (libnbd 1.14 cannot resume, so this is a small GnuTLS client).
  *
- *   resume HOST PORT EXPORT SECONDS CERTDIR full|resume
+ *   resume HOST PORT EXPORT[,REFUSED] SECONDS CERTDIR|psk:USER:KEYFILE full|resume
  *
  * Each connection: greeting, STARTTLS, TLS handshake (x509: CERTDIR holds ca-cert.pem,
- * client-cert.pem, client-key.pem), NBD_OPT_GO, NBD_CMD_DISC, close.  In "resume" mode
- * every connection offers the session (ticket) saved from the previous one.
+ * client-cert.pem, client-key.pem; or PSK: USER's key from a psktool KEYFILE),
+ * NBD_OPT_GO, NBD_CMD_DISC, close.  In "resume" mode every connection offers the
+ * session (ticket) saved from the previous one.  With ",REFUSED" every connection
+ * first asks for that export and requires the server to refuse it (the tests use this
+ * to check that a resumed session keeps its identity for allow-lists).
  * Prints: connections-per-second resumed-connections connections seconds
  */
 #include <arpa/inet.h>
@@ -22,6 +25,8 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+#define PSK_PRIORITY "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"
 
 #define IHAVEOPT  0x49484156454F5054ULL
 #define REP_MAGIC 0x0003e889045565a9ULL
@@ -111,30 +116,86 @@ static int dial(const char *host, const char *port)
 	return fd;
 }
 
+/* NBD_OPT_GO for @name; returns the final reply type. */
+static uint32_t go(int fd, gnutls_session_t s, const char *name)
+{
+	unsigned char data[4 + 256 + 2] = {0};
+	uint32_t nl = htobe32((uint32_t)strlen(name));
+
+	if (strlen(name) > 256)
+		die("export", "name too long");
+	memcpy(data, &nl, 4);
+	memcpy(data + 4, name, strlen(name));
+	send_opt(fd, s, 7 /* GO */, data, (uint32_t)(4 + strlen(name) + 2));
+	return read_final(fd, s);
+}
+
+/* PSK credentials for @user from a psktool file ("user:hexkey" lines). */
+static gnutls_psk_client_credentials_t load_psk(const char *user, const char *file)
+{
+	gnutls_psk_client_credentials_t psk;
+	char line[1024];
+	FILE *f = fopen(file, "r");
+
+	if (!f)
+		die(file, "cannot open");
+	while (fgets(line, sizeof(line), f)) {
+		char *colon = strchr(line, ':');
+		if (!colon || (size_t)(colon - line) != strlen(user) ||
+		    strncmp(line, user, strlen(user)) != 0)
+			continue;
+		line[strcspn(line, "\r\n")] = '\0';
+		gnutls_datum_t key = {(unsigned char *)colon + 1, (unsigned)strlen(colon + 1)};
+		gnutls_psk_allocate_client_credentials(&psk);
+		if (gnutls_psk_set_client_credentials(psk, user, &key, GNUTLS_PSK_KEY_HEX) < 0)
+			die(file, "bad key");
+		fclose(f);
+		return psk;
+	}
+	die(user, "no such PSK user");
+	return NULL;
+}
+
 int main(int argc, char **argv)
 {
-	gnutls_certificate_credentials_t cred;
+	gnutls_certificate_credentials_t cred = NULL;
+	gnutls_psk_client_credentials_t psk = NULL;
 	gnutls_datum_t saved = {NULL, 0};
-	char ca[4096], cert[4096], key[4096];
+	char ca[4096], cert[4096], key[4096], export[512], *refused;
 	double secs, t0, end;
 	long conns = 0, resumed = 0;
 	int resume;
 
 	if (argc != 7) {
-		fprintf(stderr, "usage: resume HOST PORT EXPORT SECONDS CERTDIR full|resume\n");
+		fprintf(stderr, "usage: resume HOST PORT EXPORT[,REFUSED] SECONDS "
+				"CERTDIR|psk:USER:KEYFILE full|resume\n");
 		return 2;
 	}
+	snprintf(export, sizeof(export), "%s", argv[3]);
+	refused = strchr(export, ',');
+	if (refused)
+		*refused++ = '\0';
 	secs = atof(argv[4]);
 	resume = strcmp(argv[6], "resume") == 0;
-	snprintf(ca, sizeof(ca), "%s/ca-cert.pem", argv[5]);
-	snprintf(cert, sizeof(cert), "%s/client-cert.pem", argv[5]);
-	snprintf(key, sizeof(key), "%s/client-key.pem", argv[5]);
 	gnutls_global_init();
-	gnutls_certificate_allocate_credentials(&cred);
-	if (gnutls_certificate_set_x509_trust_file(cred, ca, GNUTLS_X509_FMT_PEM) <= 0)
-		die(ca, "no CA certificate");
-	if (gnutls_certificate_set_x509_key_file(cred, cert, key, GNUTLS_X509_FMT_PEM) < 0)
-		die(cert, "cannot load the client certificate");
+	if (strncmp(argv[5], "psk:", 4) == 0) {
+		char user[256], *file;
+		snprintf(user, sizeof(user), "%s", argv[5] + 4);
+		file = strchr(user, ':');
+		if (!file)
+			die(argv[5], "expected psk:USER:KEYFILE");
+		*file++ = '\0';
+		psk = load_psk(user, file);
+	} else {
+		snprintf(ca, sizeof(ca), "%s/ca-cert.pem", argv[5]);
+		snprintf(cert, sizeof(cert), "%s/client-cert.pem", argv[5]);
+		snprintf(key, sizeof(key), "%s/client-key.pem", argv[5]);
+		gnutls_certificate_allocate_credentials(&cred);
+		if (gnutls_certificate_set_x509_trust_file(cred, ca, GNUTLS_X509_FMT_PEM) <= 0)
+			die(ca, "no CA certificate");
+		if (gnutls_certificate_set_x509_key_file(cred, cert, key, GNUTLS_X509_FMT_PEM) < 0)
+			die(cert, "cannot load the client certificate");
+	}
 
 	t0 = now();
 	end = t0 + secs;
@@ -142,23 +203,24 @@ int main(int argc, char **argv)
 		int fd = dial(argv[1], argv[2]);
 		gnutls_session_t s;
 		unsigned char greet[18], disc[28] = {0};
-		uint32_t flags = htobe32(3), nl = htobe32((uint32_t)strlen(argv[3]));
-		unsigned char go[4 + 256 + 2] = {0};
-		size_t golen = 4 + strlen(argv[3]) + 2;
+		uint32_t flags = htobe32(3);
 		uint32_t magic = htobe32(0x25609513);
 		uint16_t cmd = htobe16(2);
 		int r;
 
-		if (strlen(argv[3]) > 256)
-			die("export", "name too long");
 		io_all(fd, NULL, greet, sizeof(greet), 0);
 		io_all(fd, NULL, &flags, 4, 1);
 		send_opt(fd, NULL, 5 /* STARTTLS */, NULL, 0);
 		if (read_final(fd, NULL) != 1)
 			die("STARTTLS", "refused");
 		gnutls_init(&s, GNUTLS_CLIENT);
-		gnutls_set_default_priority(s);
-		gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE, cred);
+		if (psk) {
+			gnutls_priority_set_direct(s, PSK_PRIORITY, NULL);
+			gnutls_credentials_set(s, GNUTLS_CRD_PSK, psk);
+		} else {
+			gnutls_set_default_priority(s);
+			gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE, cred);
+		}
 		gnutls_server_name_set(s, GNUTLS_NAME_DNS, "localhost", 9);
 		if (resume && saved.data)
 			gnutls_session_set_data(s, saved.data, saved.size);
@@ -170,11 +232,12 @@ int main(int argc, char **argv)
 			die("handshake", gnutls_strerror(r));
 		if (gnutls_session_is_resumed(s))
 			resumed++;
-		memcpy(go, &nl, 4);
-		memcpy(go + 4, argv[3], strlen(argv[3]));
-		send_opt(fd, s, 7 /* GO */, go, (uint32_t)golen);
-		if (read_final(fd, s) != 1)
-			die("GO", "refused");
+		if (refused && go(fd, s, refused) == 1)
+			die(refused, gnutls_session_is_resumed(s) ? "accepted on a resumed session"
+								  : "accepted");
+		if (go(fd, s, export) != 1)
+			die(export, gnutls_session_is_resumed(s) ? "refused on a resumed session"
+								 : "refused");
 		/* TLS 1.3 tickets arrive after the handshake; they have been read by now.
 		 * (Without one, gnutls_session_get_data2 would wait for it.) */
 		if (resume && (gnutls_session_get_flags(s) & GNUTLS_SFLAGS_SESSION_TICKET)) {
@@ -194,7 +257,10 @@ int main(int argc, char **argv)
 	secs = now() - t0;
 	printf("%.1f %ld %ld %.3f\n", conns / secs, resumed, conns, secs);
 	gnutls_free(saved.data);
-	gnutls_certificate_free_credentials(cred);
+	if (cred)
+		gnutls_certificate_free_credentials(cred);
+	if (psk)
+		gnutls_psk_free_client_credentials(psk);
 	gnutls_global_deinit();
 	return 0;
 }

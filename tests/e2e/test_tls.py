@@ -409,6 +409,25 @@ class TlsTest(ResumeMixin, unittest.TestCase):
         nbdv.disconnect(h)
 
 
+    def test_psk_session_resumption_keeps_identity(self):
+        # Python's ssl has no PSK and libnbd/qemu do not resume, so this uses the bench's
+        # GnuTLS client (bench/resume.c, built as tests/tls-resume).  Every connection
+        # after the first resumes the previous session; each one must still be alice
+        # (backup allowed, vmonly refused) or bob (backup refused).
+        helper = os.environ.get("NBDVAULT_RESUME")
+        if not helper:
+            self.skipTest("NBDVAULT_RESUME (tests/tls-resume) not set")
+        keys = f"{self.pki}/keys.psk"
+        secs = str(0.3 * nbdv.SLOW)
+        for user, exports in (("alice", "backup,vmonly"), ("bob", "secure,backup")):
+            out = run(helper, "127.0.0.1", str(self.srv.port), exports, secs,
+                      f"psk:{user}:{keys}", "resume").stdout.split()
+            resumed, conns = int(out[1]), int(out[2])
+            self.assertGreaterEqual(conns, 2, out)
+            self.assertGreaterEqual(resumed, 1, f"{user}: no session was resumed: {out}")
+        self.assertIn("(resumed): TLS1.3", self.srv.logtext())
+        self.assertIn("client psk:bob", self.srv.logtext())
+
     def test_request_read_ahead_when_back_pressure_lifts(self):
         # Many small TLS records in one TCP send: the server reads ciphertext ahead of
         # GnuTLS.  16 slow 64 KiB WRITEs (FUA, so never tried inline) fill the 1 MiB
