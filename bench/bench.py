@@ -354,6 +354,11 @@ def fmt(x):
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
+def fmt_ratio(r):
+    """A ratio to two decimals; above 99 (say, an idle cost near zero) just '>99'."""
+    return ">99" if r >= 99.5 else f"{r:.2f}"
+
+
 def summary(vals):
     """(median, min, max) of the first element (mean latency for tuples)."""
     key = [v[0][0] if isinstance(v[0], tuple) else v[0] for v in vals]
@@ -428,8 +433,8 @@ def write_report(a, results, kinds):
             rm = ratio("nbdvault-memory", ["nbdkit-memory"])
             rf = ratio("nbdvault-file", ["nbdkit-file", "qemu-nbd-file"])
             lines.append(f"| {wname} | {unit} | " + " | ".join(cells) +
-                         f" | {'—' if rm is None else f'{rm:.2f}'}"
-                         f" | {'—' if rf is None else f'{rf:.2f}'} |")
+                         f" | {'—' if rm is None else fmt_ratio(rm)}"
+                         f" | {'—' if rf is None else fmt_ratio(rf)} |")
             best = {}
             for n in names:
                 if n in med:
@@ -472,7 +477,7 @@ def write_svg(path, plot, names):
                 out.append(f'<rect x="{left}" y="{y + i * bar}" width="{w:.1f}" '
                            f'height="{bar - 1}" fill="{colours[i]}"/>')
                 out.append(f'<text x="{left + w + 3}" y="{y + i * bar + bar - 2}" '
-                           f'font-size="8">{v:.2f}</text>')
+                           f'font-size="8">{fmt_ratio(v).replace(">", "&gt;")}</text>')
         y += len(names) * bar + gap
     out.append(f'<line x1="{left + scale}" y1="{top - 5}" x2="{left + scale}" y2="{y}" '
                'stroke="black" stroke-dasharray="4 3"/>')
