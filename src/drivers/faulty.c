@@ -9,7 +9,9 @@
  *     delay SECONDS [OFFSET LENGTH]                            sleep, then do the call
  *
  * Without a range every call is affected (flush too).  The driver says it blocks, so
- * its calls run on the executor's workers: a delayed call stalls only itself.
+ * its calls run on the executor's workers: a delayed call stalls only itself.  Writes
+ * are first offered inline (pwrite_nowait), like the file driver's: a delayed one then
+ * stalls its reactor once and closes the wrapper's stall gate.
  */
 #include "build-config.h"
 
