@@ -10,6 +10,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -537,10 +538,78 @@ static void reactor_teardown(struct nbdv_reactor *r)
 	r->loop = NULL;
 }
 
+/* Read two numbers from @path ("max" reads as 0); returns how many were read. */
+static int read_two(const char *path, long long *a, long long *b)
+{
+	char line[128];
+	FILE *f = fopen(path, "r");
+	int n = 0;
+
+	if (!f)
+		return 0;
+	if (fgets(line, sizeof(line), f)) {
+		if (strncmp(line, "max", 3) == 0) {
+			*a = 0;
+			n = sscanf(line + 3, "%lld", b) == 1 ? 2 : 1;
+		} else {
+			n = sscanf(line, "%lld %lld", a, b);
+		}
+	}
+	fclose(f);
+	return n;
+}
+
+/*
+ * CPUs the cgroup's quota allows, rounded up (0: no quota): cgroup v2 cpu.max
+ * ("QUOTA PERIOD" or "max PERIOD"), else v1 cpu.cfs_quota_us / cpu.cfs_period_us.
+ */
+static long cgroup_cpu_limit(void)
+{
+	char line[512], path[640];
+	long long quota = 0, period = 0;
+	FILE *f = fopen("/proc/self/cgroup", "r");
+
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f)) {
+		char *rel = strrchr(line, ':');
+
+		if (!rel)
+			continue;
+		rel[strcspn(rel, "\n")] = '\0';
+		if (strncmp(line, "0::", 3) == 0) {
+			snprintf(path, sizeof(path), "/sys/fs/cgroup%s/cpu.max", rel + 1);
+			if (read_two(path, &quota, &period) == 2 && quota > 0)
+				break;
+		} else if (strstr(line, ":cpu,") || strstr(line, ":cpu:") ||
+			   strstr(line, ",cpu:") || strstr(line, ",cpu,")) {
+			long long p = 0;
+			snprintf(path, sizeof(path), "/sys/fs/cgroup/cpu%s/cpu.cfs_quota_us",
+				 rel + 1);
+			if (read_two(path, &quota, &p) >= 1 && quota > 0) {
+				snprintf(path, sizeof(path),
+					 "/sys/fs/cgroup/cpu%s/cpu.cfs_period_us", rel + 1);
+				if (read_two(path, &period, &p) >= 1)
+					break;
+			}
+		}
+		quota = period = 0;
+	}
+	fclose(f);
+	return quota > 0 && period > 0 ? (long)((quota + period - 1) / period) : 0;
+}
+
+/* One worker per CPU this process may run on: its affinity mask (taskset, cpusets)
+ * and its cgroup's CPU quota (containers), not just the CPUs online. */
 static unsigned default_workers(void)
 {
-	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	long n = sysconf(_SC_NPROCESSORS_ONLN), quota = cgroup_cpu_limit();
+	cpu_set_t set;
 
+	if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0)
+		n = CPU_COUNT(&set);
+	if (quota > 0 && quota < n)
+		n = quota;
 	return n < 1 ? 1 : n > NBDV_MAX_WORKERS ? NBDV_MAX_WORKERS : (unsigned)n;
 }
 

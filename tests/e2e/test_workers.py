@@ -58,6 +58,41 @@ class WorkersTest(unittest.TestCase):
             for h in handles:
                 nbdv.disconnect(h)
 
+    def started_under(self, prefix):
+        """Worker count of a server started with @prefix before its command."""
+        saved = nbdv.WRAPPER
+        nbdv.WRAPPER = prefix + saved
+        try:
+            with nbdv.Server(EXPORTS) as srv:
+                h = connect(srv, "mem")
+                nbdv.disconnect(h)
+                return int(re.search(r"(\d+) worker\(s\)", srv.logtext()).group(1))
+        finally:
+            nbdv.WRAPPER = saved
+
+    def test_default_workers_follow_cpu_affinity(self):
+        if len(os.sched_getaffinity(0)) < 2:
+            self.skipTest("needs two CPUs")
+        self.assertEqual(self.started_under([]), min(len(os.sched_getaffinity(0)), 64))
+        self.assertEqual(self.started_under(["taskset", "-c", "0"]), 1)
+
+    def test_default_workers_follow_cgroup_cpu_quota(self):
+        # A container limited to one CPU's worth of time gets one worker, however many
+        # CPUs it can see.  Needs a writable cgroup v1 cpu controller (root).
+        base = "/sys/fs/cgroup/cpu"
+        if len(os.sched_getaffinity(0)) < 2 or not os.access(base, os.W_OK) or \
+                not os.path.exists(f"{base}/cpu.cfs_quota_us"):
+            self.skipTest("no writable cgroup v1 cpu controller, or one CPU")
+        group = f"{base}/nbdvault-test-{os.getpid()}"
+        os.mkdir(group)
+        self.addCleanup(os.rmdir, group)
+        with open(f"{group}/cpu.cfs_period_us", "w") as f:
+            f.write("100000")
+        with open(f"{group}/cpu.cfs_quota_us", "w") as f:
+            f.write("100000")
+        self.assertEqual(self.started_under(
+            ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]), 1)
+
     def test_one_worker_without_busy_poll(self):
         with nbdv.Server(EXPORTS, extra="workers: 1\nbusy-poll: 0\n") as srv:
             handles = [connect(srv, "mem") for _ in range(4)]
