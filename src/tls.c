@@ -12,13 +12,12 @@
 #include <errno.h>
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <poll.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include "nbdvault/buf.h"
