@@ -476,15 +476,13 @@ static void process_input(struct nbdv_conn *c)
 			case TX_OK:
 				c->header_reads = false;
 				break;
-			case TX_NEED_PAYLOAD: {
-				uint32_t missing;
-				(void)transmission_payload_ptr(c->cur_req, &missing);
+			case TX_NEED_PAYLOAD:
 				/* In a stream of large WRITEs, read headers alone so that no
 				 * payload lands in ibuf and has to be copied again. */
-				c->header_reads = missing >= NBDV_BIG_WRITE;
+				c->header_reads =
+				    transmission_payload_missing(c->cur_req) >= NBDV_BIG_WRITE;
 				c->rx = RX_REQ_PAYLOAD;
 				break;
-			}
 			case TX_DISC:
 				conn_close_graceful(c);
 				return;

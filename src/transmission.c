@@ -336,6 +336,14 @@ static void req_run_nothing(struct nbdv_job *job)
 {
 }
 
+/* @r was served inline: its completion (the reply) goes through the reactor's port
+ * like any other. */
+static void submit_done_inline(struct nbdv_conn *c, struct nbdv_req *r)
+{
+	r->job.run = req_run_nothing;
+	executor_submit(c->srv->exec, &c->r->port, &r->job, false);
+}
+
 static void req_done(struct nbdv_job *job)
 {
 	struct nbdv_req *r = (struct nbdv_req *)job;
@@ -476,8 +484,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	    (c->dev->caps & NBDV_CAP_BLOCKING) &&
 	    driver_pread_nowait(c->dev, r->buf, r->count, r->offset) == 0) {
 		r->sparse = false;
-		r->job.run = req_run_nothing;
-		executor_submit(c->srv->exec, &c->r->port, &r->job, false);
+		submit_done_inline(c, r);
 		return;
 	}
 	/* Likewise a small write the page cache takes at once: the hand-off to a worker and
@@ -489,8 +496,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 
 		if (err != -EAGAIN) {
 			r->err = err;
-			r->job.run = req_run_nothing;
-			executor_submit(c->srv->exec, &c->r->port, &r->job, false);
+			submit_done_inline(c, r);
 			return;
 		}
 	}
@@ -556,9 +562,14 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 	return TX_OK;
 }
 
+uint32_t transmission_payload_missing(const struct nbdv_req *r)
+{
+	return r->count - r->got;
+}
+
 uint8_t *transmission_payload_ptr(struct nbdv_req *r, uint32_t *missing)
 {
-	*missing = r->count - r->got;
+	*missing = transmission_payload_missing(r);
 	return r->buf + r->got;
 }
 

@@ -25,6 +25,8 @@ enum tx_result {
 enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr) NBDV_WUR;
 /* Where the payload of c->cur_req goes, and how much is still missing. */
 uint8_t *transmission_payload_ptr(struct nbdv_req *r, uint32_t *missing);
+/* How much of @r's payload is still missing. */
+uint32_t transmission_payload_missing(const struct nbdv_req *r);
 /* @n more payload bytes arrived; dispatches the request when complete (returns 1). */
 int transmission_payload_got(struct nbdv_conn *c, uint32_t n);
 /* Free a request that will never be dispatched (connection closing). */
