@@ -538,62 +538,71 @@ static void reactor_teardown(struct nbdv_reactor *r)
 	r->loop = NULL;
 }
 
-/* Read two numbers from @path ("max" reads as 0); returns how many were read. */
-static int read_two(const char *path, long long *a, long long *b)
+/* The first line of @path into @buf; false if it cannot be read. */
+static bool read_first_line(const char *path, char *buf, size_t len)
 {
-	char line[128];
 	FILE *f = fopen(path, "r");
-	int n = 0;
+	bool ok;
 
 	if (!f)
-		return 0;
-	if (fgets(line, sizeof(line), f)) {
-		if (strncmp(line, "max", 3) == 0) {
-			*a = 0;
-			n = sscanf(line + 3, "%lld", b) == 1 ? 2 : 1;
-		} else {
-			n = sscanf(line, "%lld %lld", a, b);
-		}
-	}
+		return false;
+	ok = fgets(buf, (int)len, f) != NULL;
 	fclose(f);
-	return n;
+	return ok;
+}
+
+/* Whether the comma-separated controller list @list (it ends at ':') names "cpu". */
+static bool has_cpu_controller(const char *list)
+{
+	while (*list && *list != ':') {
+		size_t n = strcspn(list, ",:");
+
+		if (n == 3 && strncmp(list, "cpu", 3) == 0)
+			return true;
+		list += n;
+		if (*list == ',')
+			list++;
+	}
+	return false;
 }
 
 /*
  * CPUs the cgroup's quota allows, rounded up (0: no quota): cgroup v2 cpu.max
- * ("QUOTA PERIOD" or "max PERIOD"), else v1 cpu.cfs_quota_us / cpu.cfs_period_us.
+ * ("QUOTA PERIOD"; "max PERIOD" is no quota), else v1 cpu.cfs_quota_us (-1: none)
+ * over cpu.cfs_period_us.
  */
 static long cgroup_cpu_limit(void)
 {
-	char line[512], path[640];
+	char line[512], path[640], val[128];
 	long long quota = 0, period = 0;
 	FILE *f = fopen("/proc/self/cgroup", "r");
 
 	if (!f)
 		return 0;
-	while (fgets(line, sizeof(line), f)) {
-		char *rel = strrchr(line, ':');
+	while (quota <= 0 && fgets(line, sizeof(line), f)) {
+		char *controllers = strchr(line, ':'), *rel = strrchr(line, ':');
 
-		if (!rel)
+		if (!controllers || rel == controllers)
 			continue;
 		rel[strcspn(rel, "\n")] = '\0';
+		quota = period = 0;
 		if (strncmp(line, "0::", 3) == 0) {
 			snprintf(path, sizeof(path), "/sys/fs/cgroup%s/cpu.max", rel + 1);
-			if (read_two(path, &quota, &period) == 2 && quota > 0)
-				break;
-		} else if (strstr(line, ":cpu,") || strstr(line, ":cpu:") ||
-			   strstr(line, ",cpu:") || strstr(line, ",cpu,")) {
-			long long p = 0;
+			if (!read_first_line(path, val, sizeof(val)) ||
+			    sscanf(val, "%lld %lld", &quota, &period) != 2)
+				quota = 0;
+		} else if (has_cpu_controller(controllers + 1)) {
 			snprintf(path, sizeof(path), "/sys/fs/cgroup/cpu%s/cpu.cfs_quota_us",
 				 rel + 1);
-			if (read_two(path, &quota, &p) >= 1 && quota > 0) {
-				snprintf(path, sizeof(path),
-					 "/sys/fs/cgroup/cpu%s/cpu.cfs_period_us", rel + 1);
-				if (read_two(path, &period, &p) >= 1)
-					break;
-			}
+			if (!read_first_line(path, val, sizeof(val)) ||
+			    sscanf(val, "%lld", &quota) != 1)
+				quota = 0;
+			snprintf(path, sizeof(path), "/sys/fs/cgroup/cpu%s/cpu.cfs_period_us",
+				 rel + 1);
+			if (quota > 0 && (!read_first_line(path, val, sizeof(val)) ||
+					  sscanf(val, "%lld", &period) != 1))
+				quota = 0;
 		}
-		quota = period = 0;
 	}
 	fclose(f);
 	return quota > 0 && period > 0 ? (long)((quota + period - 1) / period) : 0;
