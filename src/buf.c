@@ -136,6 +136,9 @@ struct nbdv_outmsg *outmsg_new(size_t inl_cap)
 	m->niov = 0;
 	m->cur = 0;
 	m->owned = NULL;
+	m->file_fd = -1;
+	m->file_off = 0;
+	m->file_len = 0;
 	m->used = 0;
 	m->cap = small ? OUTMSG_SMALL : inl_cap;
 	return m;
@@ -170,6 +173,15 @@ void outmsg_add_ref(struct nbdv_outmsg *m, const void *p, size_t len)
 	m->niov++;
 }
 
+void outmsg_add_file(struct nbdv_outmsg *m, int fd, uint64_t off, size_t len)
+{
+	if (m->file_len)
+		abort(); /* one range per message: a programming error otherwise */
+	m->file_fd = fd;
+	m->file_off = off;
+	m->file_len = len;
+}
+
 void outmsg_free(struct nbdv_outmsg *m)
 {
 	if (!m)
@@ -183,6 +195,7 @@ void outq_push(struct nbdv_outq *q, struct nbdv_outmsg *m)
 {
 	for (int i = 0; i < m->niov; i++)
 		q->bytes += m->iov[i].iov_len;
+	q->bytes += m->file_len;
 	m->next = NULL;
 	if (q->tail)
 		q->tail->next = m;
@@ -191,15 +204,37 @@ void outq_push(struct nbdv_outq *q, struct nbdv_outmsg *m)
 	q->tail = m;
 }
 
-int outq_gather(const struct nbdv_outq *q, struct iovec *iov, int max)
+int outq_gather(const struct nbdv_outq *q, struct iovec *iov, int max, bool *file_next)
 {
 	int n = 0;
 
+	*file_next = false;
 	for (const struct nbdv_outmsg *m = q->head; m && n < max; m = m->next) {
 		for (int i = m->cur; i < m->niov && n < max; i++)
 			iov[n++] = m->iov[i];
+		if (m->file_len) {
+			*file_next = n > 0;
+			break;
+		}
 	}
 	return n;
+}
+
+static bool msg_done(const struct nbdv_outmsg *m)
+{
+	return m->cur == m->niov && m->file_len == 0;
+}
+
+/* Free complete messages at the head (including ones made only of empty pieces). */
+static void pop_done(struct nbdv_outq *q)
+{
+	while (q->head && msg_done(q->head)) {
+		struct nbdv_outmsg *m = q->head;
+		q->head = m->next;
+		if (!q->head)
+			q->tail = NULL;
+		outmsg_free(m);
+	}
 }
 
 void outq_consume(struct nbdv_outq *q, size_t n)
@@ -217,20 +252,29 @@ void outq_consume(struct nbdv_outq *q, size_t n)
 		n -= v->iov_len;
 		m->cur++;
 		if (m->cur == m->niov) {
-			q->head = m->next;
-			if (!q->head)
-				q->tail = NULL;
-			outmsg_free(m);
+			if (m->file_len)
+				return; /* gathering stopped here: n is 0 */
+			pop_done(q);
 		}
 	}
-	/* Messages made only of empty pieces are complete too. */
-	while (q->head && q->head->cur == q->head->niov) {
-		struct nbdv_outmsg *m = q->head;
-		q->head = m->next;
-		if (!q->head)
-			q->tail = NULL;
-		outmsg_free(m);
-	}
+	pop_done(q);
+}
+
+struct nbdv_outmsg *outq_file_due(const struct nbdv_outq *q)
+{
+	struct nbdv_outmsg *m = q->head;
+
+	return m && m->cur == m->niov && m->file_len ? m : NULL;
+}
+
+void outq_consume_file(struct nbdv_outq *q, size_t n)
+{
+	struct nbdv_outmsg *m = q->head;
+
+	q->bytes -= n;
+	m->file_off += n;
+	m->file_len -= n;
+	pop_done(q);
 }
 
 void outq_clear(struct nbdv_outq *q)

@@ -315,8 +315,11 @@ static void conn_flush(struct nbdv_conn *c)
 	if (c->phase == CONN_DEAD)
 		return;
 	while (c->outq.head) {
-		int n = outq_gather(&c->outq, iov, (int)ARRAY_SIZE(iov));
-		ssize_t w = c->tp->ops->sendv(c->tp, iov, n);
+		struct nbdv_outmsg *f = outq_file_due(&c->outq);
+		bool file_next = false;
+		int n = f ? 0 : outq_gather(&c->outq, iov, (int)ARRAY_SIZE(iov), &file_next);
+		ssize_t w = f ? c->tp->ops->sendfile(c->tp, f->file_fd, f->file_off, f->file_len)
+			      : c->tp->ops->sendv(c->tp, iov, n, file_next);
 
 		if (w == -EAGAIN) {
 			watch(c, &c->wio);
@@ -332,7 +335,11 @@ static void conn_flush(struct nbdv_conn *c)
 			conn_abort(c);
 			return;
 		}
-		outq_consume(&c->outq, (size_t)w);
+		if (f) {
+			outq_consume_file(&c->outq, (size_t)w);
+		} else {
+			outq_consume(&c->outq, (size_t)w);
+		}
 	}
 	if (c->phase == CONN_TLS_HANDSHAKE) {
 		if (!c->tls_started)

@@ -491,7 +491,7 @@ static int tls_pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
 	return poll(&p, 1, ms == GNUTLS_INDEFINITE_TIMEOUT ? -1 : (int)ms);
 }
 
-static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int iovcnt)
+static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int iovcnt, bool more)
 {
 	struct tls_transport *tt = to_tt(t);
 	size_t total = 0, off = 0, all = 0;

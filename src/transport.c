@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -20,15 +21,38 @@ static ssize_t plain_recv(struct nbdv_transport *t, void *buf, size_t len)
 	}
 }
 
-static ssize_t plain_sendv(struct nbdv_transport *t, const struct iovec *iov, int iovcnt)
+static ssize_t plain_sendv(struct nbdv_transport *t, const struct iovec *iov, int iovcnt, bool more)
 {
 	struct msghdr mh = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt};
 
 	for (;;) {
-		/* MSG_NOSIGNAL: a peer that went away is an error, not a SIGPIPE. */
-		ssize_t n = sendmsg(t->fd, &mh, MSG_NOSIGNAL);
+		/* MSG_NOSIGNAL: a peer that went away is an error, not a SIGPIPE.  MSG_MORE
+		 * keeps a reply header in the socket until its sendfile() data joins it. */
+		ssize_t n = sendmsg(t->fd, &mh, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
 		if (n >= 0)
 			return n;
+		if (errno == EINTR)
+			continue;
+		return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+	}
+}
+
+/*
+ * Pages go from the page cache to the socket by reference: no copy in user space.
+ * sendfile() has no MSG_NOSIGNAL; the server ignores SIGPIPE (server.c).  A file that
+ * shrank under the export ends the range early: the reply header already promised the
+ * bytes, so that is an error that closes the connection.
+ */
+static ssize_t plain_sendfile(struct nbdv_transport *t, int fd, uint64_t off, size_t len)
+{
+	off_t pos = (off_t)off;
+
+	for (;;) {
+		ssize_t n = sendfile(t->fd, fd, &pos, len);
+		if (n > 0)
+			return n;
+		if (n == 0)
+			return -EIO; /* the file ended before the range did */
 		if (errno == EINTR)
 			continue;
 		return errno == EWOULDBLOCK ? -EAGAIN : -errno;
@@ -54,6 +78,7 @@ static const struct nbdv_transport_ops plain_ops = {
     .name = "plain",
     .recv = plain_recv,
     .sendv = plain_sendv,
+    .sendfile = plain_sendfile,
     .pending = plain_pending,
     .shutdown = plain_shutdown,
     .free = plain_free,

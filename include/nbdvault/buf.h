@@ -5,7 +5,9 @@
  * the message's own inline storage (headers) or in a buffer the message owns (READ
  * data, block status descriptors).  The queue owns every message until all of its
  * bytes are written, so a transport that must retry a send (GnuTLS after
- * GNUTLS_E_AGAIN) always finds the same bytes at the same address.
+ * GNUTLS_E_AGAIN) always finds the same bytes at the same address.  A message may end
+ * in a range of a file (a READ reply sent with sendfile(2) on a plain socket): the
+ * queue then stops gathering at that message until the range is sent.
  *
  *   outq.head ──► outmsg ──► outmsg ──► NULL      (outq.tail points at the last)
  *                  iov[0..niov), cur = first iov not fully written
@@ -28,6 +30,9 @@ struct nbdv_outmsg {
 	int cur;			   /* first piece not fully written */
 	struct iovec iov[NBDV_OUTMSG_IOV]; /* what to send, in order */
 	void *owned;			   /* freed with the message (may be NULL) */
+	int file_fd;			   /* after the pieces: file_len bytes of this file */
+	uint64_t file_off;		   /* from this offset (advances as they are sent) */
+	size_t file_len;		   /* 0: no file range */
 	size_t used;			   /* bytes of inl used */
 	size_t cap;			   /* bytes of inl available */
 	unsigned char inl[];		   /* inline storage for headers */
@@ -45,6 +50,9 @@ struct nbdv_outmsg *outmsg_new(size_t inl_cap) NBDV_WUR;
 int outmsg_add_copy(struct nbdv_outmsg *m, const void *p, size_t len);
 /* Append a piece that points at memory the caller keeps alive (e.g. m->owned). */
 void outmsg_add_ref(struct nbdv_outmsg *m, const void *p, size_t len);
+/* End the message with @len bytes of @fd from @off, sent after every piece; @fd must
+ * stay open until the message is freed.  At most one per message. */
+void outmsg_add_file(struct nbdv_outmsg *m, int fd, uint64_t off, size_t len);
 void outmsg_free(struct nbdv_outmsg *m);
 /* Free this thread's recycled messages (at thread or process exit). */
 void nbdv_outmsg_cache_drain(void);
@@ -82,10 +90,18 @@ bool nbdv_freelist_put(struct nbdv_freelist *fl, void *p);
 void nbdv_freelist_drain(struct nbdv_freelist *fl);
 
 void outq_push(struct nbdv_outq *q, struct nbdv_outmsg *m);
-/* Gather up to @max pieces of unsent data into @iov; returns how many. */
-int outq_gather(const struct nbdv_outq *q, struct iovec *iov, int max);
-/* Mark @n bytes as written, freeing messages that are complete. */
+/*
+ * Gather up to @max pieces of unsent data into @iov; returns how many.  Gathering stops
+ * after the pieces of a message that ends in a file range: *file_next is then true (the
+ * range follows them on the wire, so they may be held back for it).
+ */
+int outq_gather(const struct nbdv_outq *q, struct iovec *iov, int max, bool *file_next);
+/* Mark @n bytes of gathered pieces as written, freeing messages that are complete. */
 void outq_consume(struct nbdv_outq *q, size_t n);
+/* The head message's file range when its pieces are all written, else NULL. */
+struct nbdv_outmsg *outq_file_due(const struct nbdv_outq *q);
+/* Mark @n bytes of the head message's file range as sent (see outq_file_due()). */
+void outq_consume_file(struct nbdv_outq *q, size_t n);
 void outq_clear(struct nbdv_outq *q);
 
 #endif /* NBDV_BUF_H */

@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 
@@ -22,8 +23,12 @@ struct nbdv_transport_ops {
 	/* Read up to @len bytes: >0 bytes read, 0 at end of stream, -EAGAIN, or -errno. */
 	ssize_t (*recv)(struct nbdv_transport *t, void *buf, size_t len);
 	/* Write from @iov: bytes written (maybe fewer), -EAGAIN, or -errno.  After -EAGAIN
-	 * the caller retries with the same leading bytes. */
-	ssize_t (*sendv)(struct nbdv_transport *t, const struct iovec *iov, int iovcnt);
+	 * the caller retries with the same leading bytes.  @more: the caller sends more at
+	 * once (a file range), so the bytes may wait for it rather than leave alone. */
+	ssize_t (*sendv)(struct nbdv_transport *t, const struct iovec *iov, int iovcnt, bool more);
+	/* Optional: write @len bytes of file @fd from @off straight from the page cache,
+	 * same results as sendv.  NULL where the bytes must pass through user space (TLS). */
+	ssize_t (*sendfile)(struct nbdv_transport *t, int fd, uint64_t off, size_t len);
 	/* True when bytes are buffered inside the transport, so a readable fd is not needed. */
 	bool (*pending)(struct nbdv_transport *t);
 	/* Orderly end of the stream (TLS close_notify); best effort, never blocks. */

@@ -34,7 +34,7 @@ static ssize_t mem_recv(struct nbdv_transport *t, void *buf, size_t len)
 	return (ssize_t)n;
 }
 
-static ssize_t mem_sendv(struct nbdv_transport *t, const struct iovec *iov, int iovcnt)
+static ssize_t mem_sendv(struct nbdv_transport *t, const struct iovec *iov, int iovcnt, bool more)
 {
 	struct embed_client *cl = ((struct memtp *)t)->cl;
 	size_t n = 0;

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "nbdvault/buf.h"
@@ -12,6 +13,7 @@ int main(void)
 {
 	struct nbdv_outq q = {0};
 	struct iovec iov[8];
+	bool file_next;
 	char *owned = nbdv_buf_alloc(100);
 	struct nbdv_outmsg *a = outmsg_new(16), *b = outmsg_new(4);
 	char flat[200];
@@ -33,12 +35,13 @@ int main(void)
 	outq_push(&q, a);
 	outq_push(&q, b);
 	CHECK(q.bytes == 108);
-	CHECK(outq_gather(&q, iov, 8) == 3);
-	CHECK(outq_gather(&q, iov, 2) == 2);
+	CHECK(outq_gather(&q, iov, 8, &file_next) == 3 && !file_next);
+	CHECK(outq_gather(&q, iov, 2, &file_next) == 2);
+	CHECK(outq_file_due(&q) == NULL);
 
 	/* Consume in odd-sized steps, as a socket taking partial writes would. */
 	while (q.head) {
-		int n = outq_gather(&q, iov, 8);
+		int n = outq_gather(&q, iov, 8, &file_next);
 		size_t step = 7;
 		CHECK(n > 0);
 		for (int i = 0; i < n && step; i++) {
@@ -52,6 +55,53 @@ int main(void)
 	CHECK(got == 108 && q.bytes == 0 && q.tail == NULL);
 	CHECK(memcmp(flat, "head", 4) == 0 && flat[4] == 'x' && flat[103] == 'x');
 	CHECK(memcmp(flat + 104, "tail", 4) == 0);
+
+	/* A message ending in a file range: gathering stops after its pieces (flagged, so
+	 * the transport holds them for the range), the range is due once they are sent,
+	 * and the next message follows only after the whole range. */
+	{
+		char path[] = "/tmp/nbdvault-test-buf-XXXXXX", data[64], wire[128];
+		int fd = mkstemp(path);
+		struct nbdv_outmsg *h = outmsg_new(8), *t = outmsg_new(8), *f;
+		size_t w = 0;
+
+		CHECK(fd >= 0 && h && t);
+		unlink(path);
+		for (int i = 0; i < 64; i++)
+			data[i] = (char)('a' + i % 26);
+		CHECK(pwrite(fd, data, 64, 0) == 64);
+		CHECK(outmsg_add_copy(h, "HDR", 3) == 0);
+		outmsg_add_file(h, fd, 10, 40);
+		CHECK(outmsg_add_copy(t, "NEXT", 4) == 0);
+		outq_push(&q, h);
+		outq_push(&q, t);
+		CHECK(q.bytes == 47);
+		CHECK(outq_gather(&q, iov, 8, &file_next) == 1 && file_next);
+		memcpy(wire, iov[0].iov_base, 2);
+		outq_consume(&q, 2); /* a partial write of the header */
+		CHECK(outq_file_due(&q) == NULL && q.head == h);
+		CHECK(outq_gather(&q, iov, 8, &file_next) == 1 && file_next && iov[0].iov_len == 1);
+		memcpy(wire + 2, iov[0].iov_base, 1);
+		outq_consume(&q, 1);
+		w = 3;
+		/* The range goes out in pieces, as a non-blocking sendfile() would send it. */
+		while ((f = outq_file_due(&q)) != NULL) {
+			size_t k = f->file_len < 15 ? f->file_len : 15;
+			CHECK(f == h && f->file_fd == fd);
+			CHECK(pread(fd, wire + w, k, (off_t)f->file_off) == (ssize_t)k);
+			w += k;
+			outq_consume_file(&q, k);
+		}
+		CHECK(w == 43 && q.head == t && q.bytes == 4);
+		CHECK(outq_gather(&q, iov, 8, &file_next) == 1 && !file_next);
+		memcpy(wire + w, iov[0].iov_base, 4);
+		outq_consume(&q, 4);
+		w += 4;
+		CHECK(q.head == NULL && q.tail == NULL && q.bytes == 0);
+		CHECK(memcmp(wire, "HDR", 3) == 0 && memcmp(wire + 3, data + 10, 40) == 0 &&
+		      memcmp(wire + 43, "NEXT", 4) == 0);
+		close(fd);
+	}
 
 	/* Clearing frees queued messages and their owned buffers (ASan checks leaks). */
 	a = outmsg_new(8);
