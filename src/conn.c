@@ -6,14 +6,18 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "nbdvault/config.h"
 #include "nbdvault/conn.h"
+#include "nbdvault/driver_registry.h"
 #include "nbdvault/handshake.h"
 #include "nbdvault/log.h"
 #include "nbdvault/protocol.h"
@@ -336,6 +340,7 @@ static void conn_flush(struct nbdv_conn *c)
 			return;
 		}
 		if (f) {
+			c->sendfile_bytes += (uint64_t)w;
 			outq_consume_file(&c->outq, (size_t)w);
 		} else {
 			outq_consume(&c->outq, (size_t)w);
@@ -357,7 +362,11 @@ bool conn_release(struct nbdv_conn *c)
 	if (c->phase != CONN_DEAD || c->inflight || c->depth || c->dirty)
 		return false;
 	reactor_conn_remove(c->r, c);
-	log_info("c%u: closed", c->id);
+	if (c->sendfile_bytes)
+		log_info("c%u: closed (%llu bytes of READ data sent from the page cache)", c->id,
+			 (unsigned long long)c->sendfile_bytes);
+	else
+		log_info("c%u: closed", c->id);
 	c->tp->ops->free(c->tp);
 	tls_peer_clear(&c->peer);
 	ibuf_free(c->ibuf);
@@ -403,6 +412,24 @@ static int option_in_own_buffer(struct nbdv_conn *c, const uint8_t *p)
  * Consume whole units from the input buffer.  Stops when a unit is incomplete, the
  * connection leaves the reading phases, or back-pressure applies.
  */
+/*
+ * READ data sent with sendfile() leaves the server faster than a client on the same
+ * machine takes it in.  Unsent bytes then wait in the socket and are pushed out by the
+ * client's own ACKs, on the client's CPU: nbdcopy with 4 connections read 30% slower
+ * and used twice the CPU.  Keeping little unsent in the socket (readable again below
+ * 32 KiB) leaves that work to the server, where the data is queued: 4-connection
+ * nbdcopy reads +70%, 1-connection +13%.  Only where sendfile() will be used: replies
+ * copied through sendmsg() lose 30% with it (fio 1 MiB reads).
+ */
+static void limit_unsent(struct nbdv_conn *c)
+{
+	int lowat = 32 * 1024;
+
+	if (c->is_tcp && c->tp->ops->sendfile && driver_sends_from_cache(c->dev) &&
+	    setsockopt(c->fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat)) < 0)
+		log_debug("c%u: TCP_NOTSENT_LOWAT: %s", c->id, strerror(errno));
+}
+
 static void process_input(struct nbdv_conn *c)
 {
 	for (;;) {
@@ -468,6 +495,7 @@ static void process_input(struct nbdv_conn *c)
 			if (r == HS_TRANSMISSION) {
 				start_idle_timer(c);
 				ibuf_release_pages(c);
+				limit_unsent(c);
 			}
 			c->rx = r == HS_TRANSMISSION ? RX_REQ_HEADER : RX_OPT_HEADER;
 			break;

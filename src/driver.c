@@ -177,6 +177,20 @@ int driver_pread_nowait(const struct nbdv_dev *d, void *buf, uint64_t len, uint6
 	return d->inst->drv->pread_nowait(d->inst, buf, len, off);
 }
 
+bool driver_sends_from_cache(const struct nbdv_dev *d)
+{
+	return d->inst->drv->cached_fd != NULL;
+}
+
+int driver_cached_fd(const struct nbdv_dev *d, uint64_t len, uint64_t off, bool no_holes)
+{
+	if (!in_range(d, len, off))
+		return -EINVAL;
+	if (!d->inst->drv->cached_fd)
+		return -EAGAIN;
+	return d->inst->drv->cached_fd(d->inst, len, off, no_holes);
+}
+
 /* FUA for drivers without native support: the write, then a flush. */
 static int emulate_fua(const struct nbdv_dev *d, int r, uint32_t flags)
 {

@@ -23,6 +23,7 @@
 #include "nbdvault/protocol.h"
 #include "nbdvault/server.h"
 #include "nbdvault/transmission.h"
+#include "nbdvault/transport.h"
 
 /* Most descriptors in one BLOCK_STATUS reply (the spec lets a server send fewer). */
 #define MAX_STATUS_EXTENTS 1024
@@ -30,6 +31,10 @@
 #define INLINE_READ_BYTES (64 * 1024)
 /* Writes up to this size, without FUA, are offered to the driver inline first. */
 #define INLINE_WRITE_BYTES (256 * 1024)
+/* Reads larger than this whose data is all in the page cache are sent from it with
+ * sendfile() on plain connections (smaller ones are copied: their replies then leave
+ * together in one sendmsg). */
+#define SENDFILE_MIN_BYTES INLINE_READ_BYTES
 /* Most chunks a sparse READ reply is split into; the rest is sent as data. */
 #define MAX_READ_CHUNKS 32
 
@@ -46,6 +51,8 @@ struct nbdv_req {
 	uint8_t *buf;		    /* READ/WRITE data, count bytes */
 	int err;		    /* 0 or -errno from the driver */
 	bool sparse;		    /* READ: ext describes holes to send as OFFSET_HOLE */
+	bool from_file;		    /* READ: data is sent from file_fd by the transport */
+	int file_fd;		    /* (the export's file, open while the connection is) */
 	struct nbdv_extents ext;    /* BLOCK_STATUS result, or READ layout */
 	/* Not cleared when recycled: */
 	struct nbdv_extent read_ext[MAX_READ_CHUNKS]; /* storage for a sparse READ's layout */
@@ -188,12 +195,47 @@ static void queue_error(struct nbdv_conn *c, uint64_t cookie, uint32_t error, co
 	}
 }
 
+/* One simple reply or OFFSET_DATA chunk whose data the transport sends from the file. */
+static void reply_read_file(struct nbdv_conn *c, struct nbdv_req *r)
+{
+	struct nbdv_outmsg *m = outmsg_new(sizeof(struct nbd_structured_reply) + 8);
+	uint64_t be_off = htobe64(r->offset);
+
+	if (!m) {
+		conn_abort(c);
+		return;
+	}
+	if (c->structured) {
+		struct nbd_structured_reply h = {
+		    .magic = htobe32(NBD_STRUCTURED_REPLY_MAGIC),
+		    .flags = htobe16(NBD_REPLY_FLAG_DONE),
+		    .type = htobe16(NBD_REPLY_TYPE_OFFSET_DATA),
+		    .cookie = r->cookie,
+		    .length = htobe32(8 + r->count),
+		};
+		(void)outmsg_add_copy(m, &h, sizeof(h));
+		(void)outmsg_add_copy(m, &be_off, 8);
+	} else {
+		struct nbd_simple_reply h = {
+		    .magic = htobe32(NBD_SIMPLE_REPLY_MAGIC),
+		    .cookie = r->cookie,
+		};
+		(void)outmsg_add_copy(m, &h, sizeof(h));
+	}
+	outmsg_add_file(m, r->file_fd, r->offset, r->count);
+	conn_queue(c, m);
+}
+
 static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	uint64_t pos = r->offset, end = r->offset + r->count;
 	uint8_t *buf = r->buf;
 
 	r->buf = NULL; /* the reply owns the data now */
+	if (r->from_file) {
+		reply_read_file(c, r);
+		return;
+	}
 	if (!c->structured) {
 		queue_simple(c, r->cookie, 0, buf, r->count);
 		return;
@@ -449,6 +491,12 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 	return 0;
 }
 
+/* Whether holes in a READ's range should be sent as OFFSET_HOLE chunks. */
+static bool wants_holes(const struct nbdv_conn *c, const struct nbdv_req *r)
+{
+	return c->structured && !(r->flags & NBD_CMD_FLAG_DF) && (c->dev->caps & NBDV_CAP_EXTENTS);
+}
+
 static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	const char *why = NULL;
@@ -465,6 +513,20 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 		transmission_req_free(r);
 		return;
 	}
+	if (r->type == NBD_CMD_READ && r->count > SENDFILE_MIN_BYTES && c->tp->ops->sendfile &&
+	    (c->dev->caps & NBDV_CAP_BLOCKING)) {
+		/* Data wholly in the page cache (and no hole the client would rather get as
+		 * OFFSET_HOLE) goes from there to the socket: no buffer, no copy here, no
+		 * trip to the workers. */
+		int fd = driver_cached_fd(c->dev, r->count, r->offset, wants_holes(c, r));
+		if (fd >= 0) {
+			r->from_file = true;
+			r->file_fd = fd;
+			c->inflight++;
+			submit_done_inline(c, r);
+			return;
+		}
+	}
 	if (r->type == NBD_CMD_READ && r->count) {
 		r->buf = nbdv_buf_alloc(r->count);
 		if (!r->buf) {
@@ -472,8 +534,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 			transmission_req_free(r);
 			return;
 		}
-		r->sparse = c->structured && !(r->flags & NBD_CMD_FLAG_DF) &&
-			    (c->dev->caps & NBDV_CAP_EXTENTS);
+		r->sparse = wants_holes(c, r);
 	}
 	c->inflight++;
 	c->inflight_bytes += req_bytes(r);

@@ -96,6 +96,7 @@ struct nbdv_conn {
 	bool draining;		    /* server shutting down: close when idle */
 	unsigned inflight;	    /* requests submitted and not yet replied */
 	size_t inflight_bytes;	    /* their data buffers */
+	uint64_t sendfile_bytes;    /* READ data the transport sent from the file (logged) */
 };
 
 /* Take over accepted socket @fd; sends the greeting.  Returns NULL (fd closed) on failure. */

@@ -124,6 +124,14 @@ struct nbdv_driver {
 	 */
 	int (*pwrite_nowait)(struct nbdv_drv_instance *inst, const void *buf, uint64_t len,
 			     uint64_t off);
+	/*
+	 * Optional, for blocking drivers, must not block: a file descriptor whose bytes
+	 * [off, off+len) are this range of the export and are all in the page cache (with
+	 * @no_holes, also none of it a hole), else -EAGAIN.  The reactor then sends a
+	 * READ reply's data from the page cache with sendfile(2) on plain connections.  The
+	 * descriptor must stay open as long as the instance.
+	 */
+	int (*cached_fd)(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, bool no_holes);
 };
 
 #endif /* NBDV_DRIVER_H */

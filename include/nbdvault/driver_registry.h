@@ -89,6 +89,11 @@ void driver_close(struct nbdv_dev *dev);
 int driver_pread(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off) NBDV_WUR;
 /* Read without blocking if the driver can; -EAGAIN when it cannot or would block. */
 int driver_pread_nowait(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off) NBDV_WUR;
+/* Whether the driver can offer descriptors to send READ data from (cached_fd). */
+bool driver_sends_from_cache(const struct nbdv_dev *d);
+/* A descriptor to sendfile() [off, off+len) from without blocking, or -EAGAIN (see the
+ * driver table's cached_fd). */
+int driver_cached_fd(const struct nbdv_dev *d, uint64_t len, uint64_t off, bool no_holes) NBDV_WUR;
 int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint64_t off,
 		  uint32_t flags) NBDV_WUR;
 /*

@@ -9,20 +9,24 @@
  *  - Block status: SEEK_DATA / SEEK_HOLE; holes read as zeroes.
  * Every call may block, so they run on the executor's worker threads, concurrently:
  * only positional I/O is used, and nothing in the instance changes after create()
- * but one atomic flag.  Small cached reads (RWF_NOWAIT) and small page-aligned writes
- * (into the page cache) are offered to the reactor through the *_nowait calls.
+ * but atomic flags.  Small cached reads (RWF_NOWAIT) and small page-aligned writes
+ * (into the page cache) are offered to the reactor through the *_nowait calls, and
+ * large reads wholly in the page cache are sent from it (cached_fd, cachestat(2)).
  */
+
 #include "build-config.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/fiemap.h>
 #include <linux/fs.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -30,6 +34,20 @@
 #include "nbdvault/driver.h"
 #include "nbdvault/log.h"
 #include "nbdvault/protocol.h"
+
+/* cachestat(2) is Linux 6.5; older C library headers do not name it.  The number is the
+ * same on every architecture (the unified syscall table). */
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+struct cachestat_range_v1 {
+	uint64_t off, len;
+};
+struct cachestat_v1 {
+	uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+/* Most extents of a range that cached_fd() looks at before leaving it to the workers. */
+#define FIEMAP_EXTENTS 8
 
 struct filedrv {
 	struct nbdv_drv_instance head; /* must be first */
@@ -39,6 +57,8 @@ struct filedrv {
 	bool readonly;		       /* opened O_RDONLY */
 	uint64_t page_mask;	       /* page size - 1 */
 	atomic_bool no_nowait_write;   /* pwritev2(RWF_NOWAIT) is EOPNOTSUPP here */
+	atomic_bool no_cachestat;      /* cachestat(2) is missing or refused here */
+	atomic_bool no_fiemap;	       /* FS_IOC_FIEMAP is not supported here */
 };
 
 static struct filedrv *to_file(struct nbdv_drv_instance *inst)
@@ -204,6 +224,74 @@ static int file_pread_nowait(struct nbdv_drv_instance *inst, void *buf, uint64_t
 		return 0;
 	}
 	return -EAGAIN;
+}
+
+/* Whether [off, off+len) is all in the page cache (false if that cannot be asked). */
+static bool all_cached(struct filedrv *f, uint64_t len, uint64_t off)
+{
+	struct cachestat_range_v1 range = {off, len};
+	struct cachestat_v1 cs;
+	uint64_t pages = ((off + len + f->page_mask) & ~f->page_mask) / (f->page_mask + 1) -
+			 off / (f->page_mask + 1);
+
+	if (atomic_load_explicit(&f->no_cachestat, memory_order_relaxed))
+		return false;
+	if (syscall(__NR_cachestat, f->fd, &range, &cs, 0) < 0) {
+		/* ENOSYS: kernel before 6.5; EPERM: newer kernels allow it only to those
+		 * who could write the file.  Either way it will not change. */
+		if (errno == ENOSYS || errno == EPERM || errno == EOPNOTSUPP)
+			atomic_store_explicit(&f->no_cachestat, true, memory_order_relaxed);
+		return false;
+	}
+	return cs.nr_cache >= pages;
+}
+
+/*
+ * Whether [off, off+len) is all allocated data, asked with FIEMAP for this range only
+ * (SEEK_HOLE would walk every extent up to the next hole, without bound).  Unwritten
+ * (preallocated) extents and ranges of more than FIEMAP_EXTENTS extents count as
+ * "not known": the workers' path sorts them out.
+ */
+static bool all_data(struct filedrv *f, uint64_t len, uint64_t off)
+{
+	uint64_t q[(sizeof(struct fiemap) + FIEMAP_EXTENTS * sizeof(struct fiemap_extent)) / 8] = {
+	    0};
+	struct fiemap *fm = (struct fiemap *)q;
+	uint64_t pos = off;
+
+	if (atomic_load_explicit(&f->no_fiemap, memory_order_relaxed))
+		return false;
+	fm->fm_start = off;
+	fm->fm_length = len;
+	fm->fm_extent_count = FIEMAP_EXTENTS;
+	if (ioctl(f->fd, FS_IOC_FIEMAP, fm) < 0) {
+		if (errno == ENOTTY || errno == EOPNOTSUPP)
+			atomic_store_explicit(&f->no_fiemap, true, memory_order_relaxed);
+		return false;
+	}
+	for (uint32_t i = 0; i < fm->fm_mapped_extents; i++) {
+		const struct fiemap_extent *e = &fm->fm_extents[i];
+
+		if (e->fe_logical > pos || (e->fe_flags & FIEMAP_EXTENT_UNWRITTEN))
+			return false;
+		pos = NBDV_MAX(pos, e->fe_logical + e->fe_length);
+		if (pos >= off + len)
+			return true;
+	}
+	return false;
+}
+
+static int file_cached_fd(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, bool no_holes)
+{
+	struct filedrv *f = to_file(inst);
+
+	if (!all_cached(f, len, off))
+		return -EAGAIN;
+	/* A block device has no holes; cached pages past the end of a file that shrank
+	 * cannot exist, so sendfile() will find every byte. */
+	if (no_holes && !f->is_blk && !all_data(f, len, off))
+		return -EAGAIN;
+	return f->fd;
 }
 
 static int file_flush(struct nbdv_drv_instance *inst, uint32_t flags)
@@ -393,4 +481,5 @@ const struct nbdv_driver nbdv_driver_file = {
     .probe = file_probe,
     .pread_nowait = file_pread_nowait,
     .pwrite_nowait = file_pwrite_nowait,
+    .cached_fd = file_cached_fd,
 };

@@ -150,6 +150,26 @@ static void conformance(const struct nbdv_driver *drv)
 	}
 	CHECK(driver_pwrite_nowait(&d, pat2, 4096, SIZE - 2048) == -EINVAL);
 
+	/* cached_fd: a descriptor only for a range wholly in the page cache, holding the
+	 * export's bytes there; with no_holes, never for a range with a hole in it. */
+	r = driver_cached_fd(&d, CH, 3 * CH, true);
+	CHECK(driver_sends_from_cache(&d) ? r >= 0 || r == -EAGAIN : r == -EAGAIN);
+	if (r >= 0) {
+		uint8_t *viafd = malloc(CH);
+		CHECK(viafd && pread(r, viafd, CH, 3 * CH) == CH);
+		CHECK(driver_pread(&d, buf, CH, 3 * CH) == 0 && memcmp(buf, viafd, CH) == 0);
+		/* The trimmed hole, read once so that its zeroes are in the cache too. */
+		CHECK(driver_pread(&d, buf, CH, 2 * CH) == 0 && is_zero(buf, CH));
+		CHECK(driver_cached_fd(&d, 2 * CH, 2 * CH, true) == -EAGAIN);
+		CHECK(driver_cached_fd(&d, 2 * CH, 2 * CH, false) == r);
+		/* Dropped from the page cache: no descriptor. */
+		CHECK(fdatasync(r) == 0 && posix_fadvise(r, 3 * CH, CH, POSIX_FADV_DONTNEED) == 0);
+		CHECK(driver_cached_fd(&d, CH, 3 * CH, false) == -EAGAIN);
+		free(viafd);
+		printf("driver %s: cached_fd checked\n", drv->name);
+	}
+	CHECK(driver_cached_fd(&d, CH, SIZE - 2048, false) == -EINVAL);
+
 	/* The last byte, and one past it through the wrapper. */
 	CHECK(driver_pwrite(&d, "Z", 1, SIZE - 1, 0) == 0);
 	CHECK(driver_pread(&d, buf, 1, SIZE - 1) == 0 && buf[0] == 'Z');

@@ -1,0 +1,226 @@
+#!/usr/bin/python3
+"""READ replies sent from the page cache with sendfile() on plain connections: the
+bytes over TCP and unix sockets, framing among other replies, holes still sent as
+OFFSET_HOLE, slow and vanishing readers, and TLS connections that must not use it.
+
+The server logs, per closed connection, how many READ bytes left by sendfile(); the
+tests compare that count with what they read."""
+
+import os
+import re
+import shutil
+import socket
+import struct
+import tempfile
+import time
+import unittest
+
+import nbdv
+
+nbdv.require_libnbd()
+import nbd  # noqa: E402
+
+MIB = 1 << 20
+SIZE = 32 * MIB
+FLAG_DF = 1 << 2
+REPLY_FLAG_DONE = 1
+OFFSET_DATA, OFFSET_HOLE = 1, 2
+SENT = re.compile(r"c(\d+): closed \((\d+) bytes of READ data sent from the page cache\)")
+CLOSED = re.compile(r"c(\d+): closed")
+
+
+def cachestat_kernel():
+    major, minor = (int(re.match(r"\d+", x).group()) for x in os.uname().release.split(".")[:2])
+    return (major, minor) >= (6, 5)
+
+
+class PageCacheTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="nbdvault-pagecache-")
+        cls.pki = nbdv.make_pki(os.path.join(cls.tmp, "pki"))
+        cls.data = os.urandom(SIZE)
+        with open(os.path.join(cls.tmp, "disk.img"), "wb") as f:
+            f.write(cls.data)  # written through the page cache: it is all there
+        # sparse.img: data [0, 1M), a hole [1M, 3M), data [3M, 4M).
+        with open(os.path.join(cls.tmp, "sparse.img"), "wb") as f:
+            f.write(cls.data[:MIB])
+            f.seek(3 * MIB)
+            f.write(cls.data[3 * MIB:4 * MIB])
+        exports = f"""
+  - name: disk
+    driver: file
+    path: {cls.tmp}/disk.img
+  - name: sparse
+    driver: file
+    path: {cls.tmp}/sparse.img
+  - name: mem
+    driver: memory
+    size: 16M
+"""
+        tls = f"tls:\n  mode: optional\n  certificates: {cls.pki}\n"
+        cls.srv = nbdv.Server(exports, extra=tls, tcp=True).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.srv.__exit__(None, None, None)
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def setUp(self):
+        if not cachestat_kernel():
+            self.skipTest("cachestat(2) needs Linux 6.5: large reads are copied instead")
+
+    def tearDown(self):
+        self.assertTrue(self.srv.alive(), "server died:\n" + self.srv.logtext())
+        nbdv.check_serves(self, self.srv)
+
+    # --- helpers ---
+
+    def closed_count(self):
+        return len(CLOSED.findall(self.srv.logtext()))
+
+    def sent_since(self, closed_before, closes):
+        """Wait for @closes more connections to close; the sendfile bytes they logged."""
+        deadline = time.monotonic() + 10 * nbdv.SLOW
+        while self.closed_count() < closed_before + closes:
+            self.assertLess(time.monotonic(), deadline, "connection close not logged")
+            time.sleep(0.01)
+        text = self.srv.logtext()
+        ids = CLOSED.findall(text)[closed_before:]
+        sent = {m.group(1): int(m.group(2)) for m in SENT.finditer(text)}
+        return sum(sent.get(i, 0) for i in ids)
+
+    def raw_tcp(self, export=b"disk", structured=True, rcvbuf=None):
+        r = nbdv.Raw.__new__(nbdv.Raw)
+        r.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            r.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        r.s.settimeout(20 * nbdv.SLOW)
+        r.s.connect(("127.0.0.1", self.srv.port))
+        self.addCleanup(r.close)
+        r.greet()
+        r.go(export, structured=structured)
+        return r
+
+    def read_chunks(self, r, cookie):
+        """Chunks of one structured reply, in order: [(type, offset, payload)]."""
+        out = []
+        while True:
+            kind, flags, rtype, ck, payload = r.any_reply()
+            self.assertEqual((kind, ck), ("chunk", cookie))
+            self.assertIn(rtype, (OFFSET_DATA, OFFSET_HOLE), f"chunk type {rtype}")
+            off = struct.unpack(">Q", payload[:8])[0]
+            out.append((rtype, off, payload[8:] if rtype == OFFSET_DATA else
+                        struct.unpack(">I", payload[8:12])[0]))
+            if flags & REPLY_FLAG_DONE:
+                return out
+
+    # --- tests ---
+
+    def test_cached_reads_over_tcp_and_unix(self):
+        reads = [(0, MIB), (4097, 3 * MIB + 123), (SIZE - 2 * MIB - 1, 2 * MIB + 1),
+                 (12345, 65537)]
+        for uri in (self.srv.tcp_uri("disk"), self.srv.uri("disk")):
+            for structured in (True, False):
+                with self.subTest(uri=uri, structured=structured):
+                    before = self.closed_count()
+                    h = nbd.NBD()
+                    h.set_request_structured_replies(structured)
+                    h.connect_uri(uri)
+                    for off, n in reads:
+                        self.assertEqual(h.pread(n, off), self.data[off:off + n])
+                    # 64 KiB and less: copied, and batched with other replies.
+                    self.assertEqual(h.pread(65536, 5), self.data[5:65541])
+                    nbdv.disconnect(h)
+                    self.assertEqual(self.sent_since(before, 1), sum(n for _, n in reads))
+
+    def test_many_reads_in_flight_mixed_with_copied_ones(self):
+        # 1 MiB reads (sendfile) and 4 KiB reads (copied inline) in flight together on
+        # one connection: every reply must arrive whole, none inside another's data.
+        before = self.closed_count()
+        h = nbd.NBD()
+        h.connect_uri(self.srv.tcp_uri("disk"))
+        pending = []
+        for i in range(64):
+            n = MIB if i % 2 else 4096
+            off = (i * 7919 * 4096 + i) % (SIZE - n)
+            buf = nbd.Buffer(n)
+            pending.append((h.aio_pread(buf, off), buf, off, n))
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for cookie, buf, off, n in pending:
+            self.assertTrue(h.aio_command_completed(cookie))
+            self.assertEqual(buf.to_bytearray(), self.data[off:off + n], f"read at {off}")
+        nbdv.disconnect(h)
+        self.assertEqual(self.sent_since(before, 1), 32 * MIB)
+
+    def test_holes_are_still_sent_as_offset_hole(self):
+        r = self.raw_tcp(b"sparse")
+        before = self.closed_count()
+        # DF (one data chunk): reads the hole too, which puts its zeroes in the cache.
+        want = self.data[:MIB] + bytes(2 * MIB) + self.data[3 * MIB:4 * MIB]
+        for cookie in (1, 2):  # the second is all in the page cache: sendfile
+            r.request(nbdv.CMD_READ, 0, 4 * MIB, flags=FLAG_DF, cookie=cookie)
+            self.assertEqual(self.read_chunks(r, cookie), [(OFFSET_DATA, 0, want)])
+        # Without DF the client wants holes: the cached zeroes must not hide the hole.
+        r.request(nbdv.CMD_READ, 0, 4 * MIB, cookie=3)
+        chunks = self.read_chunks(r, 3)
+        self.assertIn((OFFSET_HOLE, MIB, 2 * MIB), chunks)
+        data = b"".join(p for t, _, p in chunks if t == OFFSET_DATA)
+        self.assertEqual(data, self.data[:MIB] + self.data[3 * MIB:4 * MIB])
+        r.request(nbdv.CMD_DISC)
+        self.assertEqual(self.sent_since(before, 1), 4 * MIB)
+
+    def test_slow_reader_gets_whole_replies_in_order_of_completion(self):
+        # A 16 KiB receive buffer read in small sips: every sendfile() is partial and
+        # the server waits for the socket many times mid-range.
+        r = self.raw_tcp(structured=False, rcvbuf=16384)
+        before = self.closed_count()
+        reqs = {1: (1, 8 * MIB), 2: (0, 4096), 3: (5 * MIB, MIB), 4: (7, 100)}
+        for cookie, (off, n) in reqs.items():
+            r.request(nbdv.CMD_READ, off, n, cookie=cookie)
+        got = {}
+        for _ in reqs:
+            magic, err, cookie = struct.unpack(">IIQ", r.recvn(16))
+            self.assertEqual((magic, err), (nbdv.SIMPLE_REPLY_MAGIC, 0))
+            self.assertNotIn(cookie, got)
+            off, n = reqs[cookie]
+            buf = bytearray()
+            while len(buf) < n:
+                chunk = r.s.recv(min(n - len(buf), 8192))
+                self.assertTrue(chunk, "connection closed mid-reply")
+                buf += chunk
+                if len(buf) % (256 * 1024) < 8192:
+                    time.sleep(0.002)
+            got[cookie] = bytes(buf)
+        for cookie, (off, n) in reqs.items():
+            self.assertEqual(got[cookie], self.data[off:off + n], f"cookie {cookie}")
+        r.request(nbdv.CMD_DISC)
+        self.assertEqual(self.sent_since(before, 1), 9 * MIB)
+
+    def test_client_vanishing_mid_reply(self):
+        for _ in range(3):
+            r = self.raw_tcp()
+            r.request(nbdv.CMD_READ, 0, 16 * MIB, cookie=1)
+            r.recvn(1000)
+            r.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            r.close()  # reset with most of the range unsent
+        h = nbd.NBD()
+        h.connect_uri(self.srv.tcp_uri("disk"))
+        self.assertEqual(h.pread(2 * MIB, 3), self.data[3:2 * MIB + 3])
+        nbdv.disconnect(h)
+
+    def test_tls_reads_are_encrypted_not_sent_from_the_cache(self):
+        before = self.closed_count()
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(f"{self.pki}/clients/client")
+        h.connect_uri(self.srv.tcp_uri("disk"))
+        self.assertEqual(h.pread(4 * MIB, 11), self.data[11:4 * MIB + 11])
+        self.assertIn("TLS up", self.srv.logtext())
+        nbdv.disconnect(h)
+        self.assertEqual(self.sent_since(before, 1), 0)
+
+
+if __name__ == "__main__":
+    nbdv.main()
