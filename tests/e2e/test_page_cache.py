@@ -27,6 +27,7 @@ REPLY_FLAG_DONE = 1
 OFFSET_DATA, OFFSET_HOLE = 1, 2
 SENT = re.compile(r"c(\d+): closed \((\d+) bytes of READ data sent from the page cache\)")
 CLOSED = re.compile(r"c(\d+): closed")
+OPENED = re.compile(r"c(\d+): connection from")
 
 
 def cachestat_kernel():
@@ -77,12 +78,21 @@ class PageCacheTest(unittest.TestCase):
     # --- helpers ---
 
     def closed_count(self):
-        return len(CLOSED.findall(self.srv.logtext()))
+        """Connections closed so far, once every connection accepted so far has closed
+        (the previous test's check_serves() may still be closing)."""
+        deadline = time.monotonic() + 10 * nbdv.SLOW
+        while True:
+            text = self.srv.logtext()
+            closed = len(CLOSED.findall(text))
+            if closed >= len(OPENED.findall(text)):
+                return closed
+            self.assertLess(time.monotonic(), deadline, "connections not closing")
+            time.sleep(0.01)
 
     def sent_since(self, closed_before, closes):
         """Wait for @closes more connections to close; the sendfile bytes they logged."""
         deadline = time.monotonic() + 10 * nbdv.SLOW
-        while self.closed_count() < closed_before + closes:
+        while len(CLOSED.findall(self.srv.logtext())) < closed_before + closes:
             self.assertLess(time.monotonic(), deadline, "connection close not logged")
             time.sleep(0.01)
         text = self.srv.logtext()
@@ -155,8 +165,8 @@ class PageCacheTest(unittest.TestCase):
         self.assertEqual(self.sent_since(before, 1), 32 * MIB)
 
     def test_holes_are_still_sent_as_offset_hole(self):
-        r = self.raw_tcp(b"sparse")
         before = self.closed_count()
+        r = self.raw_tcp(b"sparse")
         # DF (one data chunk): reads the hole too, which puts its zeroes in the cache.
         want = self.data[:MIB] + bytes(2 * MIB) + self.data[3 * MIB:4 * MIB]
         for cookie in (1, 2):  # the second is all in the page cache: sendfile
@@ -174,8 +184,8 @@ class PageCacheTest(unittest.TestCase):
     def test_slow_reader_gets_whole_replies_in_order_of_completion(self):
         # A 16 KiB receive buffer read in small sips: every sendfile() is partial and
         # the server waits for the socket many times mid-range.
-        r = self.raw_tcp(structured=False, rcvbuf=16384)
         before = self.closed_count()
+        r = self.raw_tcp(structured=False, rcvbuf=16384)
         reqs = {1: (1, 8 * MIB), 2: (0, 4096), 3: (5 * MIB, MIB), 4: (7, 100)}
         for cookie, (off, n) in reqs.items():
             r.request(nbdv.CMD_READ, off, n, cookie=cookie)
