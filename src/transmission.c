@@ -125,8 +125,8 @@ void transmission_req_cache_drain(void)
 
 /* --- replies --- */
 
-static void queue_simple(struct nbdv_conn *c, uint64_t cookie, uint32_t error, void *data,
-			 uint32_t len)
+/* A simple reply's header, for data (if any) to follow; NULL on ENOMEM. */
+static struct nbdv_outmsg *simple_msg(uint64_t cookie, uint32_t error)
 {
 	struct nbd_simple_reply h = {
 	    .magic = htobe32(NBD_SIMPLE_REPLY_MAGIC),
@@ -135,12 +135,42 @@ static void queue_simple(struct nbdv_conn *c, uint64_t cookie, uint32_t error, v
 	};
 	struct nbdv_outmsg *m = outmsg_new(sizeof(h));
 
+	if (m)
+		(void)outmsg_add_copy(m, &h, sizeof(h));
+	return m;
+}
+
+/* A structured chunk's header and @head (copied), announcing @dlen bytes of data to
+ * follow; NULL on ENOMEM. */
+static struct nbdv_outmsg *chunk_msg(uint64_t cookie, uint16_t flags, uint16_t type,
+				     const void *head, size_t hlen, size_t dlen)
+{
+	struct nbd_structured_reply h = {
+	    .magic = htobe32(NBD_STRUCTURED_REPLY_MAGIC),
+	    .flags = htobe16(flags),
+	    .type = htobe16(type),
+	    .cookie = cookie,
+	    .length = htobe32((uint32_t)(hlen + dlen)),
+	};
+	struct nbdv_outmsg *m = outmsg_new(sizeof(h) + hlen);
+
+	if (m) {
+		(void)outmsg_add_copy(m, &h, sizeof(h));
+		(void)outmsg_add_copy(m, head, hlen);
+	}
+	return m;
+}
+
+static void queue_simple(struct nbdv_conn *c, uint64_t cookie, uint32_t error, void *data,
+			 uint32_t len)
+{
+	struct nbdv_outmsg *m = simple_msg(cookie, error);
+
 	if (!m) {
 		nbdv_buf_free(data);
 		conn_abort(c);
 		return;
 	}
-	(void)outmsg_add_copy(m, &h, sizeof(h));
 	if (data) {
 		m->owned = data;
 		outmsg_add_ref(m, data, len);
@@ -152,14 +182,7 @@ static void queue_simple(struct nbdv_conn *c, uint64_t cookie, uint32_t error, v
 static int queue_chunk(struct nbdv_conn *c, uint64_t cookie, uint16_t flags, uint16_t type,
 		       const void *head, size_t hlen, void *data, size_t dlen, bool own)
 {
-	struct nbd_structured_reply h = {
-	    .magic = htobe32(NBD_STRUCTURED_REPLY_MAGIC),
-	    .flags = htobe16(flags),
-	    .type = htobe16(type),
-	    .cookie = cookie,
-	    .length = htobe32((uint32_t)(hlen + dlen)),
-	};
-	struct nbdv_outmsg *m = outmsg_new(sizeof(h) + hlen);
+	struct nbdv_outmsg *m = chunk_msg(cookie, flags, type, head, hlen, dlen);
 
 	if (!m) {
 		if (own)
@@ -167,8 +190,6 @@ static int queue_chunk(struct nbdv_conn *c, uint64_t cookie, uint16_t flags, uin
 		conn_abort(c);
 		return -ENOMEM;
 	}
-	(void)outmsg_add_copy(m, &h, sizeof(h));
-	(void)outmsg_add_copy(m, head, hlen);
 	outmsg_add_ref(m, data, dlen);
 	if (own)
 		m->owned = data;
@@ -198,29 +219,15 @@ static void queue_error(struct nbdv_conn *c, uint64_t cookie, uint32_t error, co
 /* One simple reply or OFFSET_DATA chunk whose data the transport sends from the file. */
 static void reply_read_file(struct nbdv_conn *c, struct nbdv_req *r)
 {
-	struct nbdv_outmsg *m = outmsg_new(sizeof(struct nbd_structured_reply) + 8);
 	uint64_t be_off = htobe64(r->offset);
+	struct nbdv_outmsg *m =
+	    c->structured ? chunk_msg(r->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
+				      &be_off, sizeof(be_off), r->count)
+			  : simple_msg(r->cookie, 0);
 
 	if (!m) {
 		conn_abort(c);
 		return;
-	}
-	if (c->structured) {
-		struct nbd_structured_reply h = {
-		    .magic = htobe32(NBD_STRUCTURED_REPLY_MAGIC),
-		    .flags = htobe16(NBD_REPLY_FLAG_DONE),
-		    .type = htobe16(NBD_REPLY_TYPE_OFFSET_DATA),
-		    .cookie = r->cookie,
-		    .length = htobe32(8 + r->count),
-		};
-		(void)outmsg_add_copy(m, &h, sizeof(h));
-		(void)outmsg_add_copy(m, &be_off, 8);
-	} else {
-		struct nbd_simple_reply h = {
-		    .magic = htobe32(NBD_SIMPLE_REPLY_MAGIC),
-		    .cookie = r->cookie,
-		};
-		(void)outmsg_add_copy(m, &h, sizeof(h));
 	}
 	outmsg_add_file(m, r->file_fd, r->offset, r->count);
 	conn_queue(c, m);
