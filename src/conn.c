@@ -409,10 +409,6 @@ static int option_in_own_buffer(struct nbdv_conn *c, const uint8_t *p)
 }
 
 /*
- * Consume whole units from the input buffer.  Stops when a unit is incomplete, the
- * connection leaves the reading phases, or back-pressure applies.
- */
-/*
  * READ data sent with sendfile() leaves the server faster than a client on the same
  * machine takes it in.  Unsent bytes then wait in the socket and are pushed out by the
  * client's own ACKs, on the client's CPU: nbdcopy with 4 connections read 30% slower
@@ -430,6 +426,10 @@ static void limit_unsent(struct nbdv_conn *c)
 		log_debug("c%u: TCP_NOTSENT_LOWAT: %s", c->id, strerror(errno));
 }
 
+/*
+ * Consume whole units from the input buffer.  Stops when a unit is incomplete, the
+ * connection leaves the reading phases, or back-pressure applies.
+ */
 static void process_input(struct nbdv_conn *c)
 {
 	for (;;) {

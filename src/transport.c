@@ -9,6 +9,12 @@
 
 #include "nbdvault/transport.h"
 
+/* A failed call's result for the transport ops: -EAGAIN or -errno. */
+static ssize_t failed(void)
+{
+	return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+}
+
 static ssize_t plain_recv(struct nbdv_transport *t, void *buf, size_t len)
 {
 	for (;;) {
@@ -17,7 +23,7 @@ static ssize_t plain_recv(struct nbdv_transport *t, void *buf, size_t len)
 			return n;
 		if (errno == EINTR)
 			continue;
-		return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+		return failed();
 	}
 }
 
@@ -33,7 +39,7 @@ static ssize_t plain_sendv(struct nbdv_transport *t, const struct iovec *iov, in
 			return n;
 		if (errno == EINTR)
 			continue;
-		return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+		return failed();
 	}
 }
 
@@ -55,7 +61,7 @@ static ssize_t plain_sendfile(struct nbdv_transport *t, int fd, uint64_t off, si
 			return -EIO; /* the file ended before the range did */
 		if (errno == EINTR)
 			continue;
-		return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+		return failed();
 	}
 }
 

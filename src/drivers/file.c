@@ -13,7 +13,6 @@
  * (into the page cache) are offered to the reactor through the *_nowait calls, and
  * large reads wholly in the page cache are sent from it (cached_fd, cachestat(2)).
  */
-
 #include "build-config.h"
 
 #include <errno.h>
@@ -231,8 +230,8 @@ static bool all_cached(struct filedrv *f, uint64_t len, uint64_t off)
 {
 	struct cachestat_range_v1 range = {off, len};
 	struct cachestat_v1 cs;
-	uint64_t pages = ((off + len + f->page_mask) & ~f->page_mask) / (f->page_mask + 1) -
-			 off / (f->page_mask + 1);
+	uint64_t page = f->page_mask + 1;
+	uint64_t pages = (off + len + f->page_mask) / page - off / page;
 
 	if (atomic_load_explicit(&f->no_cachestat, memory_order_relaxed))
 		return false;
