@@ -58,6 +58,7 @@ struct filedrv {
 	atomic_bool no_nowait_write;   /* pwritev2(RWF_NOWAIT) is EOPNOTSUPP here */
 	atomic_bool no_cachestat;      /* cachestat(2) is missing or refused here */
 	atomic_bool no_fiemap;	       /* FS_IOC_FIEMAP is not supported here */
+	char name[];		       /* export name, for log lines */
 };
 
 static struct filedrv *to_file(struct nbdv_drv_instance *inst)
@@ -90,12 +91,13 @@ static int file_create(const struct nbdv_export_params *p, struct nbdv_drv_insta
 		log_err("export %s: cannot open %s: %s", p->name, p->path, strerror(errno));
 		return r;
 	}
-	f = calloc(1, sizeof(*f));
+	f = calloc(1, sizeof(*f) + strlen(p->name) + 1);
 	if (!f) {
 		close(fd);
 		return -ENOMEM;
 	}
 	f->fd = fd;
+	strcpy(f->name, p->name);
 	f->readonly = p->readonly;
 	f->page_mask = (uint64_t)sysconf(_SC_PAGESIZE) - 1;
 	if (fstat(fd, &st) < 0)
@@ -225,6 +227,15 @@ static int file_pread_nowait(struct nbdv_drv_instance *inst, void *buf, uint64_t
 	return -EAGAIN;
 }
 
+/* A call a fast path depends on failed with @err for good: stop using it, and say so
+ * once (with @consequence) so that an admin can tell why it is not taken. */
+static void give_up(struct filedrv *f, atomic_bool *flag, const char *call, int err,
+		    const char *consequence)
+{
+	if (!atomic_exchange_explicit(flag, true, memory_order_relaxed))
+		log_info("export %s: %s: %s; %s", f->name, call, strerror(err), consequence);
+}
+
 /* Whether [off, off+len) is all in the page cache (false if that cannot be asked). */
 static bool all_cached(struct filedrv *f, uint64_t len, uint64_t off)
 {
@@ -239,7 +250,8 @@ static bool all_cached(struct filedrv *f, uint64_t len, uint64_t off)
 		/* ENOSYS: kernel before 6.5; EPERM: newer kernels allow it only to those
 		 * who could write the file.  Either way it will not change. */
 		if (errno == ENOSYS || errno == EPERM || errno == EOPNOTSUPP)
-			atomic_store_explicit(&f->no_cachestat, true, memory_order_relaxed);
+			give_up(f, &f->no_cachestat, "cachestat", errno,
+				"READ data will be copied, never sent from the page cache");
 		return false;
 	}
 	return cs.nr_cache >= pages;
@@ -265,7 +277,9 @@ static bool all_data(struct filedrv *f, uint64_t len, uint64_t off)
 	fm->fm_extent_count = FIEMAP_EXTENTS;
 	if (ioctl(f->fd, FS_IOC_FIEMAP, fm) < 0) {
 		if (errno == ENOTTY || errno == EOPNOTSUPP)
-			atomic_store_explicit(&f->no_fiemap, true, memory_order_relaxed);
+			give_up(f, &f->no_fiemap, "FIEMAP", errno,
+				"READs that may report holes will be copied, never sent from "
+				"the page cache");
 		return false;
 	}
 	for (uint32_t i = 0; i < fm->fm_mapped_extents; i++) {
@@ -350,7 +364,8 @@ static int file_pwrite_nowait(struct nbdv_drv_instance *inst, const void *buf, u
 		if (n < 0 && errno == EAGAIN)
 			return -EAGAIN;
 		if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
-			atomic_store_explicit(&f->no_nowait_write, true, memory_order_relaxed);
+			give_up(f, &f->no_nowait_write, "pwritev2(RWF_NOWAIT)", errno,
+				"small writes are made with plain pwrite");
 		else if (n < 0)
 			return -errno;
 		else /* a short write: the rest the ordinary way */

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """READ replies sent from the page cache with sendfile() on plain connections: the
 bytes over TCP and unix sockets, framing among other replies, holes still sent as
-OFFSET_HOLE, slow and vanishing readers, and TLS connections that must not use it.
+OFFSET_HOLE, an export on tmpfs (which maps no extents), slow and vanishing readers,
+and TLS connections that must not use it.
 
 The server logs, per closed connection, how many READ bytes left by sendfile(); the
 tests compare that count with what they read.  Under valgrind (NBDVAULT_WRAPPER), which
@@ -49,7 +50,17 @@ class PageCacheTest(unittest.TestCase):
             f.write(cls.data[:MIB])
             f.seek(3 * MIB)
             f.write(cls.data[3 * MIB:4 * MIB])
-        exports = f"""
+        # An export on tmpfs, which maps no extents (FIEMAP), when there is one.
+        cls.shm = None
+        if os.path.isdir("/dev/shm") and any(
+                line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in open("/proc/mounts")):
+            cls.shm = tempfile.mkdtemp(prefix="nbdvault-pagecache-", dir="/dev/shm")
+            with open(os.path.join(cls.shm, "shm.img"), "wb") as f:
+                f.write(cls.data[:4 * MIB])
+        exports = (f"""
+  - name: shm
+    driver: file
+    path: {cls.shm}/shm.img""" if cls.shm else "") + f"""
   - name: disk
     driver: file
     path: {cls.tmp}/disk.img
@@ -67,6 +78,8 @@ class PageCacheTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.srv.__exit__(None, None, None)
         shutil.rmtree(cls.tmp, ignore_errors=True)
+        if cls.shm:
+            shutil.rmtree(cls.shm, ignore_errors=True)
 
     def setUp(self):
         if not cachestat_kernel():
@@ -215,6 +228,25 @@ class PageCacheTest(unittest.TestCase):
         h.connect_uri(self.srv.tcp_uri("disk"))
         self.assertEqual(h.pread(2 * MIB, 3), self.data[3:2 * MIB + 3])
         nbdv.disconnect(h)
+
+    def test_export_on_tmpfs_says_once_why_it_copies(self):
+        """tmpfs maps no extents, so a cached read that may report holes cannot be
+        checked for them: it is copied, and the log says why, once per export.  Where
+        no hole could be reported (simple replies) reads still go by sendfile."""
+        if not self.shm:
+            self.skipTest("no tmpfs at /dev/shm")
+        before = self.settled_sent()
+        for structured in (True, True, False):
+            h = nbd.NBD()
+            h.set_request_structured_replies(structured)
+            h.connect_uri(self.srv.uri("shm"))
+            for i in range(3):
+                self.assertEqual(h.pread(MIB, i * MIB), self.data[i * MIB:(i + 1) * MIB])
+            nbdv.disconnect(h)
+        self.assertEqual(self.settled_sent() - before, self.via_sendfile(3 * MIB))
+        # Under valgrind, which lacks cachestat(2), that is what the line names.
+        why = "export shm: cachestat: " if nbdv.WRAPPER else "export shm: FIEMAP: "
+        self.assertEqual(self.srv.logtext().count(why), 1, self.srv.logtext())
 
     def test_tls_reads_are_encrypted_not_sent_from_the_cache(self):
         before = self.settled_sent()
