@@ -585,8 +585,7 @@ static void tls_free_transport(struct nbdv_transport *t)
 	gnutls_deinit(tt->s);
 	tls_unref(tt->creds);
 	free(tt->stage);
-	if (tt->rstage)
-		rstage_release(tt);
+	rstage_release(tt);
 	free(tt);
 }
 
