@@ -204,15 +204,6 @@ static uint32_t native_flags(const struct nbdv_dev *d, uint32_t flags)
 	return (d->caps & NBDV_CAP_FUA) ? flags : flags & ~NBDV_F_FUA;
 }
 
-int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint64_t off,
-		  uint32_t flags)
-{
-	if (!in_range(d, len, off) || !(d->caps & NBDV_CAP_WRITE))
-		return -EINVAL;
-	return emulate_fua(d, d->inst->drv->pwrite(d->inst, buf, len, off, native_flags(d, flags)),
-			   flags);
-}
-
 static uint64_t now_ns(void)
 {
 	struct timespec ts;
@@ -221,20 +212,83 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-/* An inline write took @took ns, ending at @now: close the gate for a while. */
-static void gate_stall(struct nbdv_stall_gate *g, uint64_t now, uint64_t took)
+uint64_t driver_stall_limit(uint64_t len)
 {
-	uint64_t last = atomic_load_explicit(&g->last_stall, memory_order_relaxed);
-	uint64_t b = atomic_load_explicit(&g->backoff, memory_order_relaxed);
+	return NBDV_STALL_NS + (len >> 10) * NBDV_STALL_NS_PER_KIB;
+}
 
+#define RELAXED memory_order_relaxed
+
+/*
+ * A write on the workers while the gate is closed: one that was quick (and started
+ * after the last stall ended) is evidence that inline writes would be quick again.
+ * NBDV_REOPEN_WRITES of them in a row reopen the gate, but never before the closed
+ * period has lasted NBDV_REOPEN_FACTOR times the stall that closed it.
+ */
+static void gate_evidence(struct nbdv_stall_gate *g, uint64_t t0, uint64_t t1, uint64_t len)
+{
+	if (t1 - t0 > driver_stall_limit(len) ||
+	    t0 < atomic_load_explicit(&g->last_stall, RELAXED)) {
+		atomic_store_explicit(&g->fast_writes, 0, RELAXED);
+		return;
+	}
+	if (atomic_fetch_add_explicit(&g->fast_writes, 1, RELAXED) + 1 < NBDV_REOPEN_WRITES ||
+	    t1 < atomic_load_explicit(&g->reopen_after, RELAXED))
+		return;
+	if (t1 < atomic_exchange_explicit(&g->closed_until, 0, RELAXED))
+		log_debug("%u writes on the workers were quick: writes run inline again",
+			  NBDV_REOPEN_WRITES);
+	atomic_store_explicit(&g->fast_writes, 0, RELAXED);
+}
+
+int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint64_t off,
+		  uint32_t flags)
+{
+	struct nbdv_stall_gate *g = d->gate;
+	uint64_t t0 = 0;
+	int r;
+
+	if (!in_range(d, len, off) || !(d->caps & NBDV_CAP_WRITE))
+		return -EINVAL;
+	/* Only plain writes say how quick an inline one would be (FUA waits for the disk). */
+	if (g && !flags) {
+		t0 = now_ns();
+		if (t0 >= atomic_load_explicit(&g->closed_until, RELAXED))
+			t0 = 0; /* gate open: nothing to learn */
+	}
+	r = emulate_fua(d, d->inst->drv->pwrite(d->inst, buf, len, off, native_flags(d, flags)),
+			flags);
+	if (t0 && r == 0)
+		gate_evidence(g, t0, now_ns(), len);
+	return r;
+}
+
+/*
+ * An inline write that started at @t0 took until @now: close the gate for a while.
+ * Writes that overlapped the last stall (two reactors caught by the same stall) count
+ * once: they extend the minimum closed time but do not grow the backoff.
+ */
+static void gate_stall(struct nbdv_stall_gate *g, uint64_t t0, uint64_t now)
+{
+	uint64_t last = atomic_load_explicit(&g->last_stall, RELAXED);
+	uint64_t b = atomic_load_explicit(&g->backoff, RELAXED);
+	uint64_t took = now - t0, reopen = now + NBDV_REOPEN_FACTOR * took;
+
+	atomic_store_explicit(&g->fast_writes, 0, RELAXED);
+	if (b && t0 < last) {
+		if (reopen > atomic_load_explicit(&g->reopen_after, RELAXED))
+			atomic_store_explicit(&g->reopen_after, reopen, RELAXED);
+		return;
+	}
 	if (!b || now - last > 4 * b + 1000000000ULL)
 		b = NBDV_STALL_BACKOFF_NS;
 	else if ((b *= 4) > NBDV_STALL_MAX_NS)
 		b = NBDV_STALL_MAX_NS;
-	atomic_store_explicit(&g->backoff, b, memory_order_relaxed);
-	atomic_store_explicit(&g->last_stall, now, memory_order_relaxed);
-	atomic_store_explicit(&g->closed_until, now + b, memory_order_relaxed);
-	log_debug("an inline write took %llu us: writes go to the workers for %llu ms",
+	atomic_store_explicit(&g->backoff, b, RELAXED);
+	atomic_store_explicit(&g->last_stall, now, RELAXED);
+	atomic_store_explicit(&g->reopen_after, reopen, RELAXED);
+	atomic_store_explicit(&g->closed_until, now + b, RELAXED);
+	log_debug("an inline write took %llu us: writes go to the workers for up to %llu ms",
 		  (unsigned long long)(took / 1000), (unsigned long long)(b / 1000000));
 }
 
@@ -249,12 +303,12 @@ int driver_pwrite_nowait(const struct nbdv_dev *d, const void *buf, uint64_t len
 	if (!g)
 		return -EAGAIN;
 	t0 = now_ns();
-	if (t0 < atomic_load_explicit(&g->closed_until, memory_order_relaxed))
+	if (t0 < atomic_load_explicit(&g->closed_until, RELAXED))
 		return -EAGAIN;
 	r = d->inst->drv->pwrite_nowait(d->inst, buf, len, off);
 	t1 = now_ns();
-	if (t1 - t0 > NBDV_STALL_NS)
-		gate_stall(g, t1, t1 - t0);
+	if (t1 - t0 > driver_stall_limit(len))
+		gate_stall(g, t0, t1);
 	return r;
 }
 

@@ -132,6 +132,54 @@ class FaultsTest(unittest.TestCase):
             a.close()
             b.close()
 
+    @unittest.skipIf(nbdv.WRAPPER, "the stall limits are a few hundred microseconds: "
+                     "under valgrind every write is a stall")
+    def test_quick_writes_on_the_workers_bring_inline_writes_back(self):
+        # Storage that stalled for a while, then recovered (dirty-page throttling in a
+        # burst of writes): once the workers' writes are quick again, small writes go
+        # back to the reactor, instead of waiting for a backoff that has grown to
+        # seconds.  Inline or not is seen from outside: a write that stalls on the
+        # reactor (workers: 1) holds up another connection's read.
+        with nbdv.Server(FAULTY, extra="workers: 1\nio-threads: 8\n") as srv:
+            a, b = raw_go(srv), raw_go(srv)
+
+            def write(off, cookie):
+                a.request(nbdv.CMD_WRITE, off, 4096, cookie=cookie, data=b"q" * 4096)
+                self.assertEqual(a.simple_reply()[:2], (0, cookie))
+
+            def probe_holds_up_reader():
+                """A 0.5 s write at 1 MiB, then a read on b: did the read wait?"""
+                control(srv, "delay 0.5 1048576 4096")
+                t = time.monotonic()
+                a.request(nbdv.CMD_WRITE, 1048576, 4096, cookie=7, data=b"p" * 4096)
+                time.sleep(0.1)
+                b.request(nbdv.CMD_READ, 2097152, 4096, cookie=8)
+                self.assertEqual(b.simple_reply(4096)[:2], (0, 8))
+                waited = time.monotonic() - t
+                self.assertEqual(a.simple_reply()[:2], (0, 7))
+                control(srv, None)
+                return waited > 0.35
+
+            # 5 ms stalls for 1.2 s: the gate closes 5 times, for 10 ms, 40 ms, ...,
+            # 2.56 s, so it is closed for seconds when this loop ends.
+            control(srv, "delay 0.005 0 65536")
+            t = time.monotonic()
+            n = 0
+            while time.monotonic() - t < 1.2:
+                write(4096 * (n % 16), n)
+                n += 1
+            self.assertFalse(probe_holds_up_reader(), "writes ran inline with the gate closed")
+            # Quick storage again: 64 quick writes in a row on the workers reopen the
+            # gate (three times as many, in case the scheduler delays one of them).
+            for i in range(192):
+                write(65536 + 4096 * (i % 64), 1000 + i)
+            self.assertLess(time.monotonic() - t, 2.5, "too slow to tell early from late")
+            self.assertTrue(probe_holds_up_reader(), "quick writes did not reopen the gate")
+            a.request(nbdv.CMD_READ, 1048576, 4096, cookie=9)
+            self.assertEqual(a.simple_reply(4096), (0, 9, b"p" * 4096))
+            a.close()
+            b.close()
+
     def test_enospc_on_full_filesystem(self):
         mnt = tempfile.mkdtemp(prefix="nbdvault-full-")
         self.addCleanup(shutil.rmtree, mnt, True)

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -225,6 +226,86 @@ static void gate_reset(struct nbdv_dev *d)
 	atomic_store(&d->gate->backoff, 0);
 }
 
+struct nowait_arg {
+	struct nbdv_dev *d;
+	const uint8_t *pat;
+	uint64_t off;
+	int r;
+};
+
+static void *nowait_thread(void *p)
+{
+	struct nowait_arg *a = p;
+
+	a->r = driver_pwrite_nowait(a->d, a->pat, 4096, a->off);
+	return NULL;
+}
+
+/* Two inline writes at once on a gate that is open; both stall. */
+static void overlapping_stalls(struct nbdv_dev *d, const uint8_t *pat)
+{
+	struct nowait_arg a = {d, pat, 0, -1}, b = {d, pat, 4096, -1};
+	pthread_t ta, tb;
+
+	CHECK(pthread_create(&ta, NULL, nowait_thread, &a) == 0);
+	CHECK(pthread_create(&tb, NULL, nowait_thread, &b) == 0);
+	pthread_join(ta, NULL);
+	pthread_join(tb, NULL);
+	CHECK(a.r == 0 && b.r == 0);
+}
+
+static bool gate_open(struct nbdv_dev *d, const uint8_t *pat)
+{
+	return driver_pwrite_nowait(d, pat, 4096, 0) == 0;
+}
+
+/* Quick plain writes on the workers reopen a closed gate, after a minimum time. */
+static void reopen_early(struct nbdv_dev *d, const char *control, const uint8_t *pat)
+{
+	uint64_t min_closed;
+	double t;
+
+	/* A 5 ms stall; then pretend the backoff had grown to 30 s. */
+	set_control(control, "delay 0.005\n");
+	gate_reset(d);
+	CHECK(gate_open(d, pat));
+	unlink(control);
+	t = now_s();
+	min_closed = atomic_load(&d->gate->reopen_after) - atomic_load(&d->gate->last_stall);
+	CHECK(min_closed >= NBDV_REOPEN_FACTOR * 5000000ULL);
+	atomic_store(&d->gate->closed_until, atomic_load(&d->gate->last_stall) + NBDV_STALL_MAX_NS);
+
+	/* Quick writes before the minimum closed time do not reopen it... */
+	for (int i = 0; i < NBDV_REOPEN_WRITES; i++)
+		CHECK(driver_pwrite(d, pat, 4096, 0, 0) == 0);
+	if (now_s() - t < min_closed / 2e9)
+		CHECK(!gate_open(d, pat));
+	while (now_s() - t < 1.2 * min_closed / 1e9)
+		usleep(10000);
+
+	/* ...nor do FUA writes (they wait for the disk), nor a streak a slow write broke. */
+	atomic_store(&d->gate->fast_writes, 0);
+	for (int i = 0; i < NBDV_REOPEN_WRITES; i++)
+		CHECK(driver_pwrite(d, pat, 4096, 0, NBDV_F_FUA) == 0);
+	CHECK(!gate_open(d, pat));
+	for (int i = 0; i < NBDV_REOPEN_WRITES - 1; i++)
+		CHECK(driver_pwrite(d, pat, 4096, 0, 0) == 0);
+	set_control(control, "delay 0.002\n");
+	CHECK(driver_pwrite(d, pat, 4096, 0, 0) == 0);
+	unlink(control);
+	CHECK(!gate_open(d, pat));
+	for (int i = 0; i < NBDV_REOPEN_WRITES - 1; i++)
+		CHECK(driver_pwrite(d, pat, 4096, 0, 0) == 0);
+	CHECK(!gate_open(d, pat));
+
+	/* The 64th quick write in a row reopens it, 30 s early.  (A write the scheduler
+	 * delays past the limit starts the count again: allow for a few.) */
+	for (int i = 0; i < 10 * NBDV_REOPEN_WRITES && !gate_open(d, pat); i++)
+		CHECK(driver_pwrite(d, pat, 4096, 0, 0) == 0);
+	CHECK(atomic_load(&d->gate->closed_until) == 0);
+	CHECK(now_s() - t < 10);
+}
+
 /* The stall gate of driver_pwrite_nowait(), on the faulty driver's delays. */
 static void stall_gate(void)
 {
@@ -232,6 +313,7 @@ static void stall_gate(void)
 	struct nbdv_export_params p = {
 	    .name = "gate", .path = control, .size = SIZE, .size_given = true};
 	const struct nbdv_driver *drv = driver_lookup("faulty");
+	static uint8_t big[256 * 1024];
 	uint8_t pat[4096], buf[4096];
 	struct nbdv_dev d;
 	double t;
@@ -287,6 +369,31 @@ static void stall_gate(void)
 	}
 	CHECK(atomic_load(&d.gate->backoff) == NBDV_STALL_MAX_NS);
 	unlink(control);
+
+	/* The limit grows with the write: 0.3 ms is a stall for 4 KiB, not for 256 KiB
+	 * (unless a sanitizer makes the write itself take 0.9 ms more). */
+	CHECK(driver_stall_limit(4096) < 250000 && driver_stall_limit(262144) > 1000000);
+	set_control(control, "delay 0.0003\n");
+	gate_reset(&d);
+	t = now_s();
+	CHECK(driver_pwrite_nowait(&d, big, sizeof(big), 0) == 0);
+	t = now_s() - t;
+	if (t * 1e9 < driver_stall_limit(sizeof(big)))
+		CHECK(atomic_load(&d.gate->closed_until) == 0);
+	else
+		printf("a 256 KiB write took %.0f us here: its limit is not checked\n", t * 1e6);
+	CHECK(driver_pwrite_nowait(&d, pat, 4096, 0) == 0);
+	CHECK(atomic_load(&d.gate->closed_until) != 0);
+	unlink(control);
+
+	/* Two writes caught by the same stall (two reactors) count as one stall. */
+	set_control(control, "delay 0.05\n");
+	gate_reset(&d);
+	overlapping_stalls(&d, pat);
+	CHECK(atomic_load(&d.gate->backoff) == NBDV_STALL_BACKOFF_NS);
+	unlink(control);
+
+	reopen_early(&d, control, pat);
 	driver_close(&d);
 	printf("stall gate: ok\n");
 }
