@@ -191,7 +191,7 @@ class Server:
 class Raw:
     """A raw NBD client on a socket, for what real clients refuse to send."""
 
-    def __init__(self, path=None, port=None, timeout=10):
+    def __init__(self, path=None, port=None, timeout=10, rcvbuf=None):
         timeout *= SLOW
         if path:
             deadline = time.monotonic() + timeout
@@ -207,7 +207,11 @@ class Raw:
                         raise
                     time.sleep(0.01)
         else:
-            self.s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            self.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.s.settimeout(timeout)
+            if rcvbuf:  # before connect, so that the window stays that small
+                self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.s.connect(("127.0.0.1", port))
 
     def close(self):
         self.s.close()

@@ -409,6 +409,80 @@ class TlsTest(ResumeMixin, unittest.TestCase):
         nbdv.disconnect(h)
 
 
+    def test_small_replies_to_backed_up_connections_on_one_worker(self):
+        # Small replies are gathered into one TLS record in a buffer that the
+        # connections of a worker share.  Four clients that do not read for a while
+        # (small receive windows) leave records of each waiting in GnuTLS while the
+        # others go on; every reply must still carry its own connection's data.
+        srv = nbdv.Server(EXPORTS, extra=tls_block(self.pki) + "workers: 1\n",
+                          tcp=True).start()
+        self.addCleanup(srv.__exit__, None, None, None)
+        vm7 = self.client("vm7")
+        conns = []
+        for i in range(4):
+            r = nbdv.Raw(port=srv.port, rcvbuf=8192)
+            self.addCleanup(r.close)
+            r.greet()
+            r.starttls(f"{self.pki}/ca-cert.pem", f"{vm7}/client-cert.pem",
+                       f"{vm7}/client-key.pem")
+            r.go(b"secure")
+            data = os.urandom(1 << 20)
+            for k in range(16):
+                r.request(nbdv.CMD_WRITE, (i << 20) + (k << 16), 65536, cookie=k,
+                          data=data[k << 16:(k + 1) << 16])
+            self.assertEqual(sorted(r.simple_reply()[:2] for _ in range(16)),
+                             [(0, k) for k in range(16)])
+            conns.append((r, data))
+        # 480 replies of 12,016 bytes each: more than a socket buffers (4 MiB here).
+        n, size, room = 480, 12000, (1 << 20) - 12000
+
+        def where(k):
+            return k * 7919 % room
+        for i, (r, _) in enumerate(conns):
+            r.s.sendall(b"".join(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_READ,
+                                             k, (i << 20) + where(k), size)
+                                 for k in range(n)))
+        time.sleep(0.3)  # every connection's socket is full; records wait in GnuTLS
+        got = [dict() for _ in conns]
+        while any(len(g) < n for g in got):  # read them in turns, a few at a time
+            for (r, _), g in zip(conns, got):
+                for _ in range(min(7, n - len(g))):
+                    err, cookie, payload = r.simple_reply(size)
+                    self.assertEqual(err, 0)
+                    g[cookie] = payload
+        for i, ((r, data), g) in enumerate(zip(conns, got)):
+            self.assertEqual(sorted(g), list(range(n)))
+            for k in range(n):
+                self.assertEqual(g[k], data[where(k):where(k) + size],
+                                 f"connection {i} reply {k} carries other data")
+
+    @unittest.skipIf(nbdv.WRAPPER or os.environ.get("NBDVAULT_SANITIZE", "none") != "none",
+                     "resident memory means something else under a wrapper or a sanitizer")
+    def test_idle_tls_connections_cost_under_16_kib(self):
+        # 300 idle TLS connections: GnuTLS's session state and little else (27 KiB each
+        # while every connection kept its own 16 KiB buffer for gathering records).
+        srv = nbdv.Server(EXPORTS, extra=tls_block(self.pki), tcp=True).start()
+        self.addCleanup(srv.__exit__, None, None, None)
+        certs = self.client("vm7")
+
+        def connect():
+            h = nbd.NBD()
+            h.set_export_name("secure")
+            h.set_tls(nbd.TLS_REQUIRE)
+            h.set_tls_certificates(certs)
+            h.connect_tcp("127.0.0.1", str(srv.port))
+            h.pread(512, 0)  # one reply: the gathering buffer has been used
+            return h
+        handles = [connect() for _ in range(20)]  # warm up: pools, the export
+        time.sleep(0.2)
+        before = nbdv.rss_kib(srv.proc.pid)
+        handles += [connect() for _ in range(300)]
+        time.sleep(0.3)
+        per_conn = (nbdv.rss_kib(srv.proc.pid) - before) / 300
+        self.assertLess(per_conn, 16.0, f"{per_conn:.1f} KiB per idle TLS connection")
+        for h in handles:
+            h.shutdown()
+
     def test_psk_session_resumption_keeps_identity(self):
         # Python's ssl has no PSK and libnbd/qemu do not resume, so this uses the bench's
         # GnuTLS client (bench/resume.c, built as tests/tls-resume).  Every connection
