@@ -58,17 +58,17 @@ def raise_nofile():
 
 
 class Server:
-    def __init__(self, kind, backing, tls, work, pki):
+    def __init__(self, kind, backing, tls, work, pki, tag=""):
         self.kind, self.backing, self.tls = kind, backing, tls
         self.name = f"{kind}-{backing}"
         self.port = free_port()
-        self.work = work
-        img = os.path.join(work, f"{kind}-{'tls' if tls else 'plain'}.img")
+        self.work, self.pki = work, pki
+        img = os.path.join(work, f"{kind}-{'tls' if tls else 'plain'}{tag}.img")
         if backing == "file":
             with open(img, "wb") as f:
                 f.truncate(2 * GIB)
         if kind == "nbdvault":
-            cfg = os.path.join(work, f"nbdvault-{backing}-{tls}.yaml")
+            cfg = os.path.join(work, f"nbdvault-{backing}-{tls}{tag}.yaml")
             with open(cfg, "w") as f:
                 f.write(f"listen:\n  - address: 127.0.0.1\n    port: {self.port}\n"
                         "default-export: d\nlimits:\n  max-connections: 4096\n")
@@ -90,7 +90,7 @@ class Server:
                 argv += ["--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server,"
                          "verify-peer=off", "--tls-creds=tls0"]
             argv += [img]
-        self.log = open(os.path.join(work, f"{self.name}-{tls}.log"), "wb")
+        self.log = open(os.path.join(work, f"{self.name}-{tls}{tag}.log"), "wb")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log,
                                      preexec_fn=raise_nofile)
         deadline = time.monotonic() + 15
@@ -192,19 +192,37 @@ def w_connects(server, a):
                  lambda out, wall: float(out.strip()))
 
 
-def w_idle_rss(server, a):
-    pid = server.proc.pid
-    before = rss_kib(pid)
-    p = subprocess.Popen([PY, "-c", IDLE_CONNS, server.uri, str(a.idle)],
+def idle_conns(uri, n):
+    """n connections that sit idle after GO; .stdin.write('\\n') closes them."""
+    p = subprocess.Popen([PY, "-c", IDLE_CONNS, uri, str(n)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = p.stdout.readline()
-    time.sleep(0.5)
-    after = rss_kib(pid)
-    p.stdin.write("\n")
-    p.stdin.flush()
-    p.wait(120)
-    if line.strip() != "ready":
+    if p.stdout.readline().strip() != "ready":
+        p.kill()
         raise RuntimeError("idle connections failed")
+    return p
+
+
+def w_idle_rss(server, a):
+    """VmRSS growth per idle connection, on a fresh server of the same kind: one that
+    has run the other workloads would place the connections in memory those already
+    dirtied, and its figure would mean little.  20 connections first warm up pools
+    and the export."""
+    fresh = Server(server.kind, server.backing, server.tls, server.work, server.pki,
+                   tag="-idle")
+    held = []
+    try:
+        held.append(idle_conns(fresh.uri, 20))
+        time.sleep(0.3)
+        before = rss_kib(fresh.proc.pid)
+        held.append(idle_conns(fresh.uri, a.idle))
+        time.sleep(0.5)
+        after = rss_kib(fresh.proc.pid)
+    finally:
+        for p in held:
+            p.stdin.write("\n")
+            p.stdin.flush()
+            p.wait(120)
+        fresh.stop()
     return (after - before) / a.idle, 0.0, 0.0, 0.0
 
 
@@ -355,8 +373,12 @@ def fmt(x):
 
 
 def fmt_ratio(r):
-    """A ratio to two decimals; above 99 (say, an idle cost near zero) just '>99'."""
-    return ">99" if r >= 99.5 else f"{r:.2f}"
+    """A ratio to two decimals; above 99 (say, an idle cost near zero) just '>99'.
+    None: no ratio; (ratio, True): the two servers' min..max ranges overlap ('~')."""
+    if r is None:
+        return "—"
+    r, overlap = r if isinstance(r, tuple) else (r, False)
+    return (">99" if r >= 99.5 else f"{r:.2f}") + (" ~" if overlap else "")
 
 
 def summary(vals):
@@ -378,7 +400,9 @@ def write_report(a, results, kinds):
     lines += ["", "Each cell: median (min..max) [server CPU s / client CPU s, median]. "
               "Ratio: nbdvault on memory vs nbdkit memory; nbdvault on file vs the best of "
               "nbdkit file and qemu-nbd; > 1.00 means nbdvault is better (for RSS and "
-              "latency, lower is better and the ratio is inverted).", ""]
+              "latency, lower is better and the ratio is inverted). A ratio marked ~: "
+              "nbdvault's min..max range and the best peer's overlap, so the difference "
+              "is within this run's spread.", ""]
     lines += ["## Ceilings (no NBD, same machine, same run)", "",
               "| stream | MiB/s median (min..max) | sender CPU s | receiver CPU s | cipher |",
               "|---|---|---|---|---|"]
@@ -402,12 +426,13 @@ def write_report(a, results, kinds):
                      f"{statistics.median(r[2] for r in runs):.0%} |")
     lines.append("")
     plot = []
+    tally = {"above": 0, "below": 0, "below ~": 0}
     for mode in ("plain", "TLS"):
         lines += [f"## {mode}", "",
                   "| workload | unit | " + " | ".join(names) + " | ratio mem | ratio file |",
                   "|---" * (len(names) + 4) + "|"]
         for wname, unit, _ in workloads(a.quick):
-            cells, med = [], {}
+            cells, med, rng = [], {}, {}
             for n in names:
                 vals = results.get((mode, wname, n))
                 if not vals:
@@ -415,6 +440,7 @@ def write_report(a, results, kinds):
                     continue
                 m, lo, hi = summary(vals)
                 med[n] = m
+                rng[n] = (lo, hi)
                 extra = ""
                 if isinstance(vals[0][0], tuple):
                     p99 = statistics.median(v[0][1] for v in vals)
@@ -424,17 +450,19 @@ def write_report(a, results, kinds):
                 cells.append(f"{fmt(m)}{extra} ({fmt(lo)}..{fmt(hi)}){cpu}")
 
             def ratio(ours, peers):
-                peers = [med[p] for p in peers if p in med]
+                peers = [p for p in peers if p in med]
                 if ours not in med or not peers or not med[ours]:
                     return None
-                if wname in LOWER_IS_BETTER:
-                    return min(peers) / med[ours]
-                return med[ours] / max(peers)
+                lower = wname in LOWER_IS_BETTER
+                best = (min if lower else max)(peers, key=lambda p: med[p])
+                r = med[best] / med[ours] if lower else med[ours] / med[best]
+                overlap = rng[ours][0] <= rng[best][1] and rng[best][0] <= rng[ours][1]
+                tally["above" if r >= 1 else "below ~" if overlap else "below"] += 1
+                return r, overlap
             rm = ratio("nbdvault-memory", ["nbdkit-memory"])
             rf = ratio("nbdvault-file", ["nbdkit-file", "qemu-nbd-file"])
             lines.append(f"| {wname} | {unit} | " + " | ".join(cells) +
-                         f" | {'—' if rm is None else fmt_ratio(rm)}"
-                         f" | {'—' if rf is None else fmt_ratio(rf)} |")
+                         f" | {fmt_ratio(rm)} | {fmt_ratio(rf)} |")
             best = {}
             for n in names:
                 if n in med:
@@ -444,6 +472,9 @@ def write_report(a, results, kinds):
                         best[n] = (ref / med[n]) if wname in LOWER_IS_BETTER else med[n] / ref
             plot.append((f"{mode}: {wname}", best))
         lines.append("")
+    lines.append(f"Ratio cells: {tally['above']} at or above 1.00, "
+                 f"{tally['below ~'] + tally['below']} below, of which {tally['below ~']} "
+                 f"within the run's spread (~).")
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(a.out, "results.json"), "w") as f:
