@@ -365,6 +365,9 @@ bool conn_release(struct nbdv_conn *c)
 	if (c->sendfile_bytes)
 		log_info("c%u: closed (%llu bytes of READ data sent from the page cache)", c->id,
 			 (unsigned long long)c->sendfile_bytes);
+	else if (c->cached_copy_bytes)
+		log_info("c%u: closed (%llu bytes of large READs copied from the page cache)",
+			 c->id, (unsigned long long)c->cached_copy_bytes);
 	else
 		log_info("c%u: closed", c->id);
 	c->tp->ops->free(c->tp);

@@ -35,6 +35,10 @@
  * sendfile() on plain connections (smaller ones are copied: their replies then leave
  * together in one sendmsg). */
 #define SENDFILE_MIN_BYTES INLINE_READ_BYTES
+/* Where there is no sendfile() (TLS), such reads up to this size are copied from the
+ * page cache on the reactor, which encrypts them next anyway: a trip to the I/O
+ * threads and back cost TLS file reads ~20% more server CPU per GiB. */
+#define CACHED_COPY_BYTES (1024 * 1024)
 /* Most chunks a sparse READ reply is split into; the rest is sent as data. */
 #define MAX_READ_CHUNKS 32
 
@@ -508,6 +512,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	const char *why = NULL;
 	uint32_t e = validate(c, r, &why);
+	bool cached = false;
 
 	if (!e && c->r->shutting_down) {
 		why = "server is shutting down";
@@ -520,19 +525,21 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 		transmission_req_free(r);
 		return;
 	}
-	if (r->type == NBD_CMD_READ && r->count > SENDFILE_MIN_BYTES && c->tp->ops->sendfile &&
+	if (r->type == NBD_CMD_READ && r->count > SENDFILE_MIN_BYTES &&
+	    (c->tp->ops->sendfile || r->count <= CACHED_COPY_BYTES) &&
 	    (c->dev->caps & NBDV_CAP_BLOCKING)) {
 		/* Data wholly in the page cache (and no hole the client would rather get as
 		 * OFFSET_HOLE) goes from there to the socket: no buffer, no copy here, no
-		 * trip to the workers. */
+		 * trip to the workers.  Without sendfile() it is copied here (below). */
 		int fd = driver_cached_fd(c->dev, r->count, r->offset, wants_holes(c, r));
-		if (fd >= 0) {
+		if (fd >= 0 && c->tp->ops->sendfile) {
 			r->from_file = true;
 			r->file_fd = fd;
 			c->inflight++;
 			submit_done_inline(c, r);
 			return;
 		}
+		cached = fd >= 0;
 	}
 	if (r->type == NBD_CMD_READ && r->count) {
 		r->buf = nbdv_buf_alloc(r->count);
@@ -548,10 +555,12 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	/* A small read the page cache can satisfy is done here and now: a trip to the
 	 * workers and back costs more than the read.  (Sent as plain data: holes in a
 	 * small cached read just read as zeroes.) */
-	if (r->type == NBD_CMD_READ && r->count && r->count <= INLINE_READ_BYTES &&
+	if (r->type == NBD_CMD_READ && r->count && (r->count <= INLINE_READ_BYTES || cached) &&
 	    (c->dev->caps & NBDV_CAP_BLOCKING) &&
 	    driver_pread_nowait(c->dev, r->buf, r->count, r->offset) == 0) {
-		r->sparse = false;
+		r->sparse = false; /* cached: the range has no hole the client wants */
+		if (cached)
+			c->cached_copy_bytes += r->count;
 		submit_done_inline(c, r);
 		return;
 	}

@@ -97,6 +97,7 @@ struct nbdv_conn {
 	unsigned inflight;	    /* requests submitted and not yet replied */
 	size_t inflight_bytes;	    /* their data buffers */
 	uint64_t sendfile_bytes;    /* READ data the transport sent from the file (logged) */
+	uint64_t cached_copy_bytes; /* large READs copied from the page cache inline (logged) */
 };
 
 /* Take over accepted socket @fd; sends the greeting.  Returns NULL (fd closed) on failure. */

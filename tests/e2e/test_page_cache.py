@@ -28,6 +28,7 @@ FLAG_DF = 1 << 2
 REPLY_FLAG_DONE = 1
 OFFSET_DATA, OFFSET_HOLE = 1, 2
 SENT = re.compile(r"c(\d+): closed \((\d+) bytes of READ data sent from the page cache\)")
+COPIED = re.compile(r"c(\d+): closed \((\d+) bytes of large READs copied from the page cache\)")
 CLOSED = re.compile(r"c(\d+): closed")
 OPENED = re.compile(r"c(\d+): connection from")
 
@@ -95,16 +96,17 @@ class PageCacheTest(unittest.TestCase):
         """What the sendfile count should grow by for @n bytes of cached READs."""
         return 0 if nbdv.WRAPPER else n
 
-    def settled_sent(self):
+    def settled_sent(self, pattern=SENT):
         """Once every connection accepted so far has closed: the READ bytes all of them
-        sent by sendfile().  Differences of two calls count only what happened in
-        between (connections that carry no READ, like the server's start-up probes,
-        add nothing, whenever they are accepted)."""
+        sent by sendfile() (or, with COPIED, copied from the page cache on the reactor).
+        Differences of two calls count only what happened in between (connections that
+        carry no READ, like the server's start-up probes, add nothing, whenever they
+        are accepted)."""
         deadline = time.monotonic() + 10 * nbdv.SLOW
         while True:
             text = self.srv.logtext()
             if len(CLOSED.findall(text)) >= len(OPENED.findall(text)):
-                return sum(int(m.group(2)) for m in SENT.finditer(text))
+                return sum(int(m.group(2)) for m in pattern.finditer(text))
             self.assertLess(time.monotonic(), deadline, "connections not closing")
             time.sleep(0.01)
 
@@ -258,6 +260,55 @@ class PageCacheTest(unittest.TestCase):
         self.assertIn("TLS up", self.srv.logtext())
         nbdv.disconnect(h)
         self.assertEqual(self.settled_sent() - before, 0)
+
+    def test_tls_large_cached_reads_are_copied_on_the_reactor(self):
+        # No sendfile() under TLS, but a cached READ of 64 KiB to 1 MiB is still served
+        # without the I/O threads: copied from the page cache and encrypted at once.
+        sent, copied = self.settled_sent(), self.settled_sent(COPIED)
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(f"{self.pki}/clients/client")
+        h.connect_uri(self.srv.tcp_uri("disk"))
+        reads = [(0, 256 * 1024), (12345, MIB), (7, 65537)]
+        for off, n in reads + [(11, 2 * MIB), (99, 65536)]:  # the last two: not counted
+            self.assertEqual(h.pread(n, off), self.data[off:off + n])
+        nbdv.disconnect(h)
+        self.assertEqual(self.settled_sent() - sent, 0)
+        self.assertEqual(self.settled_sent(COPIED) - copied,
+                         self.via_sendfile(sum(n for _, n in reads)))
+
+    def test_tls_cached_hole_is_still_sent_as_offset_hole(self):
+        off, n = 3 * MIB // 4, MIB  # 256 KiB of data, then 768 KiB of the hole
+        want = self.data[off:MIB] + bytes(off + n - MIB)
+
+        def tls_raw():
+            r = nbdv.Raw(port=self.srv.port, timeout=20)
+            self.addCleanup(r.close)
+            r.greet()
+            r.starttls(f"{self.pki}/ca-cert.pem")
+            r.go(b"sparse", structured=True)
+            return r
+
+        def df_read(r, cookie):  # DF: one data chunk, the hole's zeroes included
+            r.request(nbdv.CMD_READ, off, n, flags=FLAG_DF, cookie=cookie)
+            self.assertEqual(self.read_chunks(r, cookie), [(OFFSET_DATA, off, want)])
+        r = tls_raw()
+        df_read(r, 1)  # now all of it is in the page cache, zeroes and all
+        r.request(nbdv.CMD_DISC)
+        r.close()
+        copied = self.settled_sent(COPIED)
+        r = tls_raw()
+        df_read(r, 2)
+        # Without DF the client wants holes: the cached zeroes must not hide the hole.
+        r.request(nbdv.CMD_READ, off, n, cookie=3)
+        chunks = self.read_chunks(r, 3)
+        self.assertIn((OFFSET_HOLE, MIB, off + n - MIB), chunks)
+        self.assertEqual(b"".join(p for t, _, p in chunks if t == OFFSET_DATA),
+                         self.data[off:MIB])
+        r.request(nbdv.CMD_DISC)
+        r.close()
+        # The DF read was copied from the cache; the one wanting holes was not.
+        self.assertEqual(self.settled_sent(COPIED) - copied, self.via_sendfile(n))
 
 
 if __name__ == "__main__":
