@@ -493,7 +493,7 @@ static int tls_pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
 /*
  * Small pieces (reply headers and short payloads) are gathered here into one record.
  * One buffer per thread, not per connection: an idle TLS connection holds no page of
- * it (4 KiB of RSS each when it was per connection).  Sharing it between the
+ * it (16 KiB of RSS each when it was per connection).  Sharing it between the
  * connections of a reactor is safe because GnuTLS never reads the data again once
  * it has encrypted it: after GNUTLS_E_AGAIN the record waits in GnuTLS's own buffer,
  * and the repeated call (same pointer and length, as the manual asks) only flushes it.
