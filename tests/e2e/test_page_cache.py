@@ -111,12 +111,7 @@ class PageCacheTest(unittest.TestCase):
             time.sleep(0.01)
 
     def raw_tcp(self, export=b"disk", structured=True, rcvbuf=None):
-        r = nbdv.Raw.__new__(nbdv.Raw)
-        r.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf:
-            r.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        r.s.settimeout(20 * nbdv.SLOW)
-        r.s.connect(("127.0.0.1", self.srv.port))
+        r = nbdv.Raw(port=self.srv.port, timeout=20, rcvbuf=rcvbuf)
         self.addCleanup(r.close)
         r.greet()
         r.go(export, structured=structured)
