@@ -31,6 +31,28 @@ static size_t class_size(unsigned cls)
 	return (size_t)1 << (cls + POOL_MIN_SHIFT);
 }
 
+static size_t mem_held; /* process-wide charged bytes (atomic) */
+
+size_t nbdv_mem_charge(ptrdiff_t delta)
+{
+	return __atomic_add_fetch(&mem_held, (size_t)delta, __ATOMIC_RELAXED);
+}
+
+size_t nbdv_mem_held(void)
+{
+	return __atomic_load_n(&mem_held, __ATOMIC_RELAXED);
+}
+
+size_t nbdv_buf_charge(const void *p)
+{
+	const struct pool_hdr *h;
+
+	if (!p)
+		return 0;
+	h = (const struct pool_hdr *)((const char *)p - POOL_HDR);
+	return POOL_HDR + class_size(h->cls) + NBDV_MALLOC_OVERHEAD;
+}
+
 void *nbdv_buf_alloc(size_t len)
 {
 	unsigned cls = 0;
@@ -191,8 +213,23 @@ void outmsg_free(struct nbdv_outmsg *m)
 		free(m);
 }
 
+size_t outmsg_charge(const struct nbdv_outmsg *m)
+{
+	return sizeof(*m) + m->cap + NBDV_MALLOC_OVERHEAD + nbdv_buf_charge(m->owned);
+}
+
+/* The queue gives up @m: its charge leaves the queue's and the process's counts. */
+static void outq_uncharge(struct nbdv_outq *q, const struct nbdv_outmsg *m)
+{
+	q->held -= m->charge;
+	nbdv_mem_charge(-(ptrdiff_t)m->charge);
+}
+
 void outq_push(struct nbdv_outq *q, struct nbdv_outmsg *m)
 {
+	m->charge = outmsg_charge(m);
+	q->held += m->charge;
+	nbdv_mem_charge((ptrdiff_t)m->charge);
 	for (int i = 0; i < m->niov; i++)
 		q->bytes += m->iov[i].iov_len;
 	q->bytes += m->file_len;
@@ -233,6 +270,7 @@ static void pop_done(struct nbdv_outq *q)
 		q->head = m->next;
 		if (!q->head)
 			q->tail = NULL;
+		outq_uncharge(q, m);
 		outmsg_free(m);
 	}
 }
@@ -282,6 +320,7 @@ void outq_clear(struct nbdv_outq *q)
 	while (q->head) {
 		struct nbdv_outmsg *m = q->head;
 		q->head = m->next;
+		outq_uncharge(q, m);
 		outmsg_free(m);
 	}
 	q->tail = NULL;

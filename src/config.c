@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <yaml.h>
 
 #include "nbdvault/config.h"
@@ -542,6 +543,11 @@ static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nb
 			if (r == 0 && (n < (1U << 20) || n > (64ULL << 30)))
 				r = fail(ctx, v, "%s: must be from 1M to 64G", sub);
 			cfg->max_inflight_bytes = n;
+		} else if (strcmp(key, "max-memory") == 0) {
+			r = get_size(ctx, v, sub, &n);
+			if (r == 0 && (n < (16U << 20) || n > (1ULL << 50)))
+				r = fail(ctx, v, "%s: must be from 16M to 1P", sub);
+			cfg->max_memory = n;
 		} else if (strcmp(key, "max-connections") == 0) {
 			r = get_uint(ctx, v, sub, 1, 1000000, &n);
 			cfg->max_connections = (unsigned)n;
@@ -553,7 +559,8 @@ static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nb
 			r = fail(
 			    ctx, k,
 			    "limits: unknown key '%.64s' (expected max-connections, "
-			    "handshake-timeout, idle-timeout, max-request or max-inflight-bytes)",
+			    "handshake-timeout, idle-timeout, max-request, max-inflight-bytes or "
+			    "max-memory)",
 			    key);
 		}
 		if (r < 0)
@@ -635,8 +642,27 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 	return 0;
 }
 
+/* A quarter of the machine's memory, or of the cgroup's limit when that is lower. */
+static uint64_t default_max_memory(void)
+{
+	long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGESIZE);
+	uint64_t total = pages > 0 && psize > 0 ? (uint64_t)pages * (uint64_t)psize : 4ULL << 30;
+	FILE *f = fopen("/sys/fs/cgroup/memory.max", "r");
+	unsigned long long lim;
+
+	if (f) {
+		if (fscanf(f, "%llu", &lim) == 1 && lim < total)
+			total = lim;
+		fclose(f);
+	}
+	total /= 4;
+	return total < (16U << 20) ? 16U << 20 : total;
+}
+
 static int set_defaults(struct nbdv_config *cfg)
 {
+	if (!cfg->max_memory)
+		cfg->max_memory = default_max_memory();
 	if (!cfg->tls.priority && !(cfg->tls.priority = strdup(NBDV_TLS_PRIORITY)))
 		return -1;
 	if (!cfg->n_listen) {

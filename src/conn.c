@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -24,6 +25,9 @@
 #include "nbdvault/server.h"
 #include "nbdvault/transmission.h"
 #include "nbdvault/transport.h"
+
+/* A connection that held at least this much gives free heap back when it is freed. */
+#define NBDV_TRIM_AFTER (4 * 1024 * 1024)
 
 static void read_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void process_input(struct nbdv_conn *c);
@@ -137,6 +141,12 @@ struct nbdv_conn *conn_new(struct nbdv_reactor *r, int fd, bool is_tcp, const ch
 	return conn_new_transport(r, tp, fd, is_tcp, peer);
 }
 
+/* What the connection holds now: its requests and its queued replies. */
+static size_t held(const struct nbdv_conn *c)
+{
+	return c->req_held + c->outq.held;
+}
+
 void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m)
 {
 	if (c->phase == CONN_DEAD) {
@@ -144,13 +154,32 @@ void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m)
 		return;
 	}
 	outq_push(&c->outq, m);
+	if (held(c) > c->peak_held)
+		c->peak_held = held(c);
 	reactor_mark_dirty(c->r, c);
 }
 
+/* The process holds limits.max-memory: no connection reads new work until it drops. */
+static bool memory_full(const struct nbdv_conn *c)
+{
+	return nbdv_mem_held() >= c->srv->cfg->max_memory;
+}
+
+/*
+ * Back-pressure: stop reading the socket.  Before an export is chosen a client has only
+ * a small budget (it may be anyone); after, limits.max-inflight-bytes of real memory.
+ */
 static bool throttled(const struct nbdv_conn *c)
 {
+	if (c->phase == CONN_OPTIONS)
+		return held(c) >= NBDV_PREAUTH_BUDGET || memory_full(c);
 	return c->inflight >= NBDV_MAX_INFLIGHT_REQS ||
-	       c->inflight_bytes + c->outq.bytes >= c->srv->cfg->max_inflight_bytes;
+	       held(c) >= c->srv->cfg->max_inflight_bytes || memory_full(c);
+}
+
+static bool reading_phase(const struct nbdv_conn *c)
+{
+	return c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION;
 }
 
 /* Start or stop the read watcher to match what the connection can take now. */
@@ -158,12 +187,16 @@ static void update_reading(struct nbdv_conn *c)
 {
 	if (c->phase == CONN_TLS_HANDSHAKE)
 		return; /* tls_step() owns the watchers */
-	bool want = (c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) && !throttled(c);
+	bool want = reading_phase(c) && !throttled(c);
 
 	if (want && !ev_is_active(&c->rio))
 		watch(c, &c->rio);
 	else if (!want && ev_is_active(&c->rio))
 		ev_io_stop(c->r->loop, &c->rio);
+	/* Nothing of this connection's own will lift a process-wide limit: ask the reactor
+	 * to look again once memory is freed elsewhere. */
+	if (!want && reading_phase(c) && memory_full(c))
+		reactor_memory_wait(c->r);
 }
 
 static void close_fd(struct nbdv_conn *c)
@@ -243,10 +276,9 @@ void conn_shutdown(struct nbdv_conn *c)
 	maybe_close_drained(c);
 }
 
-void conn_request_done(struct nbdv_conn *c, size_t bytes)
+void conn_request_done(struct nbdv_conn *c)
 {
 	c->inflight--;
-	c->inflight_bytes -= bytes;
 	if (c->phase == CONN_DEAD)
 		return;
 	reactor_mark_dirty(c->r, c);
@@ -373,6 +405,10 @@ bool conn_release(struct nbdv_conn *c)
 	c->tp->ops->free(c->tp);
 	tls_peer_clear(&c->peer);
 	ibuf_free(c->ibuf);
+	/* A connection that held much (a flood of small replies) leaves free chunks all
+	 * over the heap; hand them back to the system rather than keep them resident. */
+	if (c->peak_held >= NBDV_TRIM_AFTER)
+		malloc_trim(0);
 	free(c);
 	return true;
 }
@@ -457,6 +493,10 @@ static void process_input(struct nbdv_conn *c)
 		}
 		case RX_OPT_HEADER: {
 			struct nbd_option o;
+			if (throttled(c)) {
+				update_reading(c);
+				return;
+			}
 			if (avail(c) < sizeof(o))
 				return;
 			memcpy(&o, p, sizeof(o));
@@ -632,12 +672,12 @@ void conn_service(struct nbdv_conn *c)
 	c->depth++;
 	conn_flush(c);
 	/* Completions or drained output may have lifted back-pressure while whole requests
-	 * wait in the input buffer; the socket may never become readable for them. */
-	if (c->phase == CONN_TRANSMISSION && !throttled(c) && avail(c))
+	 * (or options) wait in the input buffer; the socket may never become readable for
+	 * them. */
+	if (reading_phase(c) && !throttled(c) && avail(c))
 		process_input(c);
-	/* The same for requests the TLS layer holds (decrypted or read ahead). */
-	while (c->phase == CONN_TRANSMISSION && !throttled(c) && c->tp->ops->pending(c->tp) &&
-	       read_once(c))
+	/* The same for what the TLS layer holds (decrypted or read ahead). */
+	while (reading_phase(c) && !throttled(c) && c->tp->ops->pending(c->tp) && read_once(c))
 		process_input(c);
 	maybe_close_drained(c);
 	c->depth--;

@@ -328,6 +328,24 @@ void reactor_flush_dirty(struct nbdv_reactor *r)
 	}
 }
 
+/* How soon connections paused by limits.max-memory look again. */
+#define MEMORY_RETRY 0.005
+
+void reactor_memory_wait(struct nbdv_reactor *r)
+{
+	if (!ev_is_active(&r->memory_timer))
+		ev_timer_start(r->loop, &r->memory_timer);
+}
+
+static void memory_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct nbdv_reactor *r = container_of(w, struct nbdv_reactor, memory_timer);
+
+	/* Each one takes what it can now, or asks for this timer again. */
+	for (struct nbdv_conn *c = r->conns; c; c = c->next)
+		reactor_mark_dirty(r, c);
+}
+
 /* Before each poll: write what every dirty connection has queued, in one batch each. */
 static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
@@ -502,6 +520,7 @@ static void reactor_setup(struct nbdv_server *srv, unsigned idx, struct ev_loop 
 	if (idx == 0)
 		ev_unref(loop); /* the main loop lives as long as listeners and signals do */
 	ev_timer_init(&r->shutdown_timer, shutdown_timeout_cb, SHUTDOWN_GRACE, 0.);
+	ev_timer_init(&r->memory_timer, memory_timer_cb, MEMORY_RETRY, 0.);
 }
 
 static void reactor_teardown(struct nbdv_reactor *r)
@@ -526,6 +545,7 @@ static void reactor_teardown(struct nbdv_reactor *r)
 		free(h);
 	}
 	ev_timer_stop(r->loop, &r->shutdown_timer);
+	ev_timer_stop(r->loop, &r->memory_timer);
 	ev_ref(r->loop);
 	ev_prepare_stop(r->loop, &r->flusher);
 	ev_idle_stop(r->loop, &r->spin_idle);

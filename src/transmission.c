@@ -58,6 +58,7 @@ struct nbdv_req {
 	bool from_file;		    /* READ: data is sent from file_fd by the transport */
 	int file_fd;		    /* (the export's file, open while the connection is) */
 	struct nbdv_extents ext;    /* BLOCK_STATUS result, or READ layout */
+	size_t charge;		    /* memory charged to conn (see req_charge()) */
 	/* Not cleared when recycled: */
 	struct nbdv_extent read_ext[MAX_READ_CHUNKS]; /* storage for a sparse READ's layout */
 };
@@ -92,9 +93,30 @@ uint32_t transmission_nbd_errno(int err, bool fast_zero)
 	}
 }
 
-static size_t req_bytes(const struct nbdv_req *r)
+/*
+ * What @r holds: the struct, its data buffer and, for BLOCK_STATUS, the descriptor
+ * array a worker will allocate.  Charged to its connection (limits.max-inflight-bytes)
+ * and the process (limits.max-memory) from the moment it exists until it is freed; a
+ * READ's buffer is then charged to the reply that took it over.
+ */
+static size_t req_holds(const struct nbdv_req *r)
 {
-	return r->buf ? r->count : 0;
+	size_t n = sizeof(*r) + NBDV_MALLOC_OVERHEAD + nbdv_buf_charge(r->buf);
+
+	if (r->type == NBD_CMD_BLOCK_STATUS)
+		n += NBDV_MALLOC_OVERHEAD + 64 + MAX_STATUS_EXTENTS * sizeof(struct nbdv_extent);
+	return n;
+}
+
+/* Bring @r's charge up to what it holds now. */
+static void req_charge(struct nbdv_req *r)
+{
+	size_t n = req_holds(r);
+	ptrdiff_t delta = (ptrdiff_t)n - (ptrdiff_t)r->charge;
+
+	r->conn->req_held += (size_t)delta;
+	nbdv_mem_charge(delta);
+	r->charge = n;
 }
 
 /* Request structs are recycled per thread (each reactor allocates and frees its own),
@@ -115,6 +137,10 @@ void transmission_req_free(struct nbdv_req *r)
 {
 	if (!r)
 		return;
+	if (r->charge) {
+		r->conn->req_held -= r->charge;
+		nbdv_mem_charge(-(ptrdiff_t)r->charge);
+	}
 	extents_free(&r->ext);
 	nbdv_buf_free(r->buf);
 	r->buf = NULL;
@@ -182,21 +208,20 @@ static void queue_simple(struct nbdv_conn *c, uint64_t cookie, uint32_t error, v
 	conn_queue(c, m);
 }
 
-/* One structured chunk: header, @head (copied), then @data (owned by the chunk if @own). */
+/* One structured chunk: header, @head (copied), then @data; the chunk owns (and frees)
+ * pool buffer @own, which may be NULL or hold @data. */
 static int queue_chunk(struct nbdv_conn *c, uint64_t cookie, uint16_t flags, uint16_t type,
-		       const void *head, size_t hlen, void *data, size_t dlen, bool own)
+		       const void *head, size_t hlen, const void *data, size_t dlen, void *own)
 {
 	struct nbdv_outmsg *m = chunk_msg(cookie, flags, type, head, hlen, dlen);
 
 	if (!m) {
-		if (own)
-			nbdv_buf_free(data);
+		nbdv_buf_free(own);
 		conn_abort(c);
 		return -ENOMEM;
 	}
 	outmsg_add_ref(m, data, dlen);
-	if (own)
-		m->owned = data;
+	m->owned = own;
 	conn_queue(c, m);
 	return 0;
 }
@@ -214,7 +239,7 @@ static void queue_error(struct nbdv_conn *c, uint64_t cookie, uint32_t error, co
 		memcpy(head, &e, sizeof(e));
 		memcpy(head + sizeof(e), msg, mlen);
 		(void)queue_chunk(c, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, head,
-				  sizeof(e) + mlen, NULL, 0, false);
+				  sizeof(e) + mlen, NULL, 0, NULL);
 	} else {
 		queue_simple(c, cookie, error, NULL, 0);
 	}
@@ -254,7 +279,7 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 	if (r->count == 0) {
 		nbdv_buf_free(buf);
 		(void)queue_chunk(c, r->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NULL, 0,
-				  NULL, 0, false);
+				  NULL, 0, NULL);
 		return;
 	}
 	/* Walk the layout: zero extents become OFFSET_HOLE, the rest OFFSET_DATA.  The last
@@ -269,19 +294,18 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 		if (hole) {
 			struct nbd_chunk_offset_hole h = {be_off, htobe32((uint32_t)n)};
 			if (queue_chunk(c, r->cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, &h,
-					sizeof(h), last ? buf : NULL, 0, last) < 0) {
+					sizeof(h), NULL, 0, last ? buf : NULL) < 0) {
 				if (!last)
 					nbdv_buf_free(buf);
 				return;
 			}
 		} else {
 			if (queue_chunk(c, r->cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, &be_off, 8,
-					buf + (pos - r->offset), n, false) < 0) {
-				nbdv_buf_free(buf);
+					buf + (pos - r->offset), n, last ? buf : NULL) < 0) {
+				if (!last)
+					nbdv_buf_free(buf);
 				return;
 			}
-			if (last)
-				c->outq.tail->owned = buf;
 		}
 		pos += n;
 	}
@@ -306,7 +330,7 @@ static void reply_block_status(struct nbdv_conn *c, struct nbdv_req *r)
 		memcpy(payload + 4 + i * sizeof(d), &d, sizeof(d));
 	}
 	(void)queue_chunk(c, r->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NULL, 0,
-			  payload, len, true);
+			  payload, len, payload);
 }
 
 /* --- execution --- */
@@ -401,7 +425,6 @@ static void req_done(struct nbdv_job *job)
 {
 	struct nbdv_req *r = (struct nbdv_req *)job;
 	struct nbdv_conn *c = r->conn;
-	size_t bytes = req_bytes(r);
 
 	if (c->phase != CONN_DEAD) {
 		if (r->err < 0) {
@@ -422,7 +445,7 @@ static void req_done(struct nbdv_job *job)
 		}
 	}
 	transmission_req_free(r);
-	conn_request_done(c, bytes);
+	conn_request_done(c);
 	conn_release(c);
 }
 
@@ -535,6 +558,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 		if (fd >= 0 && c->tp->ops->sendfile) {
 			r->from_file = true;
 			r->file_fd = fd;
+			req_charge(r);
 			c->inflight++;
 			submit_done_inline(c, r);
 			return;
@@ -550,8 +574,8 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 		}
 		r->sparse = wants_holes(c, r);
 	}
+	req_charge(r);
 	c->inflight++;
-	c->inflight_bytes += req_bytes(r);
 	/* A small read the page cache can satisfy is done here and now: a trip to the
 	 * workers and back costs more than the read.  (Sent as plain data: holes in a
 	 * small cached read just read as zeroes.) */
@@ -631,6 +655,7 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 				transmission_req_free(r);
 				return TX_CLOSE;
 			}
+			req_charge(r);
 			c->cur_req = r;
 			return TX_NEED_PAYLOAD;
 		}

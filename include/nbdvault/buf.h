@@ -35,6 +35,7 @@ struct nbdv_outmsg {
 	size_t file_len;		   /* 0: no file range */
 	size_t used;			   /* bytes of inl used */
 	size_t cap;			   /* bytes of inl available */
+	size_t charge;			   /* memory it holds, charged while queued */
 	unsigned char inl[];		   /* inline storage for headers */
 };
 
@@ -42,6 +43,7 @@ struct nbdv_outq {
 	struct nbdv_outmsg *head; /* next to send */
 	struct nbdv_outmsg *tail; /* last queued */
 	size_t bytes;		  /* bytes not yet written */
+	size_t held;		  /* memory the queued messages hold (see nbdv_mem_*) */
 };
 
 /* New message with @inl_cap bytes of inline storage; NULL on ENOMEM. */
@@ -56,6 +58,22 @@ void outmsg_add_file(struct nbdv_outmsg *m, int fd, uint64_t off, size_t len);
 void outmsg_free(struct nbdv_outmsg *m);
 /* Free this thread's recycled messages (at thread or process exit). */
 void nbdv_outmsg_cache_drain(void);
+
+/*
+ * Memory accounting.  What a connection holds is counted by its real allocations
+ * (struct, inline storage, pooled buffer with its header, malloc's own overhead), not
+ * by the bytes it will put on the wire: a 16-byte reply holds ~250 bytes.  Every
+ * charge also goes to one process-wide counter, which limits.max-memory caps.
+ */
+#define NBDV_MALLOC_OVERHEAD 16 /* glibc's chunk header, rounded up */
+/* What a pooled buffer from nbdv_buf_alloc() really holds (0 for NULL). */
+size_t nbdv_buf_charge(const void *p);
+/* What @m holds in all: the message and the buffer it owns. */
+size_t outmsg_charge(const struct nbdv_outmsg *m);
+/* Add @delta (may be negative) to the process-wide count; returns the new total. */
+size_t nbdv_mem_charge(ptrdiff_t delta);
+/* Bytes charged process-wide now. */
+size_t nbdv_mem_held(void);
 
 /*
  * Data buffers for requests and replies come from a pool of power-of-two size classes

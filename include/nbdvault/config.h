@@ -75,6 +75,7 @@ struct nbdv_config {
 	size_t n_exports;
 	uint32_t max_request;	     /* limits.max-request: maximum payload, bytes */
 	uint64_t max_inflight_bytes; /* limits.max-inflight-bytes, per connection */
+	uint64_t max_memory;	     /* limits.max-memory, whole process (default RAM / 4) */
 	unsigned max_connections;    /* limits.max-connections */
 	double handshake_timeout;    /* limits.handshake-timeout, seconds (0: off) */
 	double idle_timeout;	     /* limits.idle-timeout, seconds (0: off) */

@@ -31,6 +31,9 @@
 #define NBDV_BIG_WRITE (64 * 1024)
 /* Back-pressure: stop reading past this many requests (or limits.max-inflight-bytes). */
 #define NBDV_MAX_INFLIGHT_REQS 512
+/* Memory a connection may hold before it has chosen an export (and, in tls: require
+ * mode, before TLS): option replies queued for a client that does not read them. */
+#define NBDV_PREAUTH_BUDGET (64 * 1024)
 
 struct nbdv_server;
 struct nbdv_reactor;
@@ -95,7 +98,8 @@ struct nbdv_conn {
 	bool header_reads;	    /* last request was a big WRITE: read headers alone */
 	bool draining;		    /* server shutting down: close when idle */
 	unsigned inflight;	    /* requests submitted and not yet replied */
-	size_t inflight_bytes;	    /* their data buffers */
+	size_t req_held;	    /* memory requests hold (charged until freed) */
+	size_t peak_held;	    /* most it held with its queued replies (outq.held) */
 	uint64_t sendfile_bytes;    /* READ data the transport sent from the file (logged) */
 	uint64_t cached_copy_bytes; /* large READs copied from the page cache inline (logged) */
 };
@@ -123,7 +127,7 @@ void conn_close_graceful(struct nbdv_conn *c);
 /* Immediate close after a protocol violation or I/O error. */
 void conn_abort(struct nbdv_conn *c);
 /* A request finished and its reply is queued: update accounting, maybe resume reading. */
-void conn_request_done(struct nbdv_conn *c, size_t bytes);
+void conn_request_done(struct nbdv_conn *c);
 /* Write queued output and resume buffered input once back-pressure lifts (the server's
  * flusher calls this for every dirty connection before the loop polls). */
 void conn_service(struct nbdv_conn *c);

@@ -53,6 +53,7 @@ struct nbdv_reactor {
 	ev_tstamp spin_until;	       /* when to stop */
 	ev_async wake;		       /* handoffs queued or shutdown asked */
 	ev_timer shutdown_timer;       /* upper bound on the drain at shutdown */
+	ev_timer memory_timer;	       /* re-checks connections paused by limits.max-memory */
 	bool shutting_down;	       /* this loop has begun its drain */
 	pthread_mutex_t lock;	       /* protects the two fields below */
 	struct nbdv_handoff *handoffs; /* accepted sockets waiting for this reactor */
@@ -102,6 +103,9 @@ struct nbdv_tls *server_tls_get(struct nbdv_server *srv);
 void reactor_conn_add(struct nbdv_reactor *r, struct nbdv_conn *c);
 void reactor_conn_remove(struct nbdv_reactor *r, struct nbdv_conn *c);
 void reactor_mark_dirty(struct nbdv_reactor *r, struct nbdv_conn *c);
+/* A connection stopped reading because the process holds limits.max-memory: look at
+ * every connection again shortly (memory freed on other reactors raises no event). */
+void reactor_memory_wait(struct nbdv_reactor *r);
 /* Write every dirty connection's output now (the flusher's work; also for harnesses). */
 void reactor_flush_dirty(struct nbdv_reactor *r);
 

@@ -85,6 +85,7 @@ static void test_full(const char *dir)
 	CHECK(cfg->max_request == 1024 * 1024);
 	CHECK(cfg->max_connections == 50 && cfg->handshake_timeout == 2.5);
 	CHECK(cfg->idle_timeout == 600 && cfg->max_inflight_bytes == 8ULL << 20);
+	CHECK(cfg->max_memory == 1ULL << 30);
 	CHECK(cfg->n_exports == 2);
 	CHECK(strcmp(cfg->exports[0].name, "disk0") == 0);
 	CHECK(strcmp(cfg->exports[0].description, "Scratch disk") == 0);
@@ -113,6 +114,7 @@ static void test_full(const char *dir)
 	CHECK(cfg->max_request == 32 * 1024 * 1024);
 	CHECK(cfg->max_connections == 1024 && cfg->handshake_timeout == 10.0);
 	CHECK(cfg->idle_timeout == 0 && cfg->max_inflight_bytes == 96ULL << 20);
+	CHECK(cfg->max_memory >= 16ULL << 20);		  /* a quarter of RAM or of the cgroup */
 	CHECK(cfg->workers == 0 && cfg->io_threads == 4); /* 0: one reactor per CPU */
 	CHECK(cfg->busy_poll == 50e-6);
 	CHECK(cfg->default_export == NULL && config_find_export(cfg, "", 0) == NULL);
