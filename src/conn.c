@@ -109,6 +109,7 @@ struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transpo
 	c->fd = fd;
 	c->is_tcp = is_tcp;
 	c->id = __atomic_add_fetch(&srv->next_id, 1, __ATOMIC_RELAXED);
+	tp->conn_id = c->id;
 	c->phase = CONN_OPTIONS;
 	c->rx = RX_CLIENT_FLAGS;
 	ev_io_init(&c->rio, read_cb, fd, EV_READ);
@@ -340,6 +341,7 @@ static void start_tls(struct nbdv_conn *c)
 	}
 	c->tp->ops->free(c->tp);
 	c->tp = t;
+	t->conn_id = c->id;
 	c->tls_started = true;
 	tls_step(c);
 }

@@ -377,7 +377,7 @@ static ssize_t recv_record(struct tls_transport *tt, void *buf, size_t len)
 			return -ECONNRESET;
 		default:
 			snprintf(tt->why, sizeof(tt->why), "%s", gnutls_strerror((int)n));
-			log_info("TLS receive failed: %s", tt->why);
+			log_info("c%u: TLS receive failed: %s", tt->base.conn_id, tt->why);
 			return -EPROTO;
 		}
 	}
@@ -646,8 +646,26 @@ struct nbdv_transport *tls_transport_new(struct nbdv_tls *creds, int fd)
 int tls_handshake(struct nbdv_transport *t, const char **why)
 {
 	struct tls_transport *tt = to_tt(t);
-	int r = gnutls_handshake(tt->s);
+	int r;
 
+	/*
+	 * GnuTLS returns GNUTLS_E_AGAIN after a record that held only part of a handshake
+	 * message, even when the next records are already here: read ahead into rstage,
+	 * where no socket event will ever announce them.  A ClientHello cut into small
+	 * records (a 24 KiB client certificate is several records too) then stalled until
+	 * the handshake deadline.  So go on while GnuTLS wants to read, ciphertext is
+	 * staged, and each call consumes some of it.
+	 */
+	for (;;) {
+		const unsigned char *stage = tt->rstage;
+		size_t pos = tt->rpos;
+
+		r = gnutls_handshake(tt->s);
+		if ((r != GNUTLS_E_AGAIN && r != GNUTLS_E_INTERRUPTED) ||
+		    gnutls_record_get_direction(tt->s) != 0 || tt->rpos >= tt->rlen ||
+		    (tt->rstage == stage && tt->rpos == pos))
+			break;
+	}
 	if (r == 0) {
 		tt->done = true;
 		return 0;

@@ -40,6 +40,7 @@ struct nbdv_transport_ops {
 struct nbdv_transport {
 	const struct nbdv_transport_ops *ops; /* implementation */
 	int fd;				      /* socket, owned by the connection */
+	unsigned conn_id;		      /* its connection's id, for log lines */
 };
 
 /* Plain socket transport on @fd; NULL on ENOMEM. */

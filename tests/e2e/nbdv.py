@@ -41,6 +41,30 @@ def make_pki(outdir, *args):
     require("certtool", "psktool")
     subprocess.run([CERTS_SCRIPT, outdir, *args], check=True, capture_output=True)
     return outdir
+
+
+def make_client_cert(pki, name, template_lines, key_type="ecdsa"):
+    """Sign one more client certificate with make_pki()'s CA, from certtool template
+    lines (the subject is added); written as pki/clients/NAME/ the way libnbd and
+    qemu read a directory.  Returns that directory."""
+    d = os.path.join(pki, "clients", name)
+    os.makedirs(d, exist_ok=True)
+    tmpl = os.path.join(d, "tmpl")
+    with open(tmpl, "w") as f:
+        f.write(f'cn = "{name}"\norganization = "nbdvault dev"\nexpiration_days = 30\n')
+        f.write("".join(line + "\n" for line in template_lines))
+    key, cert = os.path.join(d, "client-key.pem"), os.path.join(d, "client-cert.pem")
+    subprocess.run(["certtool", "--generate-privkey", "--key-type", key_type, "--outfile", key],
+                   check=True, capture_output=True)
+    subprocess.run(["certtool", "--generate-certificate", "--load-privkey", key,
+                    "--load-ca-certificate", f"{pki}/ca-cert.pem",
+                    "--load-ca-privkey", f"{pki}/ca-key.pem", "--template", tmpl,
+                    "--outfile", cert], check=True, capture_output=True)
+    shutil.copy(os.path.join(pki, "ca-cert.pem"), os.path.join(d, "ca-cert.pem"))
+    os.unlink(tmpl)
+    return d
+
+
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE = 0, 1, 2, 3, 4, 5
 CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 6, 7
 EPERM, EIO, EINVAL, ENOSPC = 1, 5, 22, 28
