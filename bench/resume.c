@@ -11,6 +11,8 @@
  * first asks for that export and requires the server to refuse it (the tests use this
  * to check that a resumed session keeps its identity for allow-lists).
  * Prints: connections-per-second resumed-connections connections seconds
+ * RESUME_PRIORITY in the environment replaces the client's GnuTLS priority string (the
+ * tests use it to offer only legacy suites, which the server must refuse).
  */
 #include <arpa/inet.h>
 #include <endian.h>
@@ -221,6 +223,9 @@ int main(int argc, char **argv)
 			gnutls_set_default_priority(s);
 			gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE, cred);
 		}
+		if (getenv("RESUME_PRIORITY") &&
+		    gnutls_priority_set_direct(s, getenv("RESUME_PRIORITY"), NULL) < 0)
+			die("RESUME_PRIORITY", "not a valid priority string");
 		gnutls_server_name_set(s, GNUTLS_NAME_DNS, "localhost", 9);
 		if (resume && saved.data)
 			gnutls_session_set_data(s, saved.data, saved.size);

@@ -486,6 +486,16 @@ static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	}
 	pthread_mutex_lock(&srv->tls_lock);
 	old = srv->tls;
+	/* A revocation list that vanished must not quietly readmit revoked clients. */
+	if (tls_has_crl(old) && !tls_has_crl(fresh)) {
+		pthread_mutex_unlock(&srv->tls_lock);
+		tls_unref(fresh);
+		log_err("SIGHUP: keeping the current TLS credentials: %s/ca-crl.pem was in use "
+			"and is missing now (revocation is never switched off by a reload; "
+			"restart to run without a CRL)",
+			srv->cfg->tls.certificates);
+		return;
+	}
 	srv->tls = fresh;
 	pthread_mutex_unlock(&srv->tls_lock);
 	tls_unref(old);

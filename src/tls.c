@@ -26,13 +26,13 @@
 #include "nbdvault/tls.h"
 #include "nbdvault/transport.h"
 
-#define REC_MAX	     16384	   /* plaintext bytes per TLS record */
-#define SEND_BUDGET  (1024 * 1024) /* bytes one sendv call may write */
-#define RECV_BUDGET  (256 * 1024)  /* bytes one recv call may read */
-#define TLS_HEADER   5		   /* bytes of a TLS record header */
-#define PULL_STAGE   (64 * 1024)   /* ciphertext read ahead when records are small */
-#define PULL_SMALL   (4096 + 256)  /* record bodies up to this size count as small */
-#define PSK_PRIORITY ":+ECDHE-PSK:+DHE-PSK:+PSK"
+#define REC_MAX	     16384		    /* plaintext bytes per TLS record */
+#define SEND_BUDGET  (1024 * 1024)	    /* bytes one sendv call may write */
+#define RECV_BUDGET  (256 * 1024)	    /* bytes one recv call may read */
+#define TLS_HEADER   5			    /* bytes of a TLS record header */
+#define PULL_STAGE   (64 * 1024)	    /* ciphertext read ahead when records are small */
+#define PULL_SMALL   (4096 + 256)	    /* record bodies up to this size count as small */
+#define PSK_PRIORITY ":+ECDHE-PSK:+DHE-PSK" /* forward secrecy: no plain PSK */
 
 struct psk_entry {
 	char *user;	    /* identity */
@@ -45,6 +45,7 @@ struct nbdv_tls {
 	gnutls_psk_server_credentials_t psk;   /* NULL without a PSK file */
 	gnutls_priority_t prio;		       /* compiled priority string */
 	bool verify_clients;		       /* require a verified client cert */
+	bool has_crl;			       /* ca-crl.pem was loaded */
 	struct psk_entry *psk_table;	       /* identities from the PSK file */
 	size_t n_psk;
 	gnutls_datum_t ticket_key; /* session ticket master key, or empty */
@@ -108,6 +109,11 @@ static void tls_free(struct nbdv_tls *t)
 	free(t);
 }
 
+bool tls_has_crl(const struct nbdv_tls *t)
+{
+	return t && t->has_crl;
+}
+
 struct nbdv_tls *tls_ref(struct nbdv_tls *t)
 {
 	__atomic_add_fetch(&t->refs, 1, __ATOMIC_RELAXED);
@@ -142,12 +148,60 @@ static bool file_exists(const char *path)
 	return access(path, F_OK) == 0;
 }
 
+/*
+ * A verified chain is not yet a client identity: the end-entity certificate must not
+ * be a CA, and when it names purposes (extended key usage), TLS client authentication
+ * must be one of them.  Otherwise any server certificate of the same CA, or a code
+ * signing one, would open allow-listed exports.  0 or a reason.
+ */
+static const char *client_cert_unfit(gnutls_session_t s)
+{
+	unsigned n = 0, critical = 0, ca = 0;
+	int pathlen = 0;
+	const gnutls_datum_t *certs = gnutls_certificate_get_peers(s, &n);
+	gnutls_x509_crt_t crt;
+	const char *why = NULL;
+	bool any_purpose = false, client = false;
+
+	if (!certs || n == 0)
+		return "no client certificate";
+	if (gnutls_x509_crt_init(&crt) < 0)
+		return "out of memory";
+	if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) < 0) {
+		gnutls_x509_crt_deinit(crt);
+		return "client certificate cannot be parsed";
+	}
+	if (gnutls_x509_crt_get_basic_constraints(crt, &critical, &ca, &pathlen) >= 0 && ca)
+		why = "client certificate is a CA certificate (CA:TRUE), not an end entity";
+	for (unsigned i = 0; !why; i++) {
+		char oid[128];
+		size_t size = sizeof(oid);
+		int r = gnutls_x509_crt_get_key_purpose_oid(crt, i, oid, &size, &critical);
+
+		if (r == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE)
+			break;
+		if (r < 0) {
+			why = "client certificate's extended key usage cannot be read";
+			break;
+		}
+		any_purpose = true;
+		if (strcmp(oid, GNUTLS_KP_TLS_WWW_CLIENT) == 0)
+			client = true;
+	}
+	if (!why && any_purpose && !client)
+		why = "client certificate's extended key usage does not include TLS client "
+		      "authentication";
+	gnutls_x509_crt_deinit(crt);
+	return why;
+}
+
 /* Verify the client's certificate chain (and CRL) during the handshake. */
 static int verify_cb(gnutls_session_t s)
 {
 	struct tls_transport *tt = gnutls_session_get_ptr(s);
 	unsigned status = 0;
 	gnutls_datum_t out = {NULL, 0};
+	const char *unfit;
 	int r = gnutls_certificate_verify_peers2(s, &status);
 
 	if (r < 0) {
@@ -163,6 +217,11 @@ static int verify_cb(gnutls_session_t s)
 		} else {
 			snprintf(tt->why, sizeof(tt->why), "client certificate rejected");
 		}
+		return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
+	}
+	unfit = client_cert_unfit(s);
+	if (unfit) {
+		snprintf(tt->why, sizeof(tt->why), "%s", unfit);
 		return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
 	}
 	return 0;
@@ -201,10 +260,12 @@ static int load_x509(struct nbdv_tls *t, const struct nbdv_tls_cfg *cfg, char *e
 		if (check_file(crl, false, err, errlen) < 0)
 			return -1;
 		r = gnutls_certificate_set_x509_crl_file(t->x509, crl, GNUTLS_X509_FMT_PEM);
-		if (r < 0) {
-			snprintf(err, errlen, "tls: %s: %s", crl, gnutls_strerror(r));
+		if (r <= 0) {
+			snprintf(err, errlen, "tls: %s: %s", crl,
+				 r == 0 ? "no CRL in the file" : gnutls_strerror(r));
 			return -1;
 		}
+		t->has_crl = true;
 	}
 	gnutls_certificate_set_known_dh_params(t->x509, GNUTLS_SEC_PARAM_MEDIUM);
 	if (cfg->verify_clients)
@@ -326,7 +387,8 @@ int tls_load(const struct nbdv_tls_cfg *cfg, struct nbdv_tls **out, char *err, s
 	if (cfg->psk_file && load_psk(t, cfg->psk_file, err, errlen) < 0)
 		goto err;
 	/* PSK key exchange must be enabled explicitly; do it so that PSK clients (qemu's
-	 * tls-creds-psk) work under the default priority. */
+	 * tls-creds-psk) work under the default priority.  Only the (EC)DHE kinds: a plain
+	 * PSK exchange has no forward secrecy (a priority with +PSK turns it on). */
 	prio = malloc(strlen(cfg->priority) + sizeof(PSK_PRIORITY));
 	if (!prio) {
 		snprintf(err, errlen, "tls: out of memory");

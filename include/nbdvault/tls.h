@@ -38,6 +38,8 @@ void tls_global_deinit(void);
  * line in @err naming the file and the reason.  Warnings (private key readable by
  * others) are logged.
  */
+/* Whether @t checks a certificate revocation list (ca-crl.pem was loaded). */
+bool tls_has_crl(const struct nbdv_tls *t);
 int tls_load(const struct nbdv_tls_cfg *cfg, struct nbdv_tls **out, char *err,
 	     size_t errlen) NBDV_WUR;
 struct nbdv_tls *tls_ref(struct nbdv_tls *t);

@@ -134,6 +134,15 @@ class TlsTest(ResumeMixin, unittest.TestCase):
         cls.qemu_psk = os.path.join(cls.tmp, "qemu-psk")
         os.mkdir(cls.qemu_psk)
         shutil.copy(f"{cls.pki}/keys.psk", cls.qemu_psk)
+        # Certificates the CA signed that are no client identity (issue 13, finding 5),
+        # and two that are: with the clientAuth purpose, and with no purpose at all.
+        for name, lines in (("server-only", ["tls_www_server", "signing_key"]),
+                            ("codesign-only", ["code_signing_key", "signing_key"]),
+                            ("ca-true", ["ca", "cert_signing_key", "signing_key",
+                                         "tls_www_client"]),
+                            ("client-eku", ["tls_www_client", "signing_key"]),
+                            ("no-eku", ["signing_key"])):
+            nbdv.make_client_cert(cls.pki, name, lines)
         cls.srv = nbdv.Server(EXPORTS, extra=tls_block(cls.pki), tcp=True).start()
 
     @classmethod
@@ -245,6 +254,75 @@ class TlsTest(ResumeMixin, unittest.TestCase):
     def test_revoked_certificate(self):
         self.refused(certs=self.client("revoked"))
         self.assertIn("revoked", self.srv.logtext())
+
+    def test_certificates_that_are_no_client_identity(self):
+        # Signed by the right CA, but a server certificate, a code-signing one, or a CA:
+        # refused by every client on every path (listing, INFO, GO), with a reason.
+        for name, why in (("server-only", "does not include TLS client authentication"),
+                          ("codesign-only", "does not include TLS client authentication"),
+                          ("ca-true", "is a CA certificate")):
+            with self.subTest(name):
+                self.refused(certs=self.client(name))
+                out = run("nbdinfo", "--list", self.x509_uri("", self.client(name)),
+                          ok=False)
+                self.assertNotEqual(out.returncode, 0)
+                self.assertNotIn("secure", out.stdout)
+                p = run("qemu-img", "info", "--object", self.x509_object(name),
+                        "--image-opts", self.qemu_opts("backup", "x509"), ok=False)
+                self.assertNotEqual(p.returncode, 0)
+                r = nbdv.Raw(port=self.srv.port)
+                r.greet()
+                cdir = self.client(name)
+                import ssl as _ssl
+                with self.assertRaises((_ssl.SSLError, OSError, EOFError)):
+                    r.starttls(f"{self.pki}/ca-cert.pem", f"{cdir}/client-cert.pem",
+                               f"{cdir}/client-key.pem")
+                    r.opt(nbdv.OPT_LIST)
+                r.close()
+                self.assertIn(why, self.srv.logtext())
+        # The control: a clientAuth certificate and one without any purpose work.
+        for name in ("client-eku", "no-eku"):
+            h = self.libnbd(certs=self.client(name))
+            self.assertEqual(len(h.pread(512, 0)), 512)
+            nbdv.disconnect(h)
+
+    def test_legacy_suites_refused_by_default(self):
+        # TLS 1.2 CBC suites with SHA-1 MACs and PSK without forward secrecy are off
+        # by default; the clients the project supports connect without them (the qemu
+        # and libnbd x509/PSK tests above use the same server).
+        resume = os.environ.get("NBDVAULT_RESUME")
+        if not resume:
+            self.skipTest("tests/tls-resume not built")
+        def attempt(creds, priority, port=None):
+            env = dict(os.environ, RESUME_PRIORITY=priority)
+            return subprocess.run([resume, "127.0.0.1", str(port or self.srv.port), "secure",
+                                   "0.01", creds, "full"], env=env, capture_output=True,
+                                  text=True, timeout=60)
+        psk = f"psk:alice:{self.pki}/keys.psk"
+        x509 = self.client("vm7")
+        cbc_sha1 = ("NONE:+VERS-TLS1.2:+AES-128-CBC:+AES-256-CBC:+SHA1:+COMP-NULL:+SIGN-ALL:"
+                    "+GROUP-ALL")
+        legacy = (
+            (x509, cbc_sha1 + ":+ECDHE-ECDSA:+ECDHE-RSA", "TLS 1.2 CBC/SHA-1, x509"),
+            (psk, cbc_sha1 + ":+ECDHE-PSK:+DHE-PSK:+PSK", "TLS 1.2 CBC/SHA-1, PSK"),
+            (psk, "NORMAL:-VERS-ALL:+VERS-TLS1.2:-KX-ALL:+PSK", "TLS 1.2 plain PSK"),
+            (psk, "NORMAL:-VERS-ALL:+VERS-TLS1.3:-KX-ALL:+PSK:-GROUP-ALL",
+             "TLS 1.3 PSK without (EC)DHE"))
+        for creds, prio, what in legacy:
+            with self.subTest(what):
+                p = attempt(creds, prio)
+                self.assertNotEqual(p.returncode, 0, f"{what} was accepted: {p.stdout}")
+                self.assertIn("handshake", p.stderr)
+        # The same client with modern suites connects, with x509 and with PSK.
+        for creds, prio in ((x509, "NORMAL"), (psk, "NORMAL:+ECDHE-PSK:+DHE-PSK")):
+            p = attempt(creds, prio)
+            self.assertEqual(p.returncode, 0, p.stderr)
+        # The documented priority string for old clients turns every one back on.
+        old = tls_block(self.pki, extra='  priority: "NORMAL:-VERS-TLS1.0:-VERS-TLS1.1:+PSK"\n')
+        with nbdv.Server(EXPORTS, extra=old, tcp=True) as srv:
+            for creds, prio, what in legacy:
+                p = attempt(creds, prio, port=srv.port)
+                self.assertEqual(p.returncode, 0, f"{what}: {p.stderr}")
 
     def test_wrong_psk_key(self):
         self.refused(psk=self.wrong_psk)
@@ -676,6 +754,43 @@ class TlsModesTest(ResumeMixin, unittest.TestCase):
             early.request(nbdv.CMD_READ, 0, 512, cookie=2)
             self.assertEqual(early.simple_reply(512), (0, 2, b"e" * 512))
             early.close()
+
+    def test_sighup_with_crl_missing_keeps_revocation(self):
+        # Finding 6: deleting ca-crl.pem and sending SIGHUP used to reload without
+        # revocation, and the revoked certificate connected again.
+        pki = os.path.join(self.tmp, "crl-hup")
+        shutil.copytree(self.pki, pki)
+        exports = "\n  - name: d\n    driver: memory\n    size: 1M\n"
+        with nbdv.Server(exports, extra=tls_block(pki, psk=False)) as srv:
+            def connects(client):
+                h = nbd.NBD()
+                h.set_export_name("d")
+                h.set_tls(nbd.TLS_REQUIRE)
+                h.set_tls_certificates(f"{pki}/clients/{client}")
+                try:
+                    h.connect_uri(f"nbd+unix:///d?socket={srv.sock}")
+                except nbd.Error:
+                    return False
+                nbdv.disconnect(h)
+                return True
+            self.assertFalse(connects("revoked"))
+            self.assertTrue(connects("vm7"))
+            for damage in ("missing", "garbage"):
+                if damage == "missing":
+                    os.unlink(f"{pki}/ca-crl.pem")
+                else:
+                    with open(f"{pki}/ca-crl.pem", "w") as f:
+                        f.write("not a CRL\n")
+                before = srv.logtext().count("keeping the current TLS credentials")
+                srv.proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 10 * nbdv.SLOW
+                while srv.logtext().count("keeping the current TLS credentials") == before:
+                    self.assertLess(time.monotonic(), deadline, srv.logtext())
+                    time.sleep(0.05)
+                self.assertIn("ca-crl.pem", srv.logtext().splitlines()[-1])
+                self.assertNotIn("reloaded for new connections", srv.logtext())
+                self.assertFalse(connects("revoked"), damage)
+                self.assertTrue(connects("vm7"), damage)
 
     def test_session_tickets_off_and_sighup(self):
         pki = os.path.join(self.tmp, "tickets")
