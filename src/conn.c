@@ -14,6 +14,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "nbdvault/config.h"
@@ -112,6 +113,7 @@ struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transpo
 	tp->conn_id = c->id;
 	c->phase = CONN_OPTIONS;
 	c->rx = RX_CLIENT_FLAGS;
+	executor_queue_init(&c->jobs);
 	ev_io_init(&c->rio, read_cb, fd, EV_READ);
 	ev_io_init(&c->wio, write_cb, fd, EV_WRITE);
 	/* Until it reaches transmission, a client has limits.handshake-timeout in all
@@ -140,6 +142,11 @@ struct nbdv_conn *conn_new(struct nbdv_reactor *r, int fd, bool is_tcp, const ch
 		return NULL;
 	}
 	return conn_new_transport(r, tp, fd, is_tcp, peer);
+}
+
+static bool reading_phase(const struct nbdv_conn *c)
+{
+	return c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION;
 }
 
 /* What the connection holds now: its requests and its queued replies. */
@@ -176,11 +183,6 @@ static bool throttled(const struct nbdv_conn *c)
 		return held(c) >= NBDV_PREAUTH_BUDGET || memory_full(c);
 	return c->inflight >= NBDV_MAX_INFLIGHT_REQS ||
 	       held(c) >= c->srv->cfg->max_inflight_bytes || memory_full(c);
-}
-
-static bool reading_phase(const struct nbdv_conn *c)
-{
-	return c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION;
 }
 
 /* Start or stop the read watcher to match what the connection can take now. */
@@ -467,6 +469,38 @@ static void limit_unsent(struct nbdv_conn *c)
 		log_debug("c%u: TCP_NOTSENT_LOWAT: %s", c->id, strerror(errno));
 }
 
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Start a turn: this connection may now take NBDV_TURN_REQUESTS or NBDV_TURN_NS. */
+static void turn_begin(struct nbdv_conn *c)
+{
+	c->turn_left = NBDV_TURN_REQUESTS;
+	c->turn_end = c->fd >= 0 ? now_ns() + NBDV_TURN_NS : UINT64_MAX;
+}
+
+/* Whether the turn is used up (checked before each request; an in-memory connection,
+ * driven by its harness, is never cut short). */
+static bool turn_over(struct nbdv_conn *c)
+{
+	if (c->fd < 0)
+		return false;
+	return c->turn_left == 0 || now_ns() >= c->turn_end;
+}
+
+/* A turn ended with work left: come back after the loop has polled everyone else. */
+static void turn_yield(struct nbdv_conn *c)
+{
+	if (c->yielded && reading_phase(c) && !throttled(c))
+		ev_feed_event(c->r->loop, &c->rio, EV_READ);
+	c->yielded = false;
+}
+
 /*
  * Consume whole units from the input buffer.  Stops when a unit is incomplete, the
  * connection leaves the reading phases, or back-pressure applies.
@@ -551,6 +585,11 @@ static void process_input(struct nbdv_conn *c)
 			}
 			if (avail(c) < NBDV_REQ_HEADER_SIZE)
 				return;
+			if (turn_over(c)) {
+				c->yielded = true;
+				return;
+			}
+			c->turn_left--;
 			c->istart += NBDV_REQ_HEADER_SIZE;
 			switch (transmission_header(c, p)) {
 			case TX_OK:
@@ -653,12 +692,17 @@ bool conn_pump(struct nbdv_conn *c)
 	if (c->phase == CONN_TLS_HANDSHAKE) {
 		tls_step(c); /* data read with the client's Finished comes as an event */
 	} else {
-		do {
+		turn_begin(c);
+		if (avail(c))
+			process_input(c); /* what a turn that ended left in the buffer */
+		while (reading_phase(c) && !throttled(c) && !c->yielded) {
 			if (!read_once(c))
 				break;
 			process_input(c);
-		} while ((c->phase == CONN_OPTIONS || c->phase == CONN_TRANSMISSION) &&
-			 !throttled(c) && c->tp->ops->pending(c->tp));
+			if (!c->tp->ops->pending(c->tp))
+				break;
+		}
+		turn_yield(c);
 	}
 	c->depth--;
 	return !conn_release(c);
@@ -676,11 +720,14 @@ void conn_service(struct nbdv_conn *c)
 	/* Completions or drained output may have lifted back-pressure while whole requests
 	 * (or options) wait in the input buffer; the socket may never become readable for
 	 * them. */
+	turn_begin(c);
 	if (reading_phase(c) && !throttled(c) && avail(c))
 		process_input(c);
 	/* The same for what the TLS layer holds (decrypted or read ahead). */
-	while (reading_phase(c) && !throttled(c) && c->tp->ops->pending(c->tp) && read_once(c))
+	while (reading_phase(c) && !throttled(c) && !c->yielded && c->tp->ops->pending(c->tp) &&
+	       read_once(c))
 		process_input(c);
+	turn_yield(c);
 	maybe_close_drained(c);
 	c->depth--;
 }

@@ -220,7 +220,7 @@ uint64_t driver_stall_limit(uint64_t len)
 #define RELAXED memory_order_relaxed
 
 /*
- * A write on the workers while the gate is closed: one that was quick (and started
+ * A write on the I/O threads while the gate is closed: one that was quick (and started
  * after the last stall ended) is evidence that inline writes would be quick again.
  * NBDV_REOPEN_WRITES of them in a row reopen the gate, but never before the closed
  * period has lasted NBDV_REOPEN_FACTOR times the stall that closed it.
@@ -236,7 +236,7 @@ static void gate_evidence(struct nbdv_stall_gate *g, uint64_t t0, uint64_t t1, u
 	    t1 < atomic_load_explicit(&g->reopen_after, RELAXED))
 		return;
 	if (t1 < atomic_exchange_explicit(&g->closed_until, 0, RELAXED))
-		log_debug("%u writes on the workers were quick: writes run inline again",
+		log_debug("%u writes on the I/O threads were quick: writes run inline again",
 			  NBDV_REOPEN_WRITES);
 	atomic_store_explicit(&g->fast_writes, 0, RELAXED);
 }
@@ -288,7 +288,7 @@ static void gate_stall(struct nbdv_stall_gate *g, uint64_t t0, uint64_t now)
 	atomic_store_explicit(&g->last_stall, now, RELAXED);
 	atomic_store_explicit(&g->reopen_after, reopen, RELAXED);
 	atomic_store_explicit(&g->closed_until, now + b, RELAXED);
-	log_debug("an inline write took %llu us: writes go to the workers for up to %llu ms",
+	log_debug("an inline write took %llu us: writes go to the I/O threads for up to %llu ms",
 		  (unsigned long long)(took / 1000), (unsigned long long)(b / 1000000));
 }
 

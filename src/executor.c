@@ -1,4 +1,5 @@
-/* nbdvault - worker pool with completions posted back to the submitting reactor. */
+/* nbdvault - I/O thread pool: per-submitter queues served round-robin, completions
+ * posted back to the submitting reactor. */
 #include "build-config.h"
 
 #include <ev.h>
@@ -9,11 +10,12 @@
 #include "nbdvault/log.h"
 
 struct nbdv_executor {
-	pthread_mutex_t lock;	   /* protects everything below */
-	pthread_cond_t cond;	   /* workers wait here for jobs */
-	struct nbdv_job *job_head; /* pending jobs, FIFO */
-	struct nbdv_job **job_tail;
-	bool stopping; /* workers exit once the queue is empty */
+	pthread_mutex_t lock;		   /* protects everything below and every queue */
+	pthread_cond_t cond;		   /* I/O threads wait here for jobs */
+	struct nbdv_exec_queue *ring_head; /* queues holding jobs, next to serve first */
+	struct nbdv_exec_queue *ring_tail; /* last in the ring */
+	struct nbdv_exec_queue own;	   /* for submitters without a queue */
+	bool stopping;			   /* I/O threads exit once no queue holds a job */
 	unsigned n_threads;
 	pthread_t *threads;
 };
@@ -34,7 +36,48 @@ static void post_done(struct nbdv_job *job)
 		ev_async_send(p->loop, &p->wake);
 }
 
-static void *worker_main(void *arg)
+void executor_queue_init(struct nbdv_exec_queue *q)
+{
+	q->head = NULL;
+	q->tail = &q->head;
+	q->next = NULL;
+	q->in_ring = false;
+}
+
+/* Append @q to the ring (lock held). */
+static void ring_push(struct nbdv_executor *ex, struct nbdv_exec_queue *q)
+{
+	q->next = NULL;
+	q->in_ring = true;
+	if (ex->ring_tail)
+		ex->ring_tail->next = q;
+	else
+		ex->ring_head = q;
+	ex->ring_tail = q;
+}
+
+/* The next job, round-robin over the queues (lock held); NULL when there is none. */
+static struct nbdv_job *next_job(struct nbdv_executor *ex)
+{
+	struct nbdv_exec_queue *q = ex->ring_head;
+	struct nbdv_job *job;
+
+	if (!q)
+		return NULL;
+	ex->ring_head = q->next;
+	if (!ex->ring_head)
+		ex->ring_tail = NULL;
+	q->in_ring = false;
+	job = q->head;
+	q->head = job->next;
+	if (q->head)
+		ring_push(ex, q); /* more to do: behind every other queue */
+	else
+		q->tail = &q->head;
+	return job;
+}
+
+static void *io_thread_main(void *arg)
 {
 	struct nbdv_executor *ex = arg;
 
@@ -42,14 +85,11 @@ static void *worker_main(void *arg)
 	for (;;) {
 		struct nbdv_job *job;
 
-		while (!ex->job_head && !ex->stopping)
+		while (!ex->ring_head && !ex->stopping)
 			pthread_cond_wait(&ex->cond, &ex->lock);
-		job = ex->job_head;
+		job = next_job(ex);
 		if (!job)
 			break;
-		ex->job_head = job->next;
-		if (!ex->job_head)
-			ex->job_tail = &ex->job_head;
 		pthread_mutex_unlock(&ex->lock);
 
 		job->run(job);
@@ -113,15 +153,15 @@ struct nbdv_executor *executor_new(unsigned threads)
 
 	if (!ex)
 		return NULL;
-	ex->job_tail = &ex->job_head;
+	executor_queue_init(&ex->own);
 	pthread_mutex_init(&ex->lock, NULL);
 	pthread_cond_init(&ex->cond, NULL);
 	ex->threads = calloc(threads, sizeof(*ex->threads));
 	if (!ex->threads)
 		goto err;
 	for (; ex->n_threads < threads; ex->n_threads++) {
-		if (pthread_create(&ex->threads[ex->n_threads], NULL, worker_main, ex) != 0) {
-			log_err("cannot start executor thread %u", ex->n_threads);
+		if (pthread_create(&ex->threads[ex->n_threads], NULL, io_thread_main, ex) != 0) {
+			log_err("cannot start I/O thread %u", ex->n_threads);
 			goto err;
 		}
 	}
@@ -147,8 +187,8 @@ void executor_free(struct nbdv_executor *ex)
 	free(ex);
 }
 
-void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port, struct nbdv_job *job,
-		     bool blocking)
+void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port,
+		     struct nbdv_exec_queue *q, struct nbdv_job *job, bool blocking)
 {
 	job->port = port;
 	if (!blocking) {
@@ -158,9 +198,13 @@ void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port, stru
 	}
 	job->next = NULL;
 	port->outstanding++;
+	if (!q)
+		q = &ex->own;
 	pthread_mutex_lock(&ex->lock);
-	*ex->job_tail = job;
-	ex->job_tail = &job->next;
+	*q->tail = job;
+	q->tail = &job->next;
+	if (!q->in_ring)
+		ring_push(ex, q);
 	pthread_cond_signal(&ex->cond);
 	pthread_mutex_unlock(&ex->lock);
 }

@@ -351,7 +351,7 @@ static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
 	struct nbdv_reactor *r = container_of(w, struct nbdv_reactor, flusher);
 
-	/* Replies are leaving and no job is out on the workers: the client is probably
+	/* Replies are leaving and no job is out on the I/O threads: the client is probably
 	 * about to send the next request.  Keep polling for a moment instead of sleeping
 	 * (a wake-up from sleep costs tens of microseconds on virtual machines). */
 	if (r->dirty && r->srv->cfg->busy_poll > 0 && r->port.outstanding == 0) {
@@ -652,7 +652,7 @@ static unsigned default_workers(void)
 	return n < 1 ? 1 : n > NBDV_MAX_WORKERS ? NBDV_MAX_WORKERS : (unsigned)n;
 }
 
-/* Threads started from here (workers, reactors) leave the server's signals to the
+/* Threads started from here (I/O threads, reactors) leave the server's signals to the
  * main thread. */
 static void block_signals(sigset_t *old)
 {

@@ -95,7 +95,7 @@ uint32_t transmission_nbd_errno(int err, bool fast_zero)
 
 /*
  * What @r holds: the struct, its data buffer and, for BLOCK_STATUS, the descriptor
- * array a worker will allocate.  Charged to its connection (limits.max-inflight-bytes)
+ * array an I/O thread will allocate.  Charged to its connection (limits.max-inflight-bytes)
  * and the process (limits.max-memory) from the moment it exists until it is freed; a
  * READ's buffer is then charged to the reply that took it over.
  */
@@ -418,7 +418,7 @@ static void req_run_nothing(struct nbdv_job *job)
 static void submit_done_inline(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	r->job.run = req_run_nothing;
-	executor_submit(c->srv->exec, &c->r->port, &r->job, false);
+	executor_submit(c->srv->exec, &c->r->port, NULL, &r->job, false);
 }
 
 static void req_done(struct nbdv_job *job)
@@ -553,7 +553,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	    (c->dev->caps & NBDV_CAP_BLOCKING)) {
 		/* Data wholly in the page cache (and no hole the client would rather get as
 		 * OFFSET_HOLE) goes from there to the socket: no buffer, no copy here, no
-		 * trip to the workers.  Without sendfile() it is copied here (below). */
+		 * trip to the I/O threads.  Without sendfile() it is copied here (below). */
 		int fd = driver_cached_fd(c->dev, r->count, r->offset, wants_holes(c, r));
 		if (fd >= 0 && c->tp->ops->sendfile) {
 			r->from_file = true;
@@ -577,7 +577,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	req_charge(r);
 	c->inflight++;
 	/* A small read the page cache can satisfy is done here and now: a trip to the
-	 * workers and back costs more than the read.  (Sent as plain data: holes in a
+	 * I/O threads and back costs more than the read.  (Sent as plain data: holes in a
 	 * small cached read just read as zeroes.) */
 	if (r->type == NBD_CMD_READ && r->count && (r->count <= INLINE_READ_BYTES || cached) &&
 	    (c->dev->caps & NBDV_CAP_BLOCKING) &&
@@ -588,9 +588,9 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 		submit_done_inline(c, r);
 		return;
 	}
-	/* Likewise a small write the page cache takes at once: the hand-off to a worker and
+	/* Likewise a small write the page cache takes at once: the hand-off to an I/O thread and
 	 * back cost 38% of server time on 4 KiB random writes.  driver_pwrite_nowait() stops
-	 * offering them here while they stall.  FUA writes wait for the disk: workers. */
+	 * offering them here while they stall.  FUA writes wait for the disk: I/O threads. */
 	if (r->type == NBD_CMD_WRITE && r->count <= INLINE_WRITE_BYTES &&
 	    !(r->flags & NBD_CMD_FLAG_FUA) && (c->dev->caps & NBDV_CAP_BLOCKING)) {
 		int err = driver_pwrite_nowait(c->dev, r->buf, r->count, r->offset);
@@ -601,11 +601,12 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 			return;
 		}
 	}
-	/* Blocking drivers go to the workers; the others run here, copies included.  (Large
-	 * copies used to go to the workers to overlap with socket I/O on a single reactor;
+	/* Blocking drivers go to the I/O threads; the others run here, copies included.  (Large
+	 * copies used to go to the I/O threads to overlap with socket I/O on a single reactor;
 	 * with one reactor per core the two thread hand-offs cost more server CPU than the
 	 * copy they moved: -20% per GiB for 4-connection nbdcopy writes, -10% for reads.) */
-	executor_submit(c->srv->exec, &c->r->port, &r->job, c->dev->caps & NBDV_CAP_BLOCKING);
+	executor_submit(c->srv->exec, &c->r->port, &c->jobs, &r->job,
+			c->dev->caps & NBDV_CAP_BLOCKING);
 }
 
 enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)

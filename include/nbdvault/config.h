@@ -79,7 +79,7 @@ struct nbdv_config {
 	unsigned max_connections;    /* limits.max-connections */
 	double handshake_timeout;    /* limits.handshake-timeout, seconds (0: off) */
 	double idle_timeout;	     /* limits.idle-timeout, seconds (0: off) */
-	unsigned io_threads;	     /* io-threads: executor worker count */
+	unsigned io_threads;	     /* io-threads: I/O threads of the executor */
 	unsigned workers;	     /* workers: reactors; 0 = one per online CPU */
 	double busy_poll;	     /* busy-poll: seconds a reactor polls after replies; 0 = off */
 	struct nbdv_tls_cfg tls;     /* `tls:` */

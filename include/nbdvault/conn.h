@@ -21,6 +21,7 @@
 
 #include "nbdvault/buf.h"
 #include "nbdvault/compiler.h"
+#include "nbdvault/executor.h"
 #include "nbdvault/tls.h"
 
 /* Longest option payload accepted; longer ones get NBD_REP_ERR_TOO_BIG and a close. */
@@ -31,6 +32,12 @@
 #define NBDV_BIG_WRITE (64 * 1024)
 /* Back-pressure: stop reading past this many requests (or limits.max-inflight-bytes). */
 #define NBDV_MAX_INFLIGHT_REQS 512
+/* One turn of a connection on its reactor: at most this many requests, or this long,
+ * before the loop polls the other connections again (requests that run inline, such as
+ * memory-export BLOCK_STATUS, would otherwise hold the reactor as long as the client
+ * keeps the input buffer full). */
+#define NBDV_TURN_REQUESTS 128
+#define NBDV_TURN_NS	   (500 * 1000)
 /* Memory a connection may hold before it has chosen an export (and, in tls: require
  * mode, before TLS): option replies queued for a client that does not read them. */
 #define NBDV_PREAUTH_BUDGET (64 * 1024)
@@ -91,17 +98,21 @@ struct nbdv_conn {
 	const struct nbdv_export *meta_export; /* export the meta context was set for */
 
 	/* Transmission phase. */
-	struct nbdv_export *exp;    /* chosen export */
-	const struct nbdv_dev *dev; /* its open driver instance */
-	uint16_t tflags;	    /* transmission flags sent to the client */
-	struct nbdv_req *cur_req;   /* WRITE whose payload is being received */
-	bool header_reads;	    /* last request was a big WRITE: read headers alone */
-	bool draining;		    /* server shutting down: close when idle */
-	unsigned inflight;	    /* requests submitted and not yet replied */
-	size_t req_held;	    /* memory requests hold (charged until freed) */
-	size_t peak_held;	    /* most it held with its queued replies (outq.held) */
-	uint64_t sendfile_bytes;    /* READ data the transport sent from the file (logged) */
-	uint64_t cached_copy_bytes; /* large READs copied from the page cache inline (logged) */
+	struct nbdv_export *exp;     /* chosen export */
+	const struct nbdv_dev *dev;  /* its open driver instance */
+	uint16_t tflags;	     /* transmission flags sent to the client */
+	struct nbdv_req *cur_req;    /* WRITE whose payload is being received */
+	bool header_reads;	     /* last request was a big WRITE: read headers alone */
+	bool draining;		     /* server shutting down: close when idle */
+	bool yielded;		     /* its turn ended with requests left in the buffer */
+	unsigned turn_left;	     /* requests it may still take this turn */
+	uint64_t turn_end;	     /* CLOCK_MONOTONIC ns when this turn ends */
+	unsigned inflight;	     /* requests submitted and not yet replied */
+	struct nbdv_exec_queue jobs; /* its requests waiting for an I/O thread */
+	size_t req_held;	     /* memory requests hold (charged until freed) */
+	size_t peak_held;	     /* most it held with its queued replies (outq.held) */
+	uint64_t sendfile_bytes;     /* READ data the transport sent from the file (logged) */
+	uint64_t cached_copy_bytes;  /* large READs copied from the page cache inline (logged) */
 };
 
 /* Take over accepted socket @fd; sends the greeting.  Returns NULL (fd closed) on failure. */

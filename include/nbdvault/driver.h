@@ -17,7 +17,7 @@
  *    so that extended headers need no new calls.
  *  - Threading: a driver without NBDV_CAP_BLOCKING is called on a reactor thread and
  *    must never block.  A driver with NBDV_CAP_BLOCKING is called from the executor's
- *    worker threads, concurrently, for the same instance: it must be thread-safe.
+ *    I/O threads, concurrently, for the same instance: it must be thread-safe.
  *  - probe() (optional) must not change anything: INFO is answered from it.
  *  - destroy() is only called on an instance create() returned; create() must undo
  *    its own partial work before it fails.
@@ -43,7 +43,7 @@
 #define NBDV_CAP_EXTENTS    (1U << 6) /* block_status() implemented */
 #define NBDV_CAP_CACHE	    (1U << 7) /* cache() implemented */
 #define NBDV_CAP_MULTI_CONN (1U << 8) /* flush is visible across connections */
-#define NBDV_CAP_BLOCKING   (1U << 9) /* calls may block: run them on the worker pool */
+#define NBDV_CAP_BLOCKING   (1U << 9) /* calls may block: run them on the I/O thread pool */
 
 /* Call flags. */
 #define NBDV_F_FUA	(1U << 0) /* pwrite/trim/zero: durable on return */
@@ -112,14 +112,14 @@ struct nbdv_driver {
 	/*
 	 * Optional, for blocking drivers: read only if it cannot block (data in the page
 	 * cache), else return -EAGAIN having changed nothing.  Called on the reactor for
-	 * small reads; -EAGAIN sends the read to the workers.
+	 * small reads; -EAGAIN sends the read to the I/O threads.
 	 */
 	int (*pread_nowait)(struct nbdv_drv_instance *inst, void *buf, uint64_t len, uint64_t off);
 	/*
 	 * Optional, for blocking drivers: a write that is expected to be quick (it lands in
 	 * a cache), called on the reactor for small writes without FUA.  Return -EAGAIN
 	 * having changed nothing when it could not be quick; the write then goes to the
-	 * workers.  Any other result is the write's result.  The wrapper times these calls
+	 * I/O threads.  Any other result is the write's result.  The wrapper times these calls
 	 * and stops making them for a while when they stall (see driver_pwrite_nowait()).
 	 */
 	int (*pwrite_nowait)(struct nbdv_drv_instance *inst, const void *buf, uint64_t len,

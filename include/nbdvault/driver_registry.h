@@ -53,8 +53,8 @@ struct nbdv_stall_gate {
 	_Atomic uint64_t closed_until; /* CLOCK_MONOTONIC ns: no inline writes before this */
 	_Atomic uint64_t last_stall;   /* when the last slow inline write ended */
 	_Atomic uint64_t backoff;      /* how long the gate closed for last time */
-	_Atomic uint64_t reopen_after; /* quick worker writes may reopen it from then on */
-	_Atomic uint32_t fast_writes;  /* quick worker writes in a row while closed */
+	_Atomic uint64_t reopen_after; /* quick I/O-thread writes may reopen it from then on */
+	_Atomic uint32_t fast_writes;  /* quick I/O-thread writes in a row while closed */
 };
 
 /*
@@ -65,7 +65,7 @@ struct nbdv_stall_gate {
  * allocation may take a few times longer, and only waiting on the disk (dirty
  * throttling, a stuck device) is slower than this.  A flat 200 us limit treated
  * 256 KiB writes that took 0.3-1 ms while the file's blocks were being allocated as
- * stalls and sent a whole nbdcopy write to the workers (10% slower, 20% more CPU).
+ * stalls and sent a whole nbdcopy write to the I/O threads (10% slower, 20% more CPU).
  *
  * A stall closes the gate for 10 ms; each further stall soon after the gate reopens
  * (within 4 x the last backoff + 1 s) closes it 4 times longer, up to 30 s.  Storage
@@ -73,7 +73,7 @@ struct nbdv_stall_gate {
  * stall after a calm period starts again at 10 ms.  Inline writes caught by the same
  * stall (one per reactor) count once.
  *
- * The workers' writes tell when the storage is quick again: NBDV_REOPEN_WRITES plain
+ * The I/O threads' writes tell when the storage is quick again: NBDV_REOPEN_WRITES plain
  * writes in a row within the limit reopen the gate early, once it has been closed
  * NBDV_REOPEN_FACTOR times as long as the stall took.  Storage whose stalls come back
  * as soon as it is quick again thus blocks a reactor at most 1/(1 + factor) (2%) of the

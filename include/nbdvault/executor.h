@@ -1,12 +1,18 @@
 /*
  * nbdvault - executor: where driver calls run.
  *
- * Blocking jobs go to one pool of worker threads shared by every reactor.  A job
- * carries the completion port of the reactor that submitted it; the worker queues the
- * finished job on that port and wakes its loop through an ev_async, where done() runs.
- * Non-blocking jobs run inline: run() then done() immediately, on the reactor.
+ * Blocking jobs go to one pool of I/O threads shared by every reactor.  Each submitter
+ * (a connection) has its own queue of jobs; the queues that hold jobs wait in a ring,
+ * and an I/O thread takes one job from the queue at the head of the ring and puts that
+ * queue back at the tail: connections are served round-robin, so one with hundreds of
+ * expensive jobs queued delays another's next job by at most one job per thread, not by
+ * its whole backlog.  A job carries the completion port of the reactor that submitted
+ * it; the I/O thread queues the finished job on that port and wakes its loop through an
+ * ev_async, where done() runs.  Non-blocking jobs run inline: run() then done()
+ * immediately, on the reactor.
  *
- *   reactor ──submit──► jobs queue ──► worker: run() ──► port's done queue ──ev_async──► done()
+ *   reactor ──submit──► its queue ──► ring of queues ──► I/O thread: run() ──► port ──ev_async──►
+ * done()
  */
 #ifndef NBDV_EXECUTOR_H
 #define NBDV_EXECUTOR_H
@@ -23,8 +29,16 @@ struct nbdv_exec_port;
 struct nbdv_job {
 	struct nbdv_job *next;		    /* queue link, owned by the executor */
 	struct nbdv_exec_port *port;	    /* where done() runs; set by executor_submit */
-	void (*run)(struct nbdv_job *job);  /* the work; may block on a worker */
+	void (*run)(struct nbdv_job *job);  /* the work; may block on an I/O thread */
 	void (*done)(struct nbdv_job *job); /* completion, always on the submitting reactor */
+};
+
+/* One submitter's jobs waiting for an I/O thread (protected by the executor's lock). */
+struct nbdv_exec_queue {
+	struct nbdv_job *head;	      /* oldest job */
+	struct nbdv_job **tail;	      /* where the next one goes */
+	struct nbdv_exec_queue *next; /* ring link while it holds jobs */
+	bool in_ring;		      /* holds jobs, so it is in the ring */
 };
 
 /* Completions for one reactor's loop. */
@@ -34,22 +48,24 @@ struct nbdv_exec_port {
 	pthread_mutex_t lock;	    /* protects the done queue */
 	struct nbdv_job *done_head; /* finished jobs, FIFO */
 	struct nbdv_job **done_tail;
-	unsigned outstanding; /* jobs submitted to workers, done() not yet run (reactor only) */
+	unsigned outstanding; /* jobs submitted to I/O threads, done() not yet run (reactor only) */
 };
 
-/* Start @threads workers.  NULL on failure. */
+/* An empty queue; it must outlive every job submitted through it. */
+void executor_queue_init(struct nbdv_exec_queue *q);
+/* Start @threads I/O threads.  NULL on failure. */
 struct nbdv_executor *executor_new(unsigned threads) NBDV_WUR;
-/* Stop the workers after the queued jobs ran (their completions wait on their ports). */
+/* Stop the I/O threads after the queued jobs ran (their completions wait on their ports). */
 void executor_free(struct nbdv_executor *ex);
 /* Attach a completion port to @loop (its watcher does not keep the loop alive). */
 void executor_port_init(struct nbdv_exec_port *p, struct ev_loop *loop);
 /* Run completions already queued on @p now (on the calling thread). */
 void executor_port_deliver(struct nbdv_exec_port *p);
-/* Deliver what is left and detach; the workers must be stopped first. */
+/* Deliver what is left and detach; the I/O threads must be stopped first. */
 void executor_port_fini(struct nbdv_exec_port *p);
-/* Queue @job (blocking) or run it now (!blocking); done() runs through @port.  The job
- * must stay valid until done(). */
-void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port, struct nbdv_job *job,
-		     bool blocking);
+/* Queue @job on @q (blocking) or run it now (!blocking); done() runs through @port.  The
+ * job must stay valid until done().  @q may be NULL: the executor's own queue. */
+void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port,
+		     struct nbdv_exec_queue *q, struct nbdv_job *job, bool blocking);
 
 #endif /* NBDV_EXECUTOR_H */

@@ -66,7 +66,7 @@ struct nbdv_server {
 	struct nbdv_config *cfg;     /* config snapshot, owned */
 	struct nbdv_export *exports; /* run-time exports, owned */
 	size_t n_exports;
-	struct nbdv_executor *exec;	 /* worker pool for blocking drivers */
+	struct nbdv_executor *exec;	 /* I/O thread pool for blocking drivers */
 	struct nbdv_listener *listeners; /* owned */
 	size_t n_listeners;
 	struct nbdv_reactor *reactors; /* n_reactors, [0] is the main loop */
@@ -91,7 +91,7 @@ void server_fini(struct nbdv_server *srv);
 
 /*
  * For embedding (fuzzing, unit tests): a server without listeners or signals, with one
- * reactor on a private loop that the caller drives, and @io_threads workers.  Takes
+ * reactor on a private loop that the caller drives, and @io_threads I/O threads.  Takes
  * ownership of @cfg.  Undo with server_fini().
  */
 int server_init_embedded(struct nbdv_server *srv, struct nbdv_config *cfg) NBDV_WUR;

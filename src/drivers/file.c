@@ -7,7 +7,7 @@
  *    BLKZEROOUT; failing all that, write zeroes, or -ENOTSUP when the client asked
  *    for a fast zero.
  *  - Block status: SEEK_DATA / SEEK_HOLE; holes read as zeroes.
- * Every call may block, so they run on the executor's worker threads, concurrently:
+ * Every call may block, so they run on the executor's I/O threads, concurrently:
  * only positional I/O is used, and nothing in the instance changes after create()
  * but atomic flags.  Small cached reads (RWF_NOWAIT) and small page-aligned writes
  * (into the page cache) are offered to the reactor through the *_nowait calls, and
@@ -45,7 +45,7 @@ struct cachestat_range_v1 {
 struct cachestat_v1 {
 	uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
 };
-/* Most extents of a range that cached_fd() looks at before leaving it to the workers. */
+/* Most extents of a range that cached_fd() looks at before leaving it to the I/O threads. */
 #define FIEMAP_EXTENTS 8
 
 struct filedrv {
@@ -261,7 +261,7 @@ static bool all_cached(struct filedrv *f, uint64_t len, uint64_t off)
  * Whether [off, off+len) is all allocated data, asked with FIEMAP for this range only
  * (SEEK_HOLE would walk every extent up to the next hole, without bound).  Unwritten
  * (preallocated) extents and ranges of more than FIEMAP_EXTENTS extents count as
- * "not known": the workers' path sorts them out.
+ * "not known": the I/O threads' path sorts them out.
  */
 static bool all_data(struct filedrv *f, uint64_t len, uint64_t off)
 {

@@ -1,0 +1,153 @@
+#!/usr/bin/python3
+"""Fair service (issue 13, finding 4): a connection with a deep queue of expensive
+requests may slow itself, not other clients.
+
+Hogs run in their own processes (so that the Python interpreter's lock adds nothing to
+the victim's figures) and keep hundreds of BLOCK_STATUS requests in flight; a victim on
+another connection measures its own round trips.  The bound (median under 20 ms) is a
+generous functional one; the figures themselves belong to bench/fairness."""
+
+import multiprocessing
+import os
+import statistics
+import struct
+import time
+import unittest
+
+import nbdv
+
+nbdv.require_libnbd()
+import nbd  # noqa: E402
+
+# Sanitizers make the server several times slower (ThreadSanitizer most): the same
+# bound, scaled, still tells a fair server from one that serves a backlog first.
+SANITIZED = os.environ.get("NBDVAULT_SANITIZE", "none") != "none"
+BOUND_MS = 20 * nbdv.SLOW * (5 if SANITIZED else 1)
+
+
+def hog(sock_path, export, length, depth, seconds, ready):
+    """Keep @depth BLOCK_STATUS(@length) requests in flight on @export for @seconds."""
+    r = nbdv.Raw(sock_path, timeout=60)
+    r.greet()
+    r.go(export.encode(), structured=True, meta=True)
+    size = r.size
+    req = lambda i: struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_BLOCK_STATUS, i,
+                                (i * length) % max(1, size - length), length)
+    r.s.sendall(b"".join(req(i) for i in range(depth)))
+    ready.set()
+    # Refill in bursts of half the window: the server finds many requests at once.
+    i, deadline = depth, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(depth // 2):
+            rep = r.any_reply()
+            assert rep[0] == "chunk" and r.error_of(rep) == 0, rep
+        r.s.sendall(b"".join(req(i + k) for k in range(depth // 2)))
+        i += depth // 2
+    r.close()
+
+
+def start_hogs(srv, export, length, depth, n, seconds):
+    ctx = multiprocessing.get_context("fork")
+    procs = []
+    for _ in range(n):
+        ready = ctx.Event()
+        p = ctx.Process(target=hog, args=(srv.sock, export, length, depth, seconds, ready))
+        p.start()
+        assert ready.wait(30), "hog did not start"
+        procs.append(p)
+    time.sleep(0.3)  # let the backlog build up
+    return procs
+
+
+def victim_ms(srv, export, cmd, count, length=0, interval=0.01):
+    """Round trips of @count requests sent at a steady pace (open loop, one every
+    @interval seconds, whatever the replies do), in ms.  A closed loop would hide a
+    stall: the one request caught in it is slow and the many sent right after are fast.
+    """
+    import threading
+    r = nbdv.Raw(srv.sock, timeout=60)
+    r.greet()
+    r.go(export.encode())
+    sent, got = {}, {}
+
+    def reader():
+        for _ in range(count):
+            err, cookie, _ = r.simple_reply(length)
+            got[cookie] = time.monotonic()
+            assert err == 0, err
+
+    t = threading.Thread(target=reader)
+    t.start()
+    t0 = time.monotonic()
+    for i in range(count):
+        delay = t0 + i * interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        sent[i] = time.monotonic()
+        r.request(cmd, 0, length, cookie=i)
+    t.join(120)
+    r.close()
+    assert len(got) == count, f"{len(got)} of {count} replies"
+    return [(got[i] - sent[i]) * 1000 for i in range(count)]
+
+
+class FairnessTest(unittest.TestCase):
+    def victim_beside_hogs(self, srv, victim, hogs):
+        """victim: (export, command, length); hogs: (export, BLOCK_STATUS length,
+        depth, how many).  Asserts the victim's median round trip beside them."""
+        export, cmd, length = victim
+        base = victim_ms(srv, export, cmd, 20, length)
+        procs = start_hogs(srv, *hogs, 6 * nbdv.SLOW)
+        loaded = victim_ms(srv, export, cmd, 200, length)
+        for p in procs:
+            p.join(120)
+            self.assertEqual(p.exitcode, 0)
+        med = statistics.median(loaded)
+        print(f"victim median {statistics.median(base):.2f} ms alone, {med:.2f} ms beside "
+              f"{hogs[3]} hog(s) (max {max(loaded):.1f})")
+        self.assertLess(med, BOUND_MS)
+
+    def test_block_status_backlog_does_not_delay_another_flush(self):
+        # File export: one connection with 512 BLOCK_STATUS(64 MiB) in flight over a
+        # fragmented sparse file.  Before: the victim's FLUSH waited behind the whole
+        # backlog on the I/O threads (0.34 ms -> 274 ms median).
+        exports = """
+  - name: frag
+    driver: file
+    path: {dir}/frag.img
+    size: 1G
+"""
+        with nbdv.Server(exports) as srv:
+            h = nbd.NBD()
+            h.connect_uri(srv.uri("frag"))
+            for off in range(0, 512 << 20, 128 << 10):  # 4096 data islands
+                h.pwrite(b"d" * 4096, off)
+            h.flush()
+            nbdv.disconnect(h)
+            self.victim_beside_hogs(srv, ("frag", nbdv.CMD_FLUSH, 0),
+                                    ("frag", 64 << 20, 512, 1))
+
+    def test_huge_block_status_on_memory_does_not_stall_the_reactor(self):
+        # Memory export of 8 GiB: BLOCK_STATUS(4 GiB) ran on the reactor for 4-16 ms
+        # each; two such connections pushed a victim's 4 KiB READ on another export
+        # from 0.09 ms to 487 ms median.
+        exports = """
+  - name: big
+    driver: memory
+    size: 8G
+  - name: mem
+    driver: memory
+    size: 64M
+"""
+        with nbdv.Server(exports, extra="workers: 1\n") as srv:
+            h = nbd.NBD()
+            h.connect_uri(srv.uri("big"))
+            for gib in range(8):  # one chunk in each GiB: every table level is there
+                h.pwrite(b"d" * 4096, (gib << 30) + (5 << 20))
+            nbdv.disconnect(h)
+            self.victim_beside_hogs(srv, ("mem", nbdv.CMD_READ, 4096),
+                                    ("big", (4 << 30) - 4096, 64, 2))
+
+
+if __name__ == "__main__":
+    nbdv.main()
