@@ -276,6 +276,34 @@ static int parse_allow(struct parse_ctx *ctx, const yaml_node_t *seq, const char
 	return 0;
 }
 
+/* `sandbox-paths:` — absolute paths a reload may need beyond those known at start. */
+static int parse_sandbox_paths(struct parse_ctx *ctx, const yaml_node_t *seq,
+			       struct nbdv_config *cfg)
+{
+	size_t n;
+
+	if (want_type(ctx, seq, YAML_SEQUENCE_NODE, "sandbox-paths") < 0)
+		return -1;
+	n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+	cfg->sandbox_paths = calloc(n ? n : 1, sizeof(*cfg->sandbox_paths));
+	if (!cfg->sandbox_paths)
+		return fail(ctx, seq, "sandbox-paths: out of memory");
+	for (size_t i = 0; i < n; i++) {
+		yaml_node_t *v =
+		    yaml_document_get_node(&ctx->doc, seq->data.sequence.items.start[i]);
+		char sub[64];
+
+		snprintf(sub, sizeof(sub), "sandbox-paths[%zu]", i);
+		cfg->n_sandbox_paths = i + 1;
+		if (get_string(ctx, v, sub, &cfg->sandbox_paths[i]) < 0)
+			return -1;
+		if (cfg->sandbox_paths[i][0] != '/')
+			return fail(ctx, v, "%s: '%.64s' is not an absolute path", sub,
+				    cfg->sandbox_paths[i]);
+	}
+	return 0;
+}
+
 static int parse_tls(struct parse_ctx *ctx, const yaml_node_t *map, struct nbdv_config *cfg)
 {
 	struct nbdv_tls_cfg *t = &cfg->tls;
@@ -608,17 +636,33 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 		} else if (strcmp(key, "workers") == 0) {
 			r = get_uint(ctx, v, "workers", 1, NBDV_MAX_WORKERS, &n);
 			cfg->workers = (unsigned)n;
+		} else if (strcmp(key, "user") == 0) {
+			r = get_string(ctx, v, "user", &cfg->user);
+			if (r == 0 && !cfg->user[0])
+				r = fail(ctx, v, "user: must not be empty");
+		} else if (strcmp(key, "group") == 0) {
+			r = get_string(ctx, v, "group", &cfg->group);
+			if (r == 0 && !cfg->group[0])
+				r = fail(ctx, v, "group: must not be empty");
+		} else if (strcmp(key, "sandbox") == 0) {
+			r = get_bool(ctx, v, "sandbox", &cfg->sandbox);
+		} else if (strcmp(key, "sandbox-paths") == 0) {
+			r = parse_sandbox_paths(ctx, v, cfg);
 		} else {
-			r = fail(ctx, k,
-				 "unknown key '%.64s' (expected listen, default-export, exports, "
-				 "tls, limits, workers, io-threads or busy-poll)",
-				 key);
+			r = fail(
+			    ctx, k,
+			    "unknown key '%.64s' (expected listen, default-export, exports, "
+			    "tls, limits, workers, io-threads, busy-poll, user, group, sandbox "
+			    "or sandbox-paths)",
+			    key);
 		}
 		if (r < 0)
 			return -1;
 	}
 	if (!have_exports)
 		return fail(ctx, root, "missing required key 'exports'");
+	if (cfg->group && !cfg->user)
+		return fail(ctx, root, "group: needs user (the group is set when the user is)");
 	for (size_t i = 0; i < cfg->n_exports; i++) {
 		const struct nbdv_export_cfg *e = &cfg->exports[i];
 		for (size_t j = 0; j < e->n_allow; j++) {
@@ -716,6 +760,7 @@ int config_load(const char *path, struct nbdv_config **out, char *err, size_t er
 	cfg->io_threads = NBDV_DEFAULT_IO_THREADS;
 	cfg->busy_poll = NBDV_DEFAULT_BUSY_POLL;
 	cfg->tls.session_tickets = true;
+	cfg->sandbox = true;
 	if (parse_root(&ctx, yaml_document_get_root_node(&ctx.doc), cfg) < 0)
 		goto out_doc;
 	if (set_defaults(cfg) < 0) {
@@ -757,6 +802,11 @@ void config_free(struct nbdv_config *cfg)
 	free(cfg->tls.certificates);
 	free(cfg->tls.psk_file);
 	free(cfg->tls.priority);
+	free(cfg->user);
+	free(cfg->group);
+	for (size_t i = 0; i < cfg->n_sandbox_paths; i++)
+		free(cfg->sandbox_paths[i]);
+	free(cfg->sandbox_paths);
 	free(cfg->exports);
 	free(cfg->default_export);
 	free(cfg->file);

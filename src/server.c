@@ -25,6 +25,7 @@
 #include "nbdvault/executor.h"
 #include "nbdvault/export.h"
 #include "nbdvault/log.h"
+#include "nbdvault/sandbox.h"
 #include "nbdvault/server.h"
 #include "nbdvault/tls.h"
 #include "nbdvault/transmission.h"
@@ -678,6 +679,7 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 {
 	struct ev_loop *loop;
 	unsigned n_workers = cfg->workers ? cfg->workers : default_workers();
+	struct nbdv_ids ids;
 	sigset_t old;
 
 	memset(srv, 0, sizeof(*srv));
@@ -715,12 +717,11 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 			return -1;
 		}
 	}
+	if (sandbox_resolve_user(cfg, &ids) < 0)
+		return -1;
 	srv->exports = exports_new(cfg, &srv->n_exports);
 	srv->listeners = calloc(cfg->n_listen, sizeof(*srv->listeners));
-	block_signals(&old);
-	srv->exec = executor_new(cfg->io_threads);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	if (!srv->exports || !srv->listeners || !srv->exec) {
+	if (!srv->exports || !srv->listeners) {
 		log_err("out of memory at start-up");
 		return -1;
 	}
@@ -730,6 +731,17 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 				     : listen_tcp(srv, l->address, l->port);
 		if (r < 0)
 			return -1;
+	}
+	/* Bound and keys read: give up root, then close the sandbox, while this is still
+	 * the only thread (Landlock binds the calling thread and its future children). */
+	if (sandbox_drop_user(&ids) < 0 || sandbox_enter(cfg) < 0)
+		return -1;
+	block_signals(&old);
+	srv->exec = executor_new(cfg->io_threads);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (!srv->exec) {
+		log_err("out of memory at start-up");
+		return -1;
 	}
 	ev_timer_init(&srv->resume_timer, resume_cb, 1.0, 0.);
 	log_info("%u worker(s), %u I/O thread(s), busy-poll %.0f us", n_workers, cfg->io_threads,
@@ -787,6 +799,9 @@ int server_run(struct nbdv_server *srv)
 		r->threaded = true;
 	}
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
+#ifdef NBDV_TEST_HOOKS
+	sandbox_test_escape();
+#endif
 	ev_run(main_loop(srv), 0);
 	for (unsigned i = 1; i < srv->n_reactors; i++) {
 		if (srv->reactors[i].threaded)
