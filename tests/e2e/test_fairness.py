@@ -97,7 +97,7 @@ class FairnessTest(unittest.TestCase):
         depth, how many).  Asserts the victim's median round trip beside them."""
         export, cmd, length = victim
         base = victim_ms(srv, export, cmd, 20, length)
-        procs = start_hogs(srv, *hogs, 6 * nbdv.SLOW)
+        procs = start_hogs(srv, *hogs, 4 * min(nbdv.SLOW, 2))
         loaded = victim_ms(srv, export, cmd, 200, length)
         for p in procs:
             p.join(120)
