@@ -172,13 +172,105 @@ def session(sock_path, ctx, rng, plain=False):
     return said
 
 
+class SplittingProxy:
+    """A unix-socket proxy in front of the server that re-frames and re-segments what
+    a real client sends: the option phase is passed through cut at random; once the
+    client has sent NBD_OPT_STARTTLS its plaintext TLS handshake records are cut into
+    1..64-byte records and everything is written in random pieces.  Server to client
+    passes unchanged."""
+
+    def __init__(self, target, path, rng):
+        import threading
+        self.target, self.path, self.rng = target, path, rng
+        self.ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ls.bind(path)
+        self.ls.listen(8)
+        self.stop = False
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop = True
+        self.ls.close()
+
+    def serve(self):
+        import threading
+        while not self.stop:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(self.target)
+            rng = random.Random(self.rng.random())
+            threading.Thread(target=self.down, args=(s, c), daemon=True).start()
+            threading.Thread(target=self.up, args=(c, s, rng), daemon=True).start()
+
+    @staticmethod
+    def down(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for x in (src, dst):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def up(self, src, dst, rng):
+        buf, tls, state, pos = b"", False, {}, 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                buf += data
+                out = b""
+                if not tls:
+                    # Flags (4 bytes), then whole options; STARTTLS switches to TLS.
+                    if pos == 0 and len(buf) >= 4:
+                        out, buf, pos = buf[:4], buf[4:], 4
+                    while pos and len(buf) >= 16:
+                        ln = struct.unpack(">I", buf[12:16])[0]
+                        if len(buf) < 16 + ln:
+                            break
+                        opt = struct.unpack(">I", buf[8:12])[0]
+                        out, buf = out + buf[:16 + ln], buf[16 + ln:]
+                        if opt == nbdv.OPT_STARTTLS:
+                            tls = True
+                            break
+                if tls:
+                    # Whole records only, re-framed while still plaintext.
+                    whole = 0
+                    while whole + 5 <= len(buf):
+                        ln = struct.unpack(">H", buf[whole + 3:whole + 5])[0]
+                        if whole + 5 + ln > len(buf):
+                            break
+                        whole += 5 + ln
+                    out += reframe(buf[:whole], rng, state)
+                    buf = buf[whole:]
+                if out:
+                    send_split(dst, out, rng)
+        except OSError:
+            pass
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
 class SplitTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="nbdvault-split-")
         cls.pki = nbdv.make_pki(os.path.join(cls.tmp, "pki"))
         tls = (f"tls:\n  mode: optional\n  certificates: {cls.pki}\n"
-               f"  verify-clients: true\n")
+               f"  verify-clients: true\n  psk-file: {cls.pki}/keys.psk\n")
         os.makedirs(os.path.join(cls.tmp, "srv"))
         cls.srv = nbdv.Server(extra=tls, tmpdir=os.path.join(cls.tmp, "srv")).start()
 
@@ -218,6 +310,37 @@ class SplitTest(unittest.TestCase):
                           f"{time.monotonic() - t:.1f}s\n" + self.srv.logtext()[-3000:])
             self.assertEqual(got, ref[kind], f"round {i} ({kind}, seed {seed})")
         self.assertTrue(self.srv.alive())
+
+    def test_real_clients_through_a_splitting_proxy(self):
+        # Real clients' transcripts, x509 and PSK: nbdinfo (GnuTLS through libnbd) and
+        # qemu-img, each connection re-framed and re-segmented at random.
+        nbdv.require("nbdinfo", "qemu-img")
+        import subprocess
+        pki = self.pki
+        proxy_path = os.path.join(self.tmp, "proxy.sock")
+        proxy = SplittingProxy(self.srv.sock, proxy_path, random.Random(7))
+        self.addCleanup(proxy.close)
+        client = os.path.join(pki, "clients", "client")
+        qpsk = os.path.join(self.tmp, "qemu-psk")
+        os.makedirs(qpsk, exist_ok=True)
+        shutil.copy(os.path.join(pki, "keys.psk"), qpsk)
+        runs = {
+            "nbdinfo x509": ["nbdinfo", "--size",
+                             f"nbds+unix:///mem?socket={proxy_path}&tls-certificates={client}"],
+            "nbdinfo psk": ["nbdinfo", "--size",
+                            f"nbds+unix://alice@/mem?socket={proxy_path}"
+                            f"&tls-psk-file={pki}/keys.psk"],
+            "qemu-img psk": ["qemu-img", "info", "--output=json", "--object",
+                             f"tls-creds-psk,id=t0,dir={qpsk},username=alice,endpoint=client",
+                             "--image-opts", f"driver=nbd,path={proxy_path},export=mem,"
+                             "tls-creds=t0"],
+        }
+        n = 40 if not nbdv.WRAPPER else 4
+        for name, cmd in runs.items():
+            for i in range(n):
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=20 * nbdv.SLOW)
+                self.assertEqual(p.returncode, 0, f"{name}, run {i}: {p.stderr}")
+                self.assertIn(str(64 << 20), p.stdout, f"{name}, run {i}")
 
     def test_tls_receive_failure_names_the_connection(self):
         # A forged record after the handshake: the log line says which connection.
