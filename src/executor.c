@@ -15,6 +15,7 @@ struct nbdv_executor {
 	struct nbdv_exec_queue *ring_head; /* queues holding jobs, next to serve first */
 	struct nbdv_exec_queue *ring_tail; /* last in the ring */
 	struct nbdv_exec_queue own;	   /* for submitters without a queue */
+	unsigned per_queue;		   /* most threads one queue may hold at once */
 	bool stopping;			   /* I/O threads exit once no queue holds a job */
 	unsigned n_threads;
 	pthread_t *threads;
@@ -42,6 +43,7 @@ void executor_queue_init(struct nbdv_exec_queue *q)
 	q->tail = &q->head;
 	q->next = NULL;
 	q->in_ring = false;
+	q->running = 0;
 }
 
 /* Append @q to the ring (lock held). */
@@ -54,6 +56,15 @@ static void ring_push(struct nbdv_executor *ex, struct nbdv_exec_queue *q)
 	else
 		ex->ring_head = q;
 	ex->ring_tail = q;
+}
+
+/* Put @q in the ring if it has jobs and may start another (lock held). */
+static void maybe_ready(struct nbdv_executor *ex, struct nbdv_exec_queue *q)
+{
+	if (q->head && !q->in_ring && q->running < ex->per_queue) {
+		ring_push(ex, q); /* behind every other queue */
+		pthread_cond_signal(&ex->cond);
+	}
 }
 
 /* The next job, round-robin over the queues (lock held); NULL when there is none. */
@@ -70,10 +81,10 @@ static struct nbdv_job *next_job(struct nbdv_executor *ex)
 	q->in_ring = false;
 	job = q->head;
 	q->head = job->next;
-	if (q->head)
-		ring_push(ex, q); /* more to do: behind every other queue */
-	else
+	if (!q->head)
 		q->tail = &q->head;
+	q->running++;
+	maybe_ready(ex, q);
 	return job;
 }
 
@@ -93,6 +104,11 @@ static void *io_thread_main(void *arg)
 		pthread_mutex_unlock(&ex->lock);
 
 		job->run(job);
+		pthread_mutex_lock(&ex->lock);
+		/* Before post_done(): once done() has run, the queue's owner may be gone. */
+		job->queue->running--;
+		maybe_ready(ex, job->queue);
+		pthread_mutex_unlock(&ex->lock);
 		post_done(job);
 
 		pthread_mutex_lock(&ex->lock);
@@ -154,6 +170,9 @@ struct nbdv_executor *executor_new(unsigned threads)
 	if (!ex)
 		return NULL;
 	executor_queue_init(&ex->own);
+	/* One thread always stays free for the other connections: a connection with a
+	 * backlog of slow jobs never holds them all. */
+	ex->per_queue = threads > 1 ? threads - 1 : 1;
 	pthread_mutex_init(&ex->lock, NULL);
 	pthread_cond_init(&ex->cond, NULL);
 	ex->threads = calloc(threads, sizeof(*ex->threads));
@@ -200,11 +219,10 @@ void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port,
 	port->outstanding++;
 	if (!q)
 		q = &ex->own;
+	job->queue = q;
 	pthread_mutex_lock(&ex->lock);
 	*q->tail = job;
 	q->tail = &job->next;
-	if (!q->in_ring)
-		ring_push(ex, q);
-	pthread_cond_signal(&ex->cond);
+	maybe_ready(ex, q);
 	pthread_mutex_unlock(&ex->lock);
 }

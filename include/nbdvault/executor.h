@@ -6,10 +6,11 @@
  * and an I/O thread takes one job from the queue at the head of the ring and puts that
  * queue back at the tail: connections are served round-robin, so one with hundreds of
  * expensive jobs queued delays another's next job by at most one job per thread, not by
- * its whole backlog.  A job carries the completion port of the reactor that submitted
- * it; the I/O thread queues the finished job on that port and wakes its loop through an
- * ev_async, where done() runs.  Non-blocking jobs run inline: run() then done()
- * immediately, on the reactor.
+ * its whole backlog.  One queue never holds every thread (io-threads - 1 at most), so
+ * another connection's next job starts at once.  A job carries the completion port of the reactor
+ * that submitted it; the I/O thread queues the finished job on that port and wakes its loop through
+ * an ev_async, where done() runs.  Non-blocking jobs run inline: run() then done() immediately, on
+ * the reactor.
  *
  *   reactor ──submit──► its queue ──► ring of queues ──► I/O thread: run() ──► port ──ev_async──►
  * done()
@@ -29,6 +30,7 @@ struct nbdv_exec_port;
 struct nbdv_job {
 	struct nbdv_job *next;		    /* queue link, owned by the executor */
 	struct nbdv_exec_port *port;	    /* where done() runs; set by executor_submit */
+	struct nbdv_exec_queue *queue;	    /* the queue it waits in; set by executor_submit */
 	void (*run)(struct nbdv_job *job);  /* the work; may block on an I/O thread */
 	void (*done)(struct nbdv_job *job); /* completion, always on the submitting reactor */
 };
@@ -38,7 +40,8 @@ struct nbdv_exec_queue {
 	struct nbdv_job *head;	      /* oldest job */
 	struct nbdv_job **tail;	      /* where the next one goes */
 	struct nbdv_exec_queue *next; /* ring link while it holds jobs */
-	bool in_ring;		      /* holds jobs, so it is in the ring */
+	bool in_ring;		      /* holds jobs and may start one: in the ring */
+	unsigned running;	      /* its jobs on I/O threads now */
 };
 
 /* Completions for one reactor's loop. */

@@ -46,12 +46,14 @@ def hog(sock_path, export, length, depth, seconds, ready):
     r.close()
 
 
-def start_hogs(srv, export, length, depth, n, seconds):
+def start_hogs(sock_path, export, length, depth, n, seconds):
+    """@n hog processes on the server at unix socket @sock_path (also used by
+    bench/fairness.py against other servers)."""
     ctx = multiprocessing.get_context("fork")
     procs = []
     for _ in range(n):
         ready = ctx.Event()
-        p = ctx.Process(target=hog, args=(srv.sock, export, length, depth, seconds, ready))
+        p = ctx.Process(target=hog, args=(sock_path, export, length, depth, seconds, ready))
         p.start()
         assert ready.wait(30), "hog did not start"
         procs.append(p)
@@ -59,13 +61,13 @@ def start_hogs(srv, export, length, depth, n, seconds):
     return procs
 
 
-def victim_ms(srv, export, cmd, count, length=0, interval=0.01):
+def victim_ms(sock_path, export, cmd, count, length=0, interval=0.01):
     """Round trips of @count requests sent at a steady pace (open loop, one every
     @interval seconds, whatever the replies do), in ms.  A closed loop would hide a
     stall: the one request caught in it is slow and the many sent right after are fast.
     """
     import threading
-    r = nbdv.Raw(srv.sock, timeout=60)
+    r = nbdv.Raw(sock_path, timeout=60)
     r.greet()
     r.go(export.encode())
     sent, got = {}, {}
@@ -96,9 +98,9 @@ class FairnessTest(unittest.TestCase):
         """victim: (export, command, length); hogs: (export, BLOCK_STATUS length,
         depth, how many).  Asserts the victim's median round trip beside them."""
         export, cmd, length = victim
-        base = victim_ms(srv, export, cmd, 20, length)
-        procs = start_hogs(srv, *hogs, 4 * min(nbdv.SLOW, 2))
-        loaded = victim_ms(srv, export, cmd, 200, length)
+        base = victim_ms(srv.sock, export, cmd, 20, length)
+        procs = start_hogs(srv.sock, *hogs, 4 * min(nbdv.SLOW, 2))
+        loaded = victim_ms(srv.sock, export, cmd, 200, length)
         for p in procs:
             p.join(120)
             self.assertEqual(p.exitcode, 0)
