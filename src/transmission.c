@@ -504,8 +504,11 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 		return 0;
 	}
 	if (!in_range) {
+		/* Spec, "Error values": ENOSPC for a write beyond the end, EINVAL for a read
+		 * or a trim (and the other commands, which write nothing). */
 		*why = "request extends beyond the end of the export";
-		return writes ? NBD_ENOSPC : NBD_EINVAL;
+		return r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC
+										   : NBD_EINVAL;
 	}
 	if ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) &&
 	    r->count > c->srv->cfg->max_request) {

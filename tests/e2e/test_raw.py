@@ -157,8 +157,12 @@ class RawTest(unittest.TestCase):
         self.assertEqual(r.simple_reply(4096)[:2], (nbdv.EINVAL, 7))
         r.request(nbdv.CMD_WRITE, 0xFFFFFFFFFFFFFE00, 1024, cookie=8, data=b"w" * 1024)
         self.assertEqual(r.simple_reply()[:2], (nbdv.ENOSPC, 8))
+        # A trim beyond the end is EINVAL, like a read (spec, "Error values"); writes
+        # and write-zeroes get ENOSPC.
         r.request(nbdv.CMD_TRIM, r.size - 512, 1024, cookie=9)
-        self.assertEqual(r.simple_reply()[:2], (nbdv.ENOSPC, 9))
+        self.assertEqual(r.simple_reply()[:2], (nbdv.EINVAL, 9))
+        r.request(nbdv.CMD_WRITE_ZEROES, r.size - 512, 1024, cookie=11)
+        self.assertEqual(r.simple_reply()[:2], (nbdv.ENOSPC, 11))
         # The payload of the refused WRITE was consumed: the stream is still in step.
         r.request(nbdv.CMD_READ, 0, 512, cookie=10)
         self.assertEqual(r.simple_reply(512)[:2], (0, 10))
