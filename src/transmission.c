@@ -39,6 +39,8 @@
  * page cache on the reactor, which encrypts them next anyway: a trip to the I/O
  * threads and back cost TLS file reads ~20% more server CPU per GiB. */
 #define CACHED_COPY_BYTES (1024 * 1024)
+/* A READ that fails is re-read in pieces of this size to find where (ERROR_OFFSET). */
+#define READ_ERROR_GRAIN 4096
 /* Most chunks a sparse READ reply is split into; the rest is sent as data. */
 #define MAX_READ_CHUNKS 32
 
@@ -55,10 +57,13 @@ struct nbdv_req {
 	uint8_t *buf;		    /* READ/WRITE data, count bytes */
 	int err;		    /* 0 or -errno from the driver */
 	bool sparse;		    /* READ: ext describes holes to send as OFFSET_HOLE */
+	bool structured;	    /* the connection has structured replies */
 	bool from_file;		    /* READ: data is sent from file_fd by the transport */
 	int file_fd;		    /* (the export's file, open while the connection is) */
 	struct nbdv_extents ext;    /* BLOCK_STATUS result, or READ layout */
 	size_t charge;		    /* memory charged to conn (see req_charge()) */
+	bool err_at_known;	    /* READ: err happened at err_at, data before it is good */
+	uint64_t err_at;	    /* (the first failing byte, block-aligned) */
 	/* Not cleared when recycled: */
 	struct nbdv_extent read_ext[MAX_READ_CHUNKS]; /* storage for a sparse READ's layout */
 };
@@ -226,23 +231,51 @@ static int queue_chunk(struct nbdv_conn *c, uint64_t cookie, uint16_t flags, uin
 	return 0;
 }
 
+/* The structured ERROR chunk, or with @at (not NULL) ERROR_OFFSET naming that offset. */
+static void queue_error_chunk(struct nbdv_conn *c, uint64_t cookie, uint32_t error, const char *msg,
+			      const uint64_t *at)
+{
+	struct nbd_chunk_error e;
+	uint8_t head[sizeof(e) + 128 + 8];
+	size_t mlen = NBDV_MIN(strlen(msg), (size_t)128);
+	uint64_t be_at = at ? htobe64(*at) : 0;
+
+	e.error = htobe32(error);
+	e.len = htobe16((uint16_t)mlen);
+	memcpy(head, &e, sizeof(e));
+	memcpy(head + sizeof(e), msg, mlen);
+	if (at)
+		memcpy(head + sizeof(e) + mlen, &be_at, 8);
+	(void)queue_chunk(c, cookie, NBD_REPLY_FLAG_DONE,
+			  at ? NBD_REPLY_TYPE_ERROR_OFFSET : NBD_REPLY_TYPE_ERROR, head,
+			  sizeof(e) + mlen + (at ? 8 : 0), NULL, 0, NULL);
+}
+
 /* Error reply: structured ERROR chunk with a message when negotiated, else simple. */
 static void queue_error(struct nbdv_conn *c, uint64_t cookie, uint32_t error, const char *msg)
 {
-	if (c->structured) {
-		struct nbd_chunk_error e;
-		uint8_t head[sizeof(e) + 128];
-		size_t mlen = NBDV_MIN(strlen(msg), sizeof(head) - sizeof(e));
-
-		e.error = htobe32(error);
-		e.len = htobe16((uint16_t)mlen);
-		memcpy(head, &e, sizeof(e));
-		memcpy(head + sizeof(e), msg, mlen);
-		(void)queue_chunk(c, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, head,
-				  sizeof(e) + mlen, NULL, 0, NULL);
-	} else {
+	if (c->structured)
+		queue_error_chunk(c, cookie, error, msg, NULL);
+	else
 		queue_simple(c, cookie, error, NULL, 0);
+}
+
+/* A READ that failed part-way (structured replies): the good data before the failure,
+ * then ERROR_OFFSET naming where it failed (spec: "the data chunks before it"). */
+static void reply_read_partial(struct nbdv_conn *c, struct nbdv_req *r, uint32_t error)
+{
+	uint8_t *buf = r->buf;
+	uint64_t be_off = htobe64(r->offset);
+
+	r->buf = NULL; /* the data chunk owns it now (or it is freed here) */
+	if (r->err_at > r->offset) {
+		if (queue_chunk(c, r->cookie, 0, NBD_REPLY_TYPE_OFFSET_DATA, &be_off, 8, buf,
+				r->err_at - r->offset, buf) < 0)
+			return;
+	} else {
+		nbdv_buf_free(buf);
 	}
+	queue_error_chunk(c, r->cookie, error, strerror(-r->err), &r->err_at);
 }
 
 /* One simple reply or OFFSET_DATA chunk whose data the transport sends from the file. */
@@ -361,6 +394,32 @@ static void read_sparse(struct nbdv_req *r)
 				      r->offset + r->count - pos, pos);
 }
 
+/*
+ * A structured READ failed: find the first block that fails, reading block by block
+ * (on the error path only), so that the reply can carry the good data before it and
+ * ERROR_OFFSET.  If every block reads now, the READ succeeded after all.
+ */
+static void locate_read_error(struct nbdv_req *r)
+{
+	uint64_t pos = r->offset, end = r->offset + r->count;
+
+	while (pos < end) {
+		uint64_t n = NBDV_MIN(end - pos, READ_ERROR_GRAIN - (pos % READ_ERROR_GRAIN));
+		int err = driver_pread(r->dev, r->buf + (pos - r->offset), (uint32_t)n, pos);
+
+		if (err < 0) {
+			r->err = err;
+			r->err_at = pos;
+			r->err_at_known = true;
+			return;
+		}
+		pos += n;
+	}
+	r->err = 0;
+	r->sparse = false; /* the buffer holds all of it, holes as zeroes */
+	r->ext.n = 0;
+}
+
 static void req_run(struct nbdv_job *job)
 {
 	struct nbdv_req *r = (struct nbdv_req *)job;
@@ -374,6 +433,8 @@ static void req_run(struct nbdv_job *job)
 			read_sparse(r);
 		else
 			r->err = driver_pread(r->dev, r->buf, r->count, r->offset);
+		if (r->err < 0 && r->structured && r->count > 0)
+			locate_read_error(r);
 		break;
 	case NBD_CMD_WRITE:
 		r->err = driver_pwrite(r->dev, r->buf, r->count, r->offset, f);
@@ -435,7 +496,10 @@ static void req_done(struct nbdv_job *job)
 				log_info("c%u: %s at %llu+%u failed: %s", c->id,
 					 nbd_cmd_name(r->type), (unsigned long long)r->offset,
 					 r->count, strerror(-r->err));
-			queue_error(c, r->cookie, e, strerror(-r->err));
+			if (r->err_at_known)
+				reply_read_partial(c, r, e);
+			else
+				queue_error(c, r->cookie, e, strerror(-r->err));
 		} else if (r->type == NBD_CMD_READ) {
 			reply_read(c, r);
 		} else if (r->type == NBD_CMD_BLOCK_STATUS) {
@@ -630,6 +694,7 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 	r->job.done = req_done;
 	r->conn = c;
 	r->dev = c->dev;
+	r->structured = c->structured;
 	r->cookie = q.cookie; /* opaque: kept in wire order */
 	r->offset = be64toh(q.offset);
 	r->count = be32toh(q.count);

@@ -50,6 +50,58 @@ def fd_count(pid):
 
 
 class FaultsTest(unittest.TestCase):
+    def test_read_failing_part_way_sends_error_offset(self):
+        # Structured replies: the data before the failing block, then ERROR_OFFSET with
+        # where it failed (issue 15).  libnbd reports the READ as failed with EIO.
+        with nbdv.Server(FAULTY) as srv:
+            h = nbd.NBD()
+            h.connect_uri(srv.uri("f"))
+            pattern = os.urandom(1 << 20)
+            h.pwrite(pattern, 0)
+            nbdv.disconnect(h)
+            r = nbdv.Raw(srv.sock)
+            r.greet()
+            r.go(b"f", structured=True)
+            control(srv, "EIO 1052672 4096")  # 1 MiB + 4 KiB
+            for df in (0, 1 << 2):  # with and without DF (no holes / holes allowed)
+                r.request(nbdv.CMD_READ, 0, 2 << 20, cookie=5, flags=df)
+                chunks = []
+                while True:
+                    rep = r.any_reply()
+                    chunks.append(rep)
+                    if rep[1] & 1:  # DONE
+                        break
+                data = bytearray()
+                for _, flags, rtype, cookie, payload in chunks[:-1]:
+                    self.assertEqual(cookie, 5)
+                    if rtype == 1:  # OFFSET_DATA
+                        off = struct.unpack(">Q", payload[:8])[0]
+                        self.assertEqual(off, len(data))
+                        data += payload[8:]
+                    else:
+                        self.assertEqual(rtype, 2)  # OFFSET_HOLE
+                        off, ln = struct.unpack(">QI", payload[:12])
+                        self.assertEqual(off, len(data))
+                        data += bytes(ln)
+                _, flags, rtype, cookie, payload = chunks[-1]
+                self.assertEqual(rtype, 0x8002, chunks[-1])  # ERROR_OFFSET
+                err, mlen = struct.unpack(">IH", payload[:6])
+                self.assertEqual(err, nbdv.EIO)
+                self.assertEqual(struct.unpack(">Q", payload[6 + mlen:])[0], 1052672)
+                self.assertEqual(bytes(data), pattern + bytes(4096))
+            control(srv, None)
+            r.request(nbdv.CMD_READ, 0, 4096, cookie=6)
+            self.assertEqual(r.any_reply()[4][8:], pattern[:4096])
+            r.close()
+            h = nbd.NBD()
+            h.connect_uri(srv.uri("f"))
+            control(srv, "EIO 1052672 4096")
+            with self.assertRaises(nbd.Error) as cm:
+                h.pread(2 << 20, 0)
+            self.assertEqual(cm.exception.errno, "EIO")
+            control(srv, None)
+            nbdv.disconnect(h)
+
     def test_eio_reaches_client_and_server_keeps_serving(self):
         with nbdv.Server(FAULTY) as srv:
             h = nbd.NBD()

@@ -79,6 +79,7 @@ class SandboxTest(unittest.TestCase):
         if UNDER_WRAPPER or SANITIZED:
             self.skipTest("no seccomp filter under valgrind or a sanitizer")
         with nbdv.Server() as srv:
+            wait_log(srv, "ready")  # the socket listens before the sandbox closes
             ids = status_ids(srv.proc.pid)
             self.assertEqual(ids["NoNewPrivs"], ["1"])
             self.assertEqual(ids["Seccomp"], ["2"])  # filter mode
