@@ -583,14 +583,14 @@ static void process_input(struct nbdv_conn *c)
 				update_reading(c);
 				return;
 			}
-			if (avail(c) < NBDV_REQ_HEADER_SIZE)
+			if (avail(c) < transmission_header_size(c))
 				return;
 			if (turn_over(c)) {
 				c->yielded = true;
 				return;
 			}
 			c->turn_left--;
-			c->istart += NBDV_REQ_HEADER_SIZE;
+			c->istart += transmission_header_size(c);
 			switch (transmission_header(c, p)) {
 			case TX_OK:
 				c->header_reads = false;
@@ -662,8 +662,9 @@ static bool read_once(struct nbdv_conn *c)
 
 		if (want == 0)
 			return false; /* full (back-pressure): a 0-byte read is not EOF */
-		if (c->header_reads && c->rx == RX_REQ_HEADER && avail(c) < NBDV_REQ_HEADER_SIZE)
-			want = NBDV_REQ_HEADER_SIZE - avail(c);
+		if (c->header_reads && c->rx == RX_REQ_HEADER &&
+		    avail(c) < transmission_header_size(c))
+			want = transmission_header_size(c) - avail(c);
 		n = c->tp->ops->recv(c->tp, c->ibuf + c->iend, want);
 		if (n > 0) {
 			c->iend += (size_t)n;

@@ -133,7 +133,7 @@ int export_describe(struct nbdv_export *e, uint64_t *size, uint32_t *caps)
 	return r;
 }
 
-uint16_t export_tflags(uint32_t caps, bool structured)
+uint16_t export_tflags(uint32_t caps, bool structured, bool extended)
 {
 	uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
 
@@ -150,5 +150,9 @@ uint16_t export_tflags(uint32_t caps, bool structured)
 	f |= NBD_FLAG_SEND_CACHE;
 	if (caps & NBDV_CAP_MULTI_CONN)
 		f |= NBD_FLAG_CAN_MULTI_CONN;
+	/* BLOCK_STATUS with a payload (context ids, 64-bit effect length) needs the 64-bit
+	 * length field of extended headers. */
+	if (extended)
+		f |= NBD_FLAG_BLOCK_STAT_PAYLOAD;
 	return f;
 }

@@ -288,7 +288,7 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 		struct nbd_info_export ie = {
 		    .info = htobe16(NBD_INFO_EXPORT),
 		    .exportsize = htobe64(size),
-		    .eflags = htobe16(export_tflags(caps, c->structured)),
+		    .eflags = htobe16(export_tflags(caps, c->structured, c->extended)),
 		};
 		if (opt_reply(c, opt, NBD_REP_INFO, &ie, sizeof(ie)) < 0)
 			return HS_CLOSE;
@@ -319,10 +319,13 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 		c->meta_alloc = false;
 	c->exp = e;
 	c->dev = dev;
-	c->tflags = export_tflags(dev->caps, c->structured);
+	c->tflags = export_tflags(dev->caps, c->structured, c->extended);
 	c->phase = CONN_TRANSMISSION;
-	log_info("c%u: serving export %s (%s replies%s)", c->id, e->cfg->name,
-		 c->structured ? "structured" : "simple", c->meta_alloc ? ", base:allocation" : "");
+	log_info("c%u: serving export %s (%s%s)", c->id, e->cfg->name,
+		 c->extended	 ? "extended headers"
+		 : c->structured ? "structured replies"
+				 : "simple replies",
+		 c->meta_alloc ? ", base:allocation" : "");
 	return HS_TRANSMISSION;
 }
 
@@ -354,7 +357,7 @@ static enum hs_result opt_export_name(struct nbdv_conn *c, const uint8_t *data, 
 	c->meta_alloc = false;
 	c->exp = e;
 	c->dev = dev;
-	c->tflags = export_tflags(dev->caps, false);
+	c->tflags = export_tflags(dev->caps, false, false);
 	r.exportsize = htobe64(dev->size);
 	r.eflags = htobe16(c->tflags);
 	m = outmsg_new(sizeof(r) + sizeof(zeroes));
@@ -463,6 +466,11 @@ enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t
 	}
 	switch (opt) {
 	case NBD_OPT_EXPORT_NAME:
+		if (c->extended) {
+			/* It cannot answer in extended headers: the spec forbids it after them. */
+			log_info("c%u: EXPORT_NAME after extended headers, closing", c->id);
+			return HS_CLOSE;
+		}
 		return opt_export_name(c, data, len);
 	case NBD_OPT_ABORT:
 		(void)opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
@@ -480,6 +488,7 @@ enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t
 		if (opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0)
 			return HS_CLOSE;
 		/* Nothing negotiated in plaintext survives into TLS (CVE-2021-3716 class). */
+		c->extended = false;
 		c->structured = false;
 		c->meta_alloc = false;
 		c->meta_export = NULL;
@@ -491,6 +500,20 @@ enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t
 		if (len != 0)
 			return opt_error(c, opt, NBD_REP_ERR_INVALID,
 					 "STRUCTURED_REPLY takes no data");
+		if (c->extended)
+			return opt_error(c, opt, NBD_REP_ERR_EXT_HEADER_REQD,
+					 "extended headers are already on");
+		c->structured = true;
+		return opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0 ? HS_CLOSE : HS_CONTINUE;
+	case NBD_OPT_EXTENDED_HEADERS:
+		if (len != 0)
+			return opt_error(c, opt, NBD_REP_ERR_INVALID,
+					 "EXTENDED_HEADERS takes no data");
+		if (c->extended)
+			return opt_error(c, opt, NBD_REP_ERR_INVALID,
+					 "extended headers are already on");
+		/* They take precedence over structured replies and imply them. */
+		c->extended = true;
 		c->structured = true;
 		return opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0 ? HS_CLOSE : HS_CONTINUE;
 	case NBD_OPT_LIST_META_CONTEXT:

@@ -25,6 +25,8 @@
 #include "nbdvault/transmission.h"
 #include "nbdvault/transport.h"
 
+/* The id nbdvault gives base:allocation, its only metadata context. */
+#define META_CONTEXT_ID 1
 /* Most descriptors in one BLOCK_STATUS reply (the spec lets a server send fewer). */
 #define MAX_STATUS_EXTENTS 1024
 /* Reads up to this size are tried inline from the page cache (RWF_NOWAIT) first. */
@@ -50,11 +52,12 @@ struct nbdv_req {
 	const struct nbdv_dev *dev; /* export device */
 	uint64_t cookie;	    /* echoed in the reply */
 	uint64_t offset;	    /* request offset */
-	uint32_t count;		    /* request length */
+	uint64_t count;		    /* effect length (READ/WRITE: at most max-request) */
+	uint32_t plen;		    /* payload bytes that follow the header */
 	uint16_t type;		    /* NBD_CMD_* */
 	uint16_t flags;		    /* NBD_CMD_FLAG_* */
-	uint32_t got;		    /* WRITE payload bytes received */
-	uint8_t *buf;		    /* READ/WRITE data, count bytes */
+	uint32_t got;		    /* payload bytes received */
+	uint8_t *buf;		    /* READ/WRITE data (count bytes) or another payload */
 	int err;		    /* 0 or -errno from the driver */
 	bool sparse;		    /* READ: ext describes holes to send as OFFSET_HOLE */
 	bool structured;	    /* the connection has structured replies */
@@ -175,31 +178,46 @@ static struct nbdv_outmsg *simple_msg(uint64_t cookie, uint32_t error)
 	return m;
 }
 
-/* A structured chunk's header and @head (copied), announcing @dlen bytes of data to
- * follow; NULL on ENOMEM. */
-static struct nbdv_outmsg *chunk_msg(uint64_t cookie, uint16_t flags, uint16_t type,
-				     const void *head, size_t hlen, size_t dlen)
+/*
+ * A chunk's header and @head (copied), announcing @dlen bytes of data to follow; NULL
+ * on ENOMEM.  Structured (20 bytes) or, with extended headers, extended (32 bytes,
+ * echoing the request's offset).
+ */
+static struct nbdv_outmsg *chunk_msg(const struct nbdv_conn *c, const struct nbdv_req *r,
+				     uint16_t flags, uint16_t type, const void *head, size_t hlen,
+				     size_t dlen)
 {
 	struct nbd_structured_reply h = {
 	    .magic = htobe32(NBD_STRUCTURED_REPLY_MAGIC),
 	    .flags = htobe16(flags),
 	    .type = htobe16(type),
-	    .cookie = cookie,
+	    .cookie = r->cookie,
 	    .length = htobe32((uint32_t)(hlen + dlen)),
 	};
-	struct nbdv_outmsg *m = outmsg_new(sizeof(h) + hlen);
+	struct nbd_extended_reply x = {
+	    .magic = htobe32(NBD_EXTENDED_REPLY_MAGIC),
+	    .flags = htobe16(flags),
+	    .type = htobe16(type),
+	    .cookie = r->cookie,
+	    .offset = htobe64(r->offset),
+	    .length = htobe64(hlen + dlen),
+	};
+	struct nbdv_outmsg *m = outmsg_new(sizeof(x) + hlen);
 
 	if (m) {
-		(void)outmsg_add_copy(m, &h, sizeof(h));
+		if (c->extended)
+			(void)outmsg_add_copy(m, &x, sizeof(x));
+		else
+			(void)outmsg_add_copy(m, &h, sizeof(h));
 		(void)outmsg_add_copy(m, head, hlen);
 	}
 	return m;
 }
 
-static void queue_simple(struct nbdv_conn *c, uint64_t cookie, uint32_t error, void *data,
+static void queue_simple(struct nbdv_conn *c, const struct nbdv_req *r, uint32_t error, void *data,
 			 uint32_t len)
 {
-	struct nbdv_outmsg *m = simple_msg(cookie, error);
+	struct nbdv_outmsg *m = simple_msg(r->cookie, error);
 
 	if (!m) {
 		nbdv_buf_free(data);
@@ -213,12 +231,12 @@ static void queue_simple(struct nbdv_conn *c, uint64_t cookie, uint32_t error, v
 	conn_queue(c, m);
 }
 
-/* One structured chunk: header, @head (copied), then @data; the chunk owns (and frees)
- * pool buffer @own, which may be NULL or hold @data. */
-static int queue_chunk(struct nbdv_conn *c, uint64_t cookie, uint16_t flags, uint16_t type,
+/* One chunk: header, @head (copied), then @data; the chunk owns (and frees) pool buffer
+ * @own, which may be NULL or hold @data. */
+static int queue_chunk(struct nbdv_conn *c, const struct nbdv_req *r, uint16_t flags, uint16_t type,
 		       const void *head, size_t hlen, const void *data, size_t dlen, void *own)
 {
-	struct nbdv_outmsg *m = chunk_msg(cookie, flags, type, head, hlen, dlen);
+	struct nbdv_outmsg *m = chunk_msg(c, r, flags, type, head, hlen, dlen);
 
 	if (!m) {
 		nbdv_buf_free(own);
@@ -231,9 +249,20 @@ static int queue_chunk(struct nbdv_conn *c, uint64_t cookie, uint16_t flags, uin
 	return 0;
 }
 
+/* Success without data: a simple reply, or (extended headers, where simple replies do
+ * not exist) a NONE chunk with DONE. */
+static void queue_ok(struct nbdv_conn *c, const struct nbdv_req *r)
+{
+	if (c->extended)
+		(void)queue_chunk(c, r, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NULL, 0, NULL, 0,
+				  NULL);
+	else
+		queue_simple(c, r, 0, NULL, 0);
+}
+
 /* The structured ERROR chunk, or with @at (not NULL) ERROR_OFFSET naming that offset. */
-static void queue_error_chunk(struct nbdv_conn *c, uint64_t cookie, uint32_t error, const char *msg,
-			      const uint64_t *at)
+static void queue_error_chunk(struct nbdv_conn *c, const struct nbdv_req *r, uint32_t error,
+			      const char *msg, const uint64_t *at)
 {
 	struct nbd_chunk_error e;
 	uint8_t head[sizeof(e) + 128 + 8];
@@ -246,18 +275,19 @@ static void queue_error_chunk(struct nbdv_conn *c, uint64_t cookie, uint32_t err
 	memcpy(head + sizeof(e), msg, mlen);
 	if (at)
 		memcpy(head + sizeof(e) + mlen, &be_at, 8);
-	(void)queue_chunk(c, cookie, NBD_REPLY_FLAG_DONE,
+	(void)queue_chunk(c, r, NBD_REPLY_FLAG_DONE,
 			  at ? NBD_REPLY_TYPE_ERROR_OFFSET : NBD_REPLY_TYPE_ERROR, head,
 			  sizeof(e) + mlen + (at ? 8 : 0), NULL, 0, NULL);
 }
 
 /* Error reply: structured ERROR chunk with a message when negotiated, else simple. */
-static void queue_error(struct nbdv_conn *c, uint64_t cookie, uint32_t error, const char *msg)
+static void queue_error(struct nbdv_conn *c, const struct nbdv_req *r, uint32_t error,
+			const char *msg)
 {
 	if (c->structured)
-		queue_error_chunk(c, cookie, error, msg, NULL);
+		queue_error_chunk(c, r, error, msg, NULL);
 	else
-		queue_simple(c, cookie, error, NULL, 0);
+		queue_simple(c, r, error, NULL, 0);
 }
 
 /* A READ that failed part-way (structured replies): the good data before the failure,
@@ -269,13 +299,13 @@ static void reply_read_partial(struct nbdv_conn *c, struct nbdv_req *r, uint32_t
 
 	r->buf = NULL; /* the data chunk owns it now (or it is freed here) */
 	if (r->err_at > r->offset) {
-		if (queue_chunk(c, r->cookie, 0, NBD_REPLY_TYPE_OFFSET_DATA, &be_off, 8, buf,
+		if (queue_chunk(c, r, 0, NBD_REPLY_TYPE_OFFSET_DATA, &be_off, 8, buf,
 				r->err_at - r->offset, buf) < 0)
 			return;
 	} else {
 		nbdv_buf_free(buf);
 	}
-	queue_error_chunk(c, r->cookie, error, strerror(-r->err), &r->err_at);
+	queue_error_chunk(c, r, error, strerror(-r->err), &r->err_at);
 }
 
 /* One simple reply or OFFSET_DATA chunk whose data the transport sends from the file. */
@@ -283,7 +313,7 @@ static void reply_read_file(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	uint64_t be_off = htobe64(r->offset);
 	struct nbdv_outmsg *m =
-	    c->structured ? chunk_msg(r->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
+	    c->structured ? chunk_msg(c, r, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
 				      &be_off, sizeof(be_off), r->count)
 			  : simple_msg(r->cookie, 0);
 
@@ -306,13 +336,13 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 		return;
 	}
 	if (!c->structured) {
-		queue_simple(c, r->cookie, 0, buf, r->count);
+		queue_simple(c, r, 0, buf, (uint32_t)r->count);
 		return;
 	}
 	if (r->count == 0) {
 		nbdv_buf_free(buf);
-		(void)queue_chunk(c, r->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NULL, 0,
-				  NULL, 0, NULL);
+		(void)queue_chunk(c, r, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NULL, 0, NULL, 0,
+				  NULL);
 		return;
 	}
 	/* Walk the layout: zero extents become OFFSET_HOLE, the rest OFFSET_DATA.  The last
@@ -326,14 +356,14 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 
 		if (hole) {
 			struct nbd_chunk_offset_hole h = {be_off, htobe32((uint32_t)n)};
-			if (queue_chunk(c, r->cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, &h,
-					sizeof(h), NULL, 0, last ? buf : NULL) < 0) {
+			if (queue_chunk(c, r, flags, NBD_REPLY_TYPE_OFFSET_HOLE, &h, sizeof(h),
+					NULL, 0, last ? buf : NULL) < 0) {
 				if (!last)
 					nbdv_buf_free(buf);
 				return;
 			}
 		} else {
-			if (queue_chunk(c, r->cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, &be_off, 8,
+			if (queue_chunk(c, r, flags, NBD_REPLY_TYPE_OFFSET_DATA, &be_off, 8,
 					buf + (pos - r->offset), n, last ? buf : NULL) < 0) {
 				if (!last)
 					nbdv_buf_free(buf);
@@ -344,26 +374,39 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 	}
 }
 
+/* base:allocation descriptors: 32-bit (BLOCK_STATUS), or with extended headers 64-bit
+ * with a descriptor count (BLOCK_STATUS_EXT). */
 static void reply_block_status(struct nbdv_conn *c, struct nbdv_req *r)
 {
-	size_t len = 4 + (size_t)r->ext.n * sizeof(struct nbd_block_descriptor);
+	size_t dsize = c->extended ? sizeof(struct nbd_block_descriptor_ext)
+				   : sizeof(struct nbd_block_descriptor);
+	size_t head = c->extended ? 8 : 4;
+	size_t len = head + (size_t)r->ext.n * dsize;
 	uint8_t *payload = nbdv_buf_alloc(len);
-	uint32_t id = htobe32(1);
+	uint32_t id = htobe32(META_CONTEXT_ID), count = htobe32(r->ext.n);
 
 	if (!payload) {
-		queue_error(c, r->cookie, NBD_ENOMEM, "out of memory");
+		queue_error(c, r, NBD_ENOMEM, "out of memory");
 		return;
 	}
 	memcpy(payload, &id, 4);
+	if (c->extended)
+		memcpy(payload + 4, &count, 4);
 	for (uint32_t i = 0; i < r->ext.n; i++) {
 		struct nbd_block_descriptor d = {
 		    .length = htobe32((uint32_t)r->ext.e[i].length),
 		    .status_flags = htobe32(r->ext.e[i].flags),
 		};
-		memcpy(payload + 4 + i * sizeof(d), &d, sizeof(d));
+		struct nbd_block_descriptor_ext x = {
+		    .length = htobe64(r->ext.e[i].length),
+		    .status_flags = htobe64(r->ext.e[i].flags),
+		};
+		memcpy(payload + head + i * dsize, c->extended ? (void *)&x : (void *)&d, dsize);
 	}
-	(void)queue_chunk(c, r->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NULL, 0,
-			  payload, len, payload);
+	(void)queue_chunk(c, r, NBD_REPLY_FLAG_DONE,
+			  c->extended ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT
+				      : NBD_REPLY_TYPE_BLOCK_STATUS,
+			  NULL, 0, payload, len, payload);
 }
 
 /* --- execution --- */
@@ -493,19 +536,19 @@ static void req_done(struct nbdv_job *job)
 			    transmission_nbd_errno(r->err, r->type == NBD_CMD_WRITE_ZEROES &&
 							       (r->flags & NBD_CMD_FLAG_FAST_ZERO));
 			if (e != NBD_ENOTSUP)
-				log_info("c%u: %s at %llu+%u failed: %s", c->id,
+				log_info("c%u: %s at %llu+%llu failed: %s", c->id,
 					 nbd_cmd_name(r->type), (unsigned long long)r->offset,
-					 r->count, strerror(-r->err));
+					 (unsigned long long)r->count, strerror(-r->err));
 			if (r->err_at_known)
 				reply_read_partial(c, r, e);
 			else
-				queue_error(c, r->cookie, e, strerror(-r->err));
+				queue_error(c, r, e, strerror(-r->err));
 		} else if (r->type == NBD_CMD_READ) {
 			reply_read(c, r);
 		} else if (r->type == NBD_CMD_BLOCK_STATUS) {
 			reply_block_status(c, r);
 		} else {
-			queue_simple(c, r->cookie, 0, NULL, 0);
+			queue_ok(c, r);
 		}
 	}
 	transmission_req_free(r);
@@ -521,11 +564,14 @@ static uint16_t allowed_flags(const struct nbdv_conn *c, uint16_t type)
 	switch (type) {
 	case NBD_CMD_READ:
 		return c->structured ? NBD_CMD_FLAG_DF : 0;
+	case NBD_CMD_WRITE:
+		return c->extended ? NBD_CMD_FLAG_PAYLOAD_LEN : 0;
 	case NBD_CMD_WRITE_ZEROES:
 		return NBD_CMD_FLAG_NO_HOLE |
 		       ((c->tflags & NBD_FLAG_SEND_FAST_ZERO) ? NBD_CMD_FLAG_FAST_ZERO : 0);
 	case NBD_CMD_BLOCK_STATUS:
-		return NBD_CMD_FLAG_REQ_ONE;
+		return NBD_CMD_FLAG_REQ_ONE |
+		       ((c->tflags & NBD_FLAG_BLOCK_STAT_PAYLOAD) ? NBD_CMD_FLAG_PAYLOAD_LEN : 0);
 	default:
 		return 0;
 	}
@@ -598,20 +644,65 @@ static bool wants_holes(const struct nbdv_conn *c, const struct nbdv_req *r)
 	return c->structured && !(r->flags & NBD_CMD_FLAG_DF) && (c->dev->caps & NBDV_CAP_EXTENTS);
 }
 
+/*
+ * BLOCK_STATUS with a payload (extended headers): a 64-bit effect length, then the ids
+ * of the contexts wanted.  0, or EINVAL with *why for a payload of the wrong shape or
+ * one naming a context that was not negotiated.  The payload is freed either way.
+ */
+static uint32_t block_status_payload(struct nbdv_req *r, const char **why)
+{
+	uint32_t e = 0;
+
+	if (r->plen < 8 || (r->plen - 8) % 4 != 0) {
+		*why = "block status payload is not a length and context ids";
+		e = NBD_EINVAL;
+	} else {
+		uint64_t len;
+
+		memcpy(&len, r->buf, 8);
+		r->count = be64toh(len);
+		for (uint32_t i = 8; i < r->plen && !e; i += 4) {
+			uint32_t id;
+			memcpy(&id, r->buf + i, 4);
+			if (be32toh(id) != META_CONTEXT_ID) {
+				*why = "block status payload names an unknown context";
+				e = NBD_EINVAL;
+			}
+		}
+	}
+	nbdv_buf_free(r->buf);
+	r->buf = NULL;
+	req_charge(r);
+	return e;
+}
+
 static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	const char *why = NULL;
-	uint32_t e = validate(c, r, &why);
+	uint32_t e = 0;
 	bool cached = false;
+
+	if (r->type == NBD_CMD_BLOCK_STATUS && (r->flags & NBD_CMD_FLAG_PAYLOAD_LEN) &&
+	    (c->tflags & NBD_FLAG_BLOCK_STAT_PAYLOAD)) {
+		e = block_status_payload(r, &why);
+	} else if (r->type != NBD_CMD_WRITE && r->buf) {
+		/* A payload consumed for a command that takes none: refused below. */
+		nbdv_buf_free(r->buf);
+		r->buf = NULL;
+		req_charge(r);
+	}
+	if (!e)
+		e = validate(c, r, &why);
 
 	if (!e && c->r->shutting_down) {
 		why = "server is shutting down";
 		e = NBD_ESHUTDOWN;
 	}
 	if (e) {
-		log_debug("c%u: %s at %llu+%u refused with %s: %s", c->id, nbd_cmd_name(r->type),
-			  (unsigned long long)r->offset, r->count, nbd_err_name(e), why);
-		queue_error(c, r->cookie, e, why);
+		log_debug("c%u: %s at %llu+%llu refused with %s: %s", c->id, nbd_cmd_name(r->type),
+			  (unsigned long long)r->offset, (unsigned long long)r->count,
+			  nbd_err_name(e), why);
+		queue_error(c, r, e, why);
 		transmission_req_free(r);
 		return;
 	}
@@ -635,7 +726,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	if (r->type == NBD_CMD_READ && r->count) {
 		r->buf = nbdv_buf_alloc(r->count);
 		if (!r->buf) {
-			queue_error(c, r->cookie, NBD_ENOMEM, "out of memory");
+			queue_error(c, r, NBD_ENOMEM, "out of memory");
 			transmission_req_free(r);
 			return;
 		}
@@ -676,58 +767,100 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 			c->dev->caps & NBDV_CAP_BLOCKING);
 }
 
+size_t transmission_header_size(const struct nbdv_conn *c)
+{
+	return c->extended ? sizeof(struct nbd_extended_request) : sizeof(struct nbd_request);
+}
+
+/* Fill @r from a compact or (extended headers) extended request header; false when the
+ * magic is wrong for what was negotiated. */
+static bool parse_header(struct nbdv_conn *c, const uint8_t *hdr, struct nbdv_req *r)
+{
+	if (c->extended) {
+		struct nbd_extended_request x;
+
+		memcpy(&x, hdr, sizeof(x));
+		if (be32toh(x.magic) != NBD_EXTENDED_REQUEST_MAGIC) {
+			log_info("c%u: bad extended request magic 0x%08x, closing", c->id,
+				 be32toh(x.magic));
+			return false;
+		}
+		r->cookie = x.cookie; /* opaque: kept in wire order */
+		r->offset = be64toh(x.offset);
+		r->count = be64toh(x.length);
+		r->type = be16toh(x.type);
+		r->flags = be16toh(x.flags);
+	} else {
+		struct nbd_request q;
+
+		memcpy(&q, hdr, sizeof(q));
+		if (be32toh(q.magic) != NBD_REQUEST_MAGIC) {
+			log_info("c%u: bad request magic 0x%08x, closing", c->id, be32toh(q.magic));
+			return false;
+		}
+		r->cookie = q.cookie;
+		r->offset = be64toh(q.offset);
+		r->count = be32toh(q.count);
+		r->type = be16toh(q.type);
+		r->flags = be16toh(q.flags);
+	}
+	return true;
+}
+
+/* How many payload bytes follow @r's header: a WRITE's data, or with extended headers
+ * whatever NBD_CMD_FLAG_PAYLOAD_LEN announces (spec: a server consumes it, even for a
+ * command it then refuses). */
+static uint64_t payload_length(const struct nbdv_conn *c, const struct nbdv_req *r)
+{
+	if (r->type == NBD_CMD_WRITE || (c->extended && (r->flags & NBD_CMD_FLAG_PAYLOAD_LEN)))
+		return r->count;
+	return 0;
+}
+
 enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 {
-	struct nbd_request q;
-	struct nbdv_req *r;
+	struct nbdv_req *r = req_alloc();
+	uint64_t plen;
 
-	memcpy(&q, hdr, sizeof(q));
-	if (be32toh(q.magic) != NBD_REQUEST_MAGIC) {
-		/* Framing is lost: nothing after this can be trusted (spec: hard disconnect). */
-		log_info("c%u: bad request magic 0x%08x, closing", c->id, be32toh(q.magic));
-		return TX_CLOSE;
-	}
-	r = req_alloc();
 	if (!r)
 		return TX_CLOSE;
+	r->conn = c;
+	if (!parse_header(c, hdr, r)) {
+		/* Framing is lost: nothing after this can be trusted (spec: hard disconnect). */
+		transmission_req_free(r);
+		return TX_CLOSE;
+	}
 	r->job.run = req_run;
 	r->job.done = req_done;
-	r->conn = c;
 	r->dev = c->dev;
 	r->structured = c->structured;
-	r->cookie = q.cookie; /* opaque: kept in wire order */
-	r->offset = be64toh(q.offset);
-	r->count = be32toh(q.count);
-	r->type = be16toh(q.type);
-	r->flags = be16toh(q.flags);
-	log_debug("c%u: %s flags 0x%x at %llu+%u", c->id, nbd_cmd_name(r->type), r->flags,
-		  (unsigned long long)r->offset, r->count);
+	log_debug("c%u: %s flags 0x%x at %llu+%llu", c->id, nbd_cmd_name(r->type), r->flags,
+		  (unsigned long long)r->offset, (unsigned long long)r->count);
 
 	if (r->type == NBD_CMD_DISC) {
 		transmission_req_free(r);
 		return TX_DISC;
 	}
-	if (r->type == NBD_CMD_WRITE) {
-		if (r->count > c->srv->cfg->max_request) {
-			/* The payload is never allocated; skipping it could take forever, so
-			 * answer and hang up. */
-			log_info("c%u: WRITE of %u bytes exceeds the %u-byte limit, closing", c->id,
-				 r->count, c->srv->cfg->max_request);
-			queue_error(c, r->cookie, NBD_EINVAL,
-				    "request larger than the maximum block size");
+	plen = payload_length(c, r);
+	if (plen > c->srv->cfg->max_request) {
+		/* The payload is never allocated; skipping it could take forever, so answer
+		 * and hang up. */
+		log_info("c%u: %s payload of %llu bytes exceeds the %u-byte limit, closing", c->id,
+			 nbd_cmd_name(r->type), (unsigned long long)plen, c->srv->cfg->max_request);
+		queue_error(c, r, NBD_EINVAL, "request larger than the maximum block size");
+		transmission_req_free(r);
+		return TX_CLOSE;
+	}
+	if (plen) {
+		r->plen = (uint32_t)plen;
+		r->buf = nbdv_buf_alloc(plen);
+		if (!r->buf) {
 			transmission_req_free(r);
 			return TX_CLOSE;
 		}
-		if (r->count) {
-			r->buf = nbdv_buf_alloc(r->count);
-			if (!r->buf) {
-				transmission_req_free(r);
-				return TX_CLOSE;
-			}
-			req_charge(r);
-			c->cur_req = r;
-			return TX_NEED_PAYLOAD;
-		}
+		req_charge(r);
+		c->cur_req = r;
+		return TX_NEED_PAYLOAD;
 	}
 	dispatch(c, r);
 	return TX_OK;
@@ -735,7 +868,7 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 
 uint32_t transmission_payload_missing(const struct nbdv_req *r)
 {
-	return r->count - r->got;
+	return r->plen - r->got;
 }
 
 uint8_t *transmission_payload_ptr(struct nbdv_req *r, uint32_t *missing)
@@ -749,7 +882,7 @@ int transmission_payload_got(struct nbdv_conn *c, uint32_t n)
 	struct nbdv_req *r = c->cur_req;
 
 	r->got += n;
-	if (r->got < r->count)
+	if (r->got < r->plen)
 		return 0;
 	c->cur_req = NULL;
 	dispatch(c, r);

@@ -93,7 +93,8 @@ struct nbdv_conn {
 	bool tls_started;	   /* TLS transport installed (handshake running or done) */
 	bool tls_up;		   /* TLS handshake completed */
 	struct nbdv_tls_peer peer; /* identity from the TLS session */
-	bool structured;	   /* structured replies negotiated */
+	bool structured;	   /* structured replies negotiated (or implied by extended) */
+	bool extended;		   /* extended headers negotiated: 32-byte requests, replies */
 	bool meta_alloc;	   /* base:allocation selected */
 	const struct nbdv_export *meta_export; /* export the meta context was set for */
 

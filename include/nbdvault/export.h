@@ -45,7 +45,8 @@ int export_open(struct nbdv_export *e, const struct nbdv_dev **dev) NBDV_WUR;
  */
 int export_describe(struct nbdv_export *e, uint64_t *size, uint32_t *caps) NBDV_WUR;
 
-/* Transmission flags for capabilities @caps, given whether structured replies are on. */
-uint16_t export_tflags(uint32_t caps, bool structured);
+/* Transmission flags for capabilities @caps, given whether structured replies and
+ * extended headers are on. */
+uint16_t export_tflags(uint32_t caps, bool structured, bool extended);
 
 #endif /* NBDV_EXPORT_H */

@@ -181,6 +181,17 @@ struct nbd_request {
 	uint32_t count;	 /* byte length */
 } __attribute__((packed));
 
+/* Extended request header (32 bytes), after NBD_OPT_EXTENDED_HEADERS; a WRITE, or a
+ * command with NBD_CMD_FLAG_PAYLOAD_LEN, is followed by length bytes of payload. */
+struct nbd_extended_request {
+	uint32_t magic;	 /* NBD_EXTENDED_REQUEST_MAGIC */
+	uint16_t flags;	 /* NBD_CMD_FLAG_* */
+	uint16_t type;	 /* NBD_CMD_* */
+	uint64_t cookie; /* opaque, echoed in the reply */
+	uint64_t offset; /* byte offset */
+	uint64_t length; /* effect length, or payload length with PAYLOAD_LEN */
+} __attribute__((packed));
+
 /* Simple reply (16 bytes); a successful READ is followed by its data. */
 struct nbd_simple_reply {
 	uint32_t magic;	 /* NBD_SIMPLE_REPLY_MAGIC */
@@ -197,6 +208,16 @@ struct nbd_structured_reply {
 	uint32_t length; /* payload length */
 } __attribute__((packed));
 
+/* Extended reply header (32 bytes): every reply once extended headers are on. */
+struct nbd_extended_reply {
+	uint32_t magic;	 /* NBD_EXTENDED_REPLY_MAGIC */
+	uint16_t flags;	 /* NBD_REPLY_FLAG_* */
+	uint16_t type;	 /* NBD_REPLY_TYPE_* */
+	uint64_t cookie; /* from the request */
+	uint64_t offset; /* the request's offset, echoed */
+	uint64_t length; /* payload length */
+} __attribute__((packed));
+
 /* Payload head of OFFSET_HOLE. */
 struct nbd_chunk_offset_hole {
 	uint64_t offset; /* start of the hole */
@@ -207,6 +228,12 @@ struct nbd_chunk_offset_hole {
 struct nbd_block_descriptor {
 	uint32_t length;       /* nonzero */
 	uint32_t status_flags; /* NBD_STATE_* */
+} __attribute__((packed));
+
+/* One descriptor in a BLOCK_STATUS_EXT chunk (extended headers). */
+struct nbd_block_descriptor_ext {
+	uint64_t length;       /* nonzero */
+	uint64_t status_flags; /* NBD_STATE_* */
 } __attribute__((packed));
 
 /* Payload head of ERROR and ERROR_OFFSET; message follows, then (ERROR_OFFSET) a u64 offset. */

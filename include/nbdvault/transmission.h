@@ -5,6 +5,7 @@
 #ifndef NBDV_TRANSMISSION_H
 #define NBDV_TRANSMISSION_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "nbdvault/compiler.h"
@@ -12,7 +13,8 @@
 struct nbdv_conn;
 struct nbdv_req;
 
-#define NBDV_REQ_HEADER_SIZE 28
+#define NBDV_REQ_HEADER_SIZE	 28 /* compact request header */
+#define NBDV_EXT_REQ_HEADER_SIZE 32 /* extended request header */
 
 enum tx_result {
 	TX_OK = 0,	     /* request dispatched or answered */
@@ -21,7 +23,9 @@ enum tx_result {
 	TX_CLOSE = -1,	     /* protocol violation: close now */
 };
 
-/* Parse one request header (NBDV_REQ_HEADER_SIZE bytes). */
+/* Bytes of a request header on @c: compact, or extended once negotiated. */
+size_t transmission_header_size(const struct nbdv_conn *c);
+/* Parse one request header (transmission_header_size() bytes). */
 enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr) NBDV_WUR;
 /* Where the payload of c->cur_req goes, and how much is still missing. */
 uint8_t *transmission_payload_ptr(struct nbdv_req *r, uint32_t *missing);

@@ -1,7 +1,7 @@
 /*
  * Fuzz the transmission phase: a fixed, valid handshake chosen by the first input byte
- * (structured replies on/off, base:allocation on/off, export mem/ro), then the rest of
- * the input as request headers and payloads.
+ * (structured replies on/off, base:allocation on/off, export mem/ro, extended headers
+ * on/off), then the rest of the input as request headers and payloads.
  */
 #include "build-config.h"
 
@@ -53,9 +53,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (!buf)
 		abort();
 	n += put_be32(buf, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
-	if (mode & 1)
+	if (mode & 8) /* extended headers: 32-byte requests; they imply structured replies */
+		n += put_opt(buf + n, NBD_OPT_EXTENDED_HEADERS, NULL, 0);
+	else if (mode & 1)
 		n += put_opt(buf + n, NBD_OPT_STRUCTURED_REPLY, NULL, 0);
-	if ((mode & 3) == 3) {
+	if ((mode & 3) == 3 || (mode & 10) == 10) {
 		t = put_be32(tmp, (uint32_t)strlen(name));
 		memcpy(tmp + t, name, strlen(name));
 		t += strlen(name);
