@@ -20,6 +20,7 @@
 #include "nbdvault/config.h"
 #include "nbdvault/conn.h"
 #include "nbdvault/driver_registry.h"
+#include "nbdvault/export.h"
 #include "nbdvault/handshake.h"
 #include "nbdvault/log.h"
 #include "nbdvault/protocol.h"
@@ -398,6 +399,8 @@ bool conn_release(struct nbdv_conn *c)
 	if (c->phase != CONN_DEAD || c->inflight || c->depth || c->dirty)
 		return false;
 	reactor_conn_remove(c->r, c);
+	if (c->exp)
+		__atomic_sub_fetch(&c->exp->sessions, 1, __ATOMIC_RELAXED);
 	if (c->sendfile_bytes)
 		log_info("c%u: closed (%llu bytes of READ data sent from the page cache)", c->id,
 			 (unsigned long long)c->sendfile_bytes);

@@ -137,6 +137,15 @@ int driver_open(const struct nbdv_driver *drv, const struct nbdv_export_params *
 		dev->caps &= ~WRITE_CAPS;
 	dev->size = drv->get_size(dev->inst);
 	dev->gate = NULL;
+	/* Writers first: a resize waiting for calls in progress holds back new ones. */
+	dev->resizable = p->resizable && drv->resize && !p->readonly;
+	if (dev->resizable) {
+		pthread_rwlockattr_t a;
+		pthread_rwlockattr_init(&a);
+		pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+		pthread_rwlock_init(&dev->resize_lock, &a);
+		pthread_rwlockattr_destroy(&a);
+	}
 	if (drv->pwrite_nowait && (dev->caps & NBDV_CAP_WRITE)) {
 		dev->gate = calloc(1, sizeof(*dev->gate));
 		if (!dev->gate) {
@@ -148,8 +157,36 @@ int driver_open(const struct nbdv_driver *drv, const struct nbdv_export_params *
 	return 0;
 }
 
+void driver_hold(const struct nbdv_dev *d)
+{
+	if (d->resizable)
+		pthread_rwlock_rdlock((pthread_rwlock_t *)&d->resize_lock);
+}
+
+void driver_release(const struct nbdv_dev *d)
+{
+	if (d->resizable)
+		pthread_rwlock_unlock((pthread_rwlock_t *)&d->resize_lock);
+}
+
+int driver_resize(struct nbdv_dev *d, uint64_t size)
+{
+	int r;
+
+	if (!d->resizable || !d->inst->drv->resize)
+		return -ENOTSUP;
+	pthread_rwlock_wrlock(&d->resize_lock);
+	r = d->inst->drv->resize(d->inst, size);
+	if (r == 0)
+		d->size = d->inst->drv->get_size(d->inst);
+	pthread_rwlock_unlock(&d->resize_lock);
+	return r;
+}
+
 void driver_close(struct nbdv_dev *dev)
 {
+	if (dev->resizable)
+		pthread_rwlock_destroy(&dev->resize_lock);
 	dev->inst->drv->destroy(dev->inst);
 	dev->inst = NULL;
 	free(dev->gate);

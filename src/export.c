@@ -77,6 +77,7 @@ static struct nbdv_export_params params_of(const struct nbdv_export_cfg *c)
 	    .size = c->size,
 	    .size_given = c->size_given,
 	    .readonly = c->readonly,
+	    .resizable = c->resizable,
 	};
 	return p;
 }

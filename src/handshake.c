@@ -233,6 +233,16 @@ static int send_info(struct nbdv_conn *c, uint32_t opt, uint16_t type, const voi
 }
 
 /* NBD_OPT_INFO and NBD_OPT_GO: name, then a list of requested NBD_INFO_* types. */
+/* Transmission flags for @e on @c: the export's, plus RESIZE where it is allowed. */
+static uint16_t tflags_for(const struct nbdv_conn *c, const struct nbdv_export *e, uint32_t caps)
+{
+	uint16_t f = export_tflags(caps, c->structured, c->extended);
+
+	if (e->cfg->resizable && e->cfg->drv->resize)
+		f |= NBD_FLAG_SEND_RESIZE;
+	return f;
+}
+
 static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8_t *data,
 				  uint32_t len)
 {
@@ -288,7 +298,7 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 		struct nbd_info_export ie = {
 		    .info = htobe16(NBD_INFO_EXPORT),
 		    .exportsize = htobe64(size),
-		    .eflags = htobe16(export_tflags(caps, c->structured, c->extended)),
+		    .eflags = htobe16(tflags_for(c, e, caps)),
 		};
 		if (opt_reply(c, opt, NBD_REP_INFO, &ie, sizeof(ie)) < 0)
 			return HS_CLOSE;
@@ -319,7 +329,9 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 		c->meta_alloc = false;
 	c->exp = e;
 	c->dev = dev;
-	c->tflags = export_tflags(dev->caps, c->structured, c->extended);
+	c->told_size = dev->size;
+	__atomic_add_fetch(&e->sessions, 1, __ATOMIC_RELAXED);
+	c->tflags = tflags_for(c, e, dev->caps);
 	c->phase = CONN_TRANSMISSION;
 	log_info("c%u: serving export %s (%s%s)", c->id, e->cfg->name,
 		 c->extended	 ? "extended headers"
@@ -357,7 +369,9 @@ static enum hs_result opt_export_name(struct nbdv_conn *c, const uint8_t *data, 
 	c->meta_alloc = false;
 	c->exp = e;
 	c->dev = dev;
-	c->tflags = export_tflags(dev->caps, false, false);
+	c->told_size = dev->size;
+	__atomic_add_fetch(&e->sessions, 1, __ATOMIC_RELAXED);
+	c->tflags = tflags_for(c, e, dev->caps);
 	r.exportsize = htobe64(dev->size);
 	r.eflags = htobe16(c->tflags);
 	m = outmsg_new(sizeof(r) + sizeof(zeroes));

@@ -332,6 +332,7 @@ static const char *const allowed_calls[] = {
     "fallocate",
     "ftruncate",
     "sendfile",
+    "fstatfs",
     "mincore",
     "fadvise64",
     "readahead",

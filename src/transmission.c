@@ -463,9 +463,24 @@ static void locate_read_error(struct nbdv_req *r)
 	r->ext.n = 0;
 }
 
+static void req_run_calls(struct nbdv_req *r);
+
 static void req_run(struct nbdv_job *job)
 {
 	struct nbdv_req *r = (struct nbdv_req *)job;
+
+	if (r->type == NBD_CMD_RESIZE) {
+		/* Waits for the export's calls in progress, then changes its size. */
+		r->err = driver_resize((struct nbdv_dev *)r->dev, r->offset);
+		return;
+	}
+	driver_hold(r->dev);
+	req_run_calls(r);
+	driver_release(r->dev);
+}
+
+static void req_run_calls(struct nbdv_req *r)
+{
 	uint32_t f = 0;
 
 	if (r->flags & NBD_CMD_FLAG_FUA)
@@ -547,6 +562,12 @@ static void req_done(struct nbdv_job *job)
 			reply_read(c, r);
 		} else if (r->type == NBD_CMD_BLOCK_STATUS) {
 			reply_block_status(c, r);
+		} else if (r->type == NBD_CMD_RESIZE) {
+			log_info("c%u: export %s resized to %llu bytes", c->id, c->exp->cfg->name,
+				 (unsigned long long)r->offset);
+			if (r->offset > c->told_size)
+				c->told_size = r->offset;
+			queue_ok(c, r);
 		} else {
 			queue_ok(c, r);
 		}
@@ -577,6 +598,32 @@ static uint16_t allowed_flags(const struct nbdv_conn *c, uint16_t type)
 	}
 }
 
+/* NBD_CMD_RESIZE: the new size travels in the offset field, the length is zero. */
+static uint32_t validate_resize(struct nbdv_conn *c, const struct nbdv_req *r, const char **why)
+{
+	const struct nbdv_export_cfg *e = c->exp->cfg;
+
+	if (r->count) {
+		*why = "resize length must be zero";
+		return NBD_EINVAL;
+	}
+	if (c->tflags & NBD_FLAG_READ_ONLY) {
+		*why = "export is read-only";
+		return NBD_EPERM;
+	}
+	if (e->max_size && r->offset > e->max_size) {
+		*why = "larger than the export's max-size";
+		return NBD_ENOSPC;
+	}
+	/* Optional in the extension, done here: a shrink under another client's feet could
+	 * cut away what it is writing. */
+	if (r->offset < c->dev->size && __atomic_load_n(&c->exp->sessions, __ATOMIC_RELAXED) > 1) {
+		*why = "other connections have the export open: not shrinking it";
+		return NBD_EPERM;
+	}
+	return 0;
+}
+
 /* 0 if @r may run, else the NBD error to answer with and *why. */
 static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const char **why)
 {
@@ -594,6 +641,11 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 	case NBD_CMD_WRITE_ZEROES:
 	case NBD_CMD_BLOCK_STATUS:
 		break;
+	case NBD_CMD_RESIZE:
+		if (c->tflags & NBD_FLAG_SEND_RESIZE)
+			break;
+		/* not advertised, so not a command of this export */
+		__attribute__((fallthrough));
 	default:
 		*why = "unknown command";
 		return NBD_EINVAL;
@@ -606,6 +658,8 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 		*why = "export is read-only";
 		return NBD_EPERM;
 	}
+	if (r->type == NBD_CMD_RESIZE)
+		return validate_resize(c, r, why);
 	if (r->type == NBD_CMD_FLUSH) {
 		if (r->offset || r->count) {
 			*why = "flush offset and length must be zero";
@@ -615,8 +669,12 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 	}
 	if (!in_range) {
 		/* Spec, "Error values": ENOSPC for a write beyond the end, EINVAL for a read
-		 * or a trim (and the other commands, which write nothing). */
+		 * or a trim (and the other commands, which write nothing).  After a shrink,
+		 * anything beyond the new end but within a size this client was told is
+		 * ENOSPC (extension-resize). */
 		*why = "request extends beyond the end of the export";
+		if (r->offset <= c->told_size && r->count <= c->told_size - r->offset)
+			return NBD_ENOSPC;
 		return r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC
 										   : NBD_EINVAL;
 	}
@@ -676,6 +734,16 @@ static uint32_t block_status_payload(struct nbdv_req *r, const char **why)
 	return e;
 }
 
+static int pread_inline(struct nbdv_conn *c, struct nbdv_req *r)
+{
+	int err;
+
+	driver_hold(c->dev);
+	err = driver_pread_nowait(c->dev, r->buf, r->count, r->offset);
+	driver_release(c->dev);
+	return err;
+}
+
 static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	const char *why = NULL;
@@ -712,7 +780,11 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 		/* Data wholly in the page cache (and no hole the client would rather get as
 		 * OFFSET_HOLE) goes from there to the socket: no buffer, no copy here, no
 		 * trip to the I/O threads.  Without sendfile() it is copied here (below). */
-		int fd = driver_cached_fd(c->dev, r->count, r->offset, wants_holes(c, r));
+		int fd;
+
+		driver_hold(c->dev);
+		fd = driver_cached_fd(c->dev, r->count, r->offset, wants_holes(c, r));
+		driver_release(c->dev);
 		if (fd >= 0 && c->tp->ops->sendfile) {
 			r->from_file = true;
 			r->file_fd = fd;
@@ -738,8 +810,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	 * I/O threads and back costs more than the read.  (Sent as plain data: holes in a
 	 * small cached read just read as zeroes.) */
 	if (r->type == NBD_CMD_READ && r->count && (r->count <= INLINE_READ_BYTES || cached) &&
-	    (c->dev->caps & NBDV_CAP_BLOCKING) &&
-	    driver_pread_nowait(c->dev, r->buf, r->count, r->offset) == 0) {
+	    (c->dev->caps & NBDV_CAP_BLOCKING) && pread_inline(c, r) == 0) {
 		r->sparse = false; /* cached: the range has no hole the client wants */
 		if (cached)
 			c->cached_copy_bytes += r->count;
@@ -751,7 +822,11 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	 * offering them here while they stall.  FUA writes wait for the disk: I/O threads. */
 	if (r->type == NBD_CMD_WRITE && r->count <= INLINE_WRITE_BYTES &&
 	    !(r->flags & NBD_CMD_FLAG_FUA) && (c->dev->caps & NBDV_CAP_BLOCKING)) {
-		int err = driver_pwrite_nowait(c->dev, r->buf, r->count, r->offset);
+		int err;
+
+		driver_hold(c->dev);
+		err = driver_pwrite_nowait(c->dev, r->buf, r->count, r->offset);
+		driver_release(c->dev);
 
 		if (err != -EAGAIN) {
 			r->err = err;
@@ -763,8 +838,9 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	 * copies used to go to the I/O threads to overlap with socket I/O on a single reactor;
 	 * with one reactor per core the two thread hand-offs cost more server CPU than the
 	 * copy they moved: -20% per GiB for 4-connection nbdcopy writes, -10% for reads.) */
+	/* A resize waits for the export's calls in progress: never on a reactor. */
 	executor_submit(c->srv->exec, &c->r->port, &c->jobs, &r->job,
-			c->dev->caps & NBDV_CAP_BLOCKING);
+			(c->dev->caps & NBDV_CAP_BLOCKING) || r->type == NBD_CMD_RESIZE);
 }
 
 size_t transmission_header_size(const struct nbdv_conn *c)

@@ -61,6 +61,8 @@ struct nbdv_export_cfg {
 	uint64_t size;		       /* `size:` in bytes (0 if absent) */
 	bool size_given;	       /* whether `size:` was present */
 	bool readonly;		       /* `readonly:` */
+	bool resizable;		       /* `resizable:` NBD_CMD_RESIZE allowed */
+	uint64_t max_size;	       /* `max-size:` largest RESIZE (0: no limit) */
 	bool tls_required;	       /* `tls: require` (matters in optional mode) */
 	char **allow;		       /* `allow:` identities ("cn:", "dn:", "psk:"), or NULL */
 	size_t n_allow;		       /* entries in allow */

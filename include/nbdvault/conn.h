@@ -102,6 +102,7 @@ struct nbdv_conn {
 	struct nbdv_export *exp;     /* chosen export */
 	const struct nbdv_dev *dev;  /* its open driver instance */
 	uint16_t tflags;	     /* transmission flags sent to the client */
+	uint64_t told_size;	     /* largest export size this client was told (RESIZE) */
 	struct nbdv_req *cur_req;    /* WRITE whose payload is being received */
 	bool header_reads;	     /* last request was a big WRITE: read headers alone */
 	bool draining;		     /* server shutting down: close when idle */

@@ -58,6 +58,7 @@ struct nbdv_export_params {
 	uint64_t size;	  /* requested size (0: not given) */
 	bool size_given;  /* whether size was in the config */
 	bool readonly;	  /* open read-only */
+	bool resizable;	  /* `resizable:`: resize() may be called */
 };
 
 /* Collects extents for block_status().  Opaque; see nbdv_extents_add(). */
@@ -89,7 +90,7 @@ struct nbdv_driver {
 	void (*destroy)(struct nbdv_drv_instance *inst);
 	/* NBDV_CAP_* bits; called once per instance and cached. */
 	uint32_t (*caps)(struct nbdv_drv_instance *inst);
-	/* Size in bytes (stable for the instance's life). */
+	/* Size in bytes (changed only through resize). */
 	uint64_t (*get_size)(struct nbdv_drv_instance *inst);
 
 	int (*pread)(struct nbdv_drv_instance *inst, void *buf, uint64_t len, uint64_t off,
@@ -132,6 +133,12 @@ struct nbdv_driver {
 	 * descriptor must stay open as long as the instance.
 	 */
 	int (*cached_fd)(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, bool no_holes);
+	/*
+	 * Optional: change the size to @size (NBD_CMD_RESIZE), growing with zeroes or
+	 * dropping what lies beyond.  No other call of this instance runs meanwhile.  0, or
+	 * -EPERM (cannot, e.g. a block device), -ENOSPC (no room), another -errno.
+	 */
+	int (*resize)(struct nbdv_drv_instance *inst, uint64_t size);
 };
 
 #endif /* NBDV_DRIVER_H */

@@ -9,6 +9,7 @@
 #ifndef NBDV_DRIVER_REGISTRY_H
 #define NBDV_DRIVER_REGISTRY_H
 
+#include <pthread.h>
 #include <stdint.h>
 
 #include "nbdvault/compiler.h"
@@ -91,8 +92,10 @@ struct nbdv_stall_gate {
 struct nbdv_dev {
 	struct nbdv_drv_instance *inst; /* owned */
 	uint32_t caps;			/* NBDV_CAP_*, cached once */
-	uint64_t size;			/* bytes, cached once */
+	_Atomic uint64_t size;		/* bytes: one live value, changed only by RESIZE */
 	struct nbdv_stall_gate *gate;	/* owned; NULL without drv->pwrite_nowait */
+	bool resizable;			/* RESIZE allowed: calls hold resize_lock */
+	pthread_rwlock_t resize_lock;	/* shared by calls, exclusive for a resize */
 };
 
 /*
@@ -107,6 +110,15 @@ int driver_probe(const struct nbdv_driver *drv, const struct nbdv_export_params 
 		 uint32_t *caps) NBDV_WUR;
 /* Destroy the instance in @dev. */
 void driver_close(struct nbdv_dev *dev);
+/*
+ * Resizable exports: every driver call of a request runs between driver_hold() and
+ * driver_release() (no-ops for other exports), and driver_resize() waits for the calls
+ * in progress, changes the size through the driver and publishes it.  -ENOTSUP when the
+ * driver cannot resize.
+ */
+void driver_hold(const struct nbdv_dev *d);
+void driver_release(const struct nbdv_dev *d);
+int driver_resize(struct nbdv_dev *d, uint64_t size) NBDV_WUR;
 
 int driver_pread(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off) NBDV_WUR;
 /* Read without blocking if the driver can; -EAGAIN when it cannot or would block. */

@@ -22,6 +22,7 @@ struct nbdv_export {
 	const struct nbdv_export_cfg *cfg; /* from the config snapshot */
 	struct nbdv_dev dev;		   /* valid when opened */
 	bool opened;			   /* dev.inst is live */
+	unsigned sessions;		   /* connections in transmission on it (atomic) */
 };
 
 /* Build the run-time exports of @cfg; NULL on ENOMEM.  *n receives the count. */

@@ -122,6 +122,11 @@ static uint64_t faulty_get_size(struct nbdv_drv_instance *inst)
 	return nbdv_driver_memory.get_size(to_faulty(inst)->mem);
 }
 
+static int faulty_resize(struct nbdv_drv_instance *inst, uint64_t size)
+{
+	return nbdv_driver_memory.resize(to_faulty(inst)->mem, size);
+}
+
 #define FAULT_OR(f, len, off, ranged, call)                                                        \
 	do {                                                                                       \
 		int fr_ = fault(f, len, off, ranged);                                              \
@@ -206,4 +211,5 @@ const struct nbdv_driver nbdv_driver_faulty = {
     .cache = faulty_cache,
     .probe = faulty_probe,
     .pwrite_nowait = faulty_pwrite_nowait,
+    .resize = faulty_resize,
 };

@@ -25,6 +25,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -181,6 +182,29 @@ static int file_probe(const struct nbdv_export_params *p, uint64_t *size, uint32
 static uint64_t file_get_size(struct nbdv_drv_instance *inst)
 {
 	return to_file(inst)->size;
+}
+
+/*
+ * RESIZE: a regular file is truncated or extended (sparse); growth beyond the space the
+ * filesystem has left is refused with ENOSPC rather than promised.  A block device's
+ * size is not ours to change: EPERM.
+ */
+static int file_resize(struct nbdv_drv_instance *inst, uint64_t size)
+{
+	struct filedrv *f = to_file(inst);
+	struct statvfs vfs;
+
+	if (f->is_blk || f->readonly)
+		return -EPERM;
+	if (size > (uint64_t)INT64_MAX)
+		return -ENOSPC;
+	if (size > f->size && fstatvfs(f->fd, &vfs) == 0 &&
+	    size - f->size > (uint64_t)vfs.f_bavail * vfs.f_frsize)
+		return -ENOSPC;
+	if (ftruncate(f->fd, (off_t)size) < 0)
+		return errno == EFBIG || errno == EINVAL ? -ENOSPC : -errno;
+	f->size = size;
+	return 0;
 }
 
 static int file_pread(struct nbdv_drv_instance *inst, void *buf, uint64_t len, uint64_t off,
@@ -496,4 +520,5 @@ const struct nbdv_driver nbdv_driver_file = {
     .pread_nowait = file_pread_nowait,
     .pwrite_nowait = file_pwrite_nowait,
     .cached_fd = file_cached_fd,
+    .resize = file_resize,
 };

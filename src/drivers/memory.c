@@ -256,6 +256,56 @@ static int mem_block_status(struct nbdv_drv_instance *inst, uint64_t len, uint64
 	return r < 0 ? r : 0;
 }
 
+/*
+ * Grow or shrink.  Shrinking frees every chunk and table beyond the new end and clears
+ * the tail of the last partial chunk, so that a later grow reads zeroes there.
+ */
+static int mem_resize(struct nbdv_drv_instance *inst, uint64_t size)
+{
+	struct mem *m = to_mem(inst);
+	uint64_t chunks = (size + CHUNK_SIZE - 1) >> CHUNK_SHIFT;
+	uint64_t n_l1 = (chunks + CHUNKS_PER_L2 - 1) >> L2_SHIFT;
+	int r = 0;
+
+	if (n_l1 > SIZE_MAX / sizeof(*m->l1))
+		return -ENOSPC;
+	pthread_rwlock_wrlock(&m->lock);
+	if (size < m->size) {
+		uint64_t tail = size & (CHUNK_SIZE - 1);
+		uint8_t *c = tail ? chunk_at(m, size, false) : NULL;
+
+		if (c)
+			memset(c + tail, 0, CHUNK_SIZE - tail);
+		for (uint64_t i = chunks; i < ((m->size + CHUNK_SIZE - 1) >> CHUNK_SHIFT); i++) {
+			if (!m->l1[i >> L2_SHIFT]) { /* a missing table: skip to the next */
+				i = (((i >> L2_SHIFT) + 1) << L2_SHIFT) - 1;
+				continue;
+			}
+			chunk_free(m, i << CHUNK_SHIFT);
+		}
+		for (uint64_t i = n_l1; i < m->n_l1; i++) {
+			free(m->l1[i]);
+			m->l1[i] = NULL;
+		}
+	}
+	if (n_l1 != m->n_l1) {
+		uint8_t ***l1 = realloc(m->l1, (n_l1 ? n_l1 : 1) * sizeof(*l1));
+
+		if (!l1) {
+			r = size > m->size ? -ENOSPC : 0; /* a shrink keeps the larger array */
+		} else {
+			for (uint64_t i = m->n_l1; i < n_l1; i++)
+				l1[i] = NULL;
+			m->l1 = l1;
+			m->n_l1 = n_l1;
+		}
+	}
+	if (r == 0)
+		m->size = size;
+	pthread_rwlock_unlock(&m->lock);
+	return r;
+}
+
 static int mem_cache(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, uint32_t flags)
 {
 	return 0;
@@ -284,4 +334,5 @@ const struct nbdv_driver nbdv_driver_memory = {
     .block_status = mem_block_status,
     .cache = mem_cache,
     .probe = mem_probe,
+    .resize = mem_resize,
 };

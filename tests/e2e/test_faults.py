@@ -396,7 +396,12 @@ class CrashTest(unittest.TestCase):
                 threads = [threading.Thread(target=writer, args=(c,)) for c in range(4)]
                 for t in threads:
                     t.start()
-                time.sleep(rnd.uniform(0.05, 0.6))
+                # Kill at a random moment once writes are being acknowledged (a server
+                # under valgrind takes a while to reach its loop after listening).
+                deadline = time.monotonic() + 30 * nbdv.SLOW
+                while not durable and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(rnd.uniform(0.0, 0.55) * min(nbdv.SLOW, 4))
                 srv.kill9()
                 stop.set()
                 for t in threads:

@@ -95,6 +95,8 @@ static void test_full(const char *dir)
 	CHECK(strcmp(cfg->exports[0].path, "/var/tmp/disk0.img") == 0);
 	CHECK(cfg->exports[0].size == 10ULL << 30 && cfg->exports[0].size_given);
 	CHECK(!cfg->exports[0].readonly);
+	CHECK(cfg->exports[0].resizable && cfg->exports[0].max_size == 1ULL << 40);
+	CHECK(!cfg->exports[1].resizable && cfg->exports[1].max_size == 0);
 	CHECK(cfg->exports[1].readonly && cfg->exports[1].size == 512 * 1024);
 	CHECK(cfg->exports[1].description == NULL);
 	CHECK(cfg->tls.mode == TLS_OPTIONAL && cfg->tls.verify_clients);
