@@ -4,12 +4,36 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "nbdvault/log.h"
 
 static enum nbdv_log_level max_level = LOG_LVL_INFO;
+
+/*
+ * When journald reads stderr (JOURNAL_STREAM names stderr's device and inode), each
+ * line starts with its syslog priority, "<3>" for errors ... "<7>" for debug, which
+ * journald turns into the entry's priority.  Decided once, at the first line.
+ */
+static bool to_journal(void)
+{
+	static int decided = -1;
+
+	if (decided < 0) {
+		const char *js = getenv("JOURNAL_STREAM");
+		unsigned long long dev, ino;
+		struct stat st;
+
+		decided = js && sscanf(js, "%llu:%llu", &dev, &ino) == 2 &&
+			  fstat(STDERR_FILENO, &st) == 0 && (unsigned long long)st.st_dev == dev &&
+			  (unsigned long long)st.st_ino == ino;
+	}
+	return decided;
+}
 
 void log_set_level(enum nbdv_log_level lvl)
 {
@@ -24,6 +48,7 @@ bool log_enabled(enum nbdv_log_level lvl)
 void log_msg(enum nbdv_log_level lvl, const char *fmt, ...)
 {
 	static const char *const names[] = {"error", "warning", "info", "debug"};
+	static const int prio[] = {3, 4, 6, 7}; /* LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG */
 	char line[1024];
 	int saved = errno;
 	va_list ap;
@@ -34,7 +59,10 @@ void log_msg(enum nbdv_log_level lvl, const char *fmt, ...)
 	vsnprintf(line, sizeof(line), fmt, ap);
 	va_end(ap);
 	/* One write per line so that lines from threads do not interleave. */
-	fprintf(stderr, "nbdvault: %s: %s\n", names[lvl], line);
+	if (to_journal())
+		fprintf(stderr, "<%d>%s: %s\n", prio[lvl], names[lvl], line);
+	else
+		fprintf(stderr, "nbdvault: %s: %s\n", names[lvl], line);
 out:
 	errno = saved;
 }

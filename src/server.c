@@ -18,6 +18,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "nbdvault/config.h"
@@ -27,6 +28,7 @@
 #include "nbdvault/log.h"
 #include "nbdvault/sandbox.h"
 #include "nbdvault/server.h"
+#include "nbdvault/systemd.h"
 #include "nbdvault/tls.h"
 #include "nbdvault/transmission.h"
 #include "nbdvault/buf.h"
@@ -457,6 +459,7 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	if (srv->shutting_down)
 		return;
 	srv->shutting_down = true;
+	systemd_notify("STOPPING=1\nSTATUS=stopping: finishing requests in flight");
 	log_info("shutting down (signal %d): finishing requests in flight", w->signum);
 	stop_listeners(srv);
 	for (unsigned i = 1; i < srv->n_reactors; i++) {
@@ -471,9 +474,8 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 
 /* SIGHUP: new handshakes use freshly loaded certificates, CRL and PSK keys; sessions
  * already up keep theirs.  Invalid files leave the current credentials in place. */
-static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+static void reload_tls(struct nbdv_server *srv)
 {
-	struct nbdv_server *srv = container_of(w, struct nbdv_server, sighup);
 	struct nbdv_tls *fresh, *old;
 	char err[1024];
 
@@ -501,6 +503,20 @@ static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	pthread_mutex_unlock(&srv->tls_lock);
 	tls_unref(old);
 	log_info("SIGHUP: TLS credentials reloaded for new connections");
+}
+
+static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+	struct nbdv_server *srv = container_of(w, struct nbdv_server, sighup);
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	systemd_notify("RELOADING=1\nMONOTONIC_USEC=%llu\nSTATUS=reloading",
+		       (unsigned long long)ts.tv_sec * 1000000ULL +
+			   (unsigned long long)ts.tv_nsec / 1000);
+	reload_tls(srv);
+	systemd_notify("READY=1\nSTATUS=serving %zu export(s) on %zu listener(s)", srv->n_exports,
+		       srv->n_listeners);
 }
 
 struct nbdv_tls *server_tls_get(struct nbdv_server *srv)
@@ -680,6 +696,7 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	struct ev_loop *loop;
 	unsigned n_workers = cfg->workers ? cfg->workers : default_workers();
 	struct nbdv_ids ids;
+	int passed[64], n_passed;
 	sigset_t old;
 
 	memset(srv, 0, sizeof(*srv));
@@ -719,19 +736,34 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	}
 	if (sandbox_resolve_user(cfg, &ids) < 0)
 		return -1;
+	n_passed = systemd_listen_fds(passed, (int)ARRAY_SIZE(passed));
 	srv->exports = exports_new(cfg, &srv->n_exports);
-	srv->listeners = calloc(cfg->n_listen, sizeof(*srv->listeners));
+	srv->listeners =
+	    calloc(n_passed ? (size_t)n_passed : cfg->n_listen, sizeof(*srv->listeners));
 	if (!srv->exports || !srv->listeners) {
 		log_err("out of memory at start-up");
 		return -1;
 	}
-	for (size_t i = 0; i < cfg->n_listen; i++) {
+	if (n_passed) {
+		/* Socket activation: the sockets systemd bound replace the config's. */
+		for (int i = 0; i < n_passed; i++) {
+			struct sockaddr_storage ss;
+			socklen_t sl = sizeof(ss);
+			bool tcp = getsockname(passed[i], (struct sockaddr *)&ss, &sl) == 0 &&
+				   ss.ss_family != AF_UNIX;
+			add_listener(srv, passed[i], tcp, NULL);
+			log_info("listening on %s socket %d passed by systemd (listen: not used)",
+				 tcp ? "a TCP" : "a unix", passed[i]);
+		}
+	}
+	for (size_t i = 0; !n_passed && i < cfg->n_listen; i++) {
 		const struct nbdv_listen_cfg *l = &cfg->listen[i];
 		int r = l->unix_path ? listen_unix(srv, l->unix_path)
 				     : listen_tcp(srv, l->address, l->port);
 		if (r < 0)
 			return -1;
 	}
+	(void)systemd_notify_open(); /* before the sandbox: no socket() after it */
 	/* Bound and keys read: give up root, then close the sandbox, while this is still
 	 * the only thread (Landlock binds the calling thread and its future children). */
 	if (sandbox_drop_user(&ids) < 0 || sandbox_enter(cfg) < 0)
@@ -802,6 +834,8 @@ int server_run(struct nbdv_server *srv)
 #ifdef NBDV_TEST_HOOKS
 	sandbox_test_escape();
 #endif
+	systemd_notify("READY=1\nSTATUS=serving %zu export(s) on %zu listener(s)\nMAINPID=%ld",
+		       srv->n_exports, srv->n_listeners, (long)getpid());
 	ev_run(main_loop(srv), 0);
 	for (unsigned i = 1; i < srv->n_reactors; i++) {
 		if (srv->reactors[i].threaded)
@@ -849,6 +883,7 @@ void server_fini(struct nbdv_server *srv)
 		tls_global_deinit();
 	}
 	pthread_mutex_destroy(&srv->tls_lock);
+	systemd_notify_close();
 	config_free(srv->cfg);
 	srv->cfg = NULL;
 	drain_thread_caches();

@@ -1,0 +1,18 @@
+/*
+ * nbdvault - socket activation and readiness notification for systemd (src/systemd.c).
+ */
+#ifndef NBDV_SYSTEMD_H
+#define NBDV_SYSTEMD_H
+
+#include "nbdvault/compiler.h"
+
+/* Listening sockets passed by socket activation (LISTEN_PID/LISTEN_FDS), up to @max,
+ * made non-blocking and close-on-exec; returns how many (0 without activation). */
+int systemd_listen_fds(int *fds, int max);
+/* Connect to NOTIFY_SOCKET, if set; call before the sandbox closes. */
+int systemd_notify_open(void);
+/* Send one state message ("READY=1\nSTATUS=..."); a no-op without NOTIFY_SOCKET. */
+void systemd_notify(const char *fmt, ...) NBDV_PRINTF(1, 2);
+void systemd_notify_close(void);
+
+#endif /* NBDV_SYSTEMD_H */
