@@ -648,6 +648,11 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 			r = get_string(ctx, v, "group", &cfg->group);
 			if (r == 0 && !cfg->group[0])
 				r = fail(ctx, v, "group: must not be empty");
+		} else if (strcmp(key, "audit-log") == 0) {
+			r = get_string(ctx, v, "audit-log", &cfg->audit_log);
+			if (r == 0 && strcmp(cfg->audit_log, "stderr") != 0 &&
+			    cfg->audit_log[0] != '/')
+				r = fail(ctx, v, "audit-log: an absolute path or stderr");
 		} else if (strcmp(key, "sandbox") == 0) {
 			r = get_bool(ctx, v, "sandbox", &cfg->sandbox);
 		} else if (strcmp(key, "sandbox-paths") == 0) {
@@ -656,8 +661,8 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 			r = fail(
 			    ctx, k,
 			    "unknown key '%.64s' (expected listen, default-export, exports, "
-			    "tls, limits, workers, io-threads, busy-poll, user, group, sandbox "
-			    "or sandbox-paths)",
+			    "tls, limits, workers, io-threads, busy-poll, user, group, sandbox, "
+			    "sandbox-paths or audit-log)",
 			    key);
 		}
 		if (r < 0)
@@ -808,6 +813,7 @@ void config_free(struct nbdv_config *cfg)
 	free(cfg->tls.priority);
 	free(cfg->user);
 	free(cfg->group);
+	free(cfg->audit_log);
 	for (size_t i = 0; i < cfg->n_sandbox_paths; i++)
 		free(cfg->sandbox_paths[i]);
 	free(cfg->sandbox_paths);

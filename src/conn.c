@@ -7,6 +7,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <arpa/inet.h>
 #include <netinet/tcp.h>
 #include <malloc.h>
 #include <stdlib.h>
@@ -14,9 +15,11 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "nbdvault/audit.h"
 #include "nbdvault/config.h"
 #include "nbdvault/conn.h"
 #include "nbdvault/driver_registry.h"
@@ -91,6 +94,54 @@ static void ibuf_free(uint8_t *p)
 #endif
 }
 
+static uint64_t now_ns(void);
+
+/* The listening address a connection came in on, for the audit log. */
+static const char *local_name(int fd, char *buf, size_t len)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	char host[INET6_ADDRSTRLEN];
+
+	if (fd < 0 || getsockname(fd, (struct sockaddr *)&ss, &sl) < 0)
+		return "";
+	if (ss.ss_family == AF_UNIX) {
+		snprintf(buf, len, "unix:%.100s", ((struct sockaddr_un *)&ss)->sun_path);
+	} else if (ss.ss_family == AF_INET) {
+		struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+		inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+		snprintf(buf, len, "%s:%u", host, ntohs(in->sin_port));
+	} else {
+		struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+		inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+		snprintf(buf, len, "[%s]:%u", host, ntohs(in6->sin6_port));
+	}
+	return buf;
+}
+
+void conn_reason(struct nbdv_conn *c, const char *why)
+{
+	if (!c->close_reason)
+		c->close_reason = why;
+}
+
+void conn_audit_refusal(struct nbdv_conn *c, const char *option, const char *export,
+			const char *why)
+{
+	char id[320];
+
+	if (!audit_enabled() || c->audit_refusals > AUDIT_REFUSALS)
+		return;
+	if (c->audit_refusals++ == AUDIT_REFUSALS) {
+		audit_event("refused", c->id, "s", "reason",
+			    "further refusals on this connection are not logged");
+		return;
+	}
+	audit_event("refused", c->id, "ssss", "option", option, "export", export ? export : "",
+		    "reason", why, "identity",
+		    c->tls_up ? tls_peer_identity(&c->peer, id, sizeof(id)) : "none (no TLS)");
+}
+
 struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transport *tp, int fd,
 				     bool is_tcp, const char *peer)
 {
@@ -124,6 +175,12 @@ struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transpo
 		ev_timer_start(r->loop, &c->timer);
 	reactor_conn_add(r, c);
 	log_info("c%u: connection from %s (worker %u)", c->id, peer, r->idx);
+	c->started_ns = now_ns();
+	if (audit_enabled()) {
+		char local[128];
+		audit_event("accept", c->id, "ss", "peer", peer, "listener",
+			    local_name(fd, local, sizeof(local)));
+	}
 	if (handshake_greeting(c) < 0) {
 		conn_abort(c);
 		conn_release(c);
@@ -270,6 +327,7 @@ static void maybe_close_drained(struct nbdv_conn *c)
 
 void conn_shutdown(struct nbdv_conn *c)
 {
+	conn_reason(c, "server shutdown");
 	if (c->phase == CONN_OPTIONS || c->phase == CONN_TLS_HANDSHAKE) {
 		conn_abort(c);
 		return;
@@ -307,11 +365,21 @@ static void tls_step(struct nbdv_conn *c)
 	}
 	if (r < 0) {
 		log_info("c%u: TLS handshake failed: %s", c->id, why);
+		audit_event("tls-failed", c->id, "s", "reason", why);
+		conn_reason(c, "TLS handshake failed");
 		conn_abort(c);
 		return;
 	}
 	c->tls_up = true;
 	tls_peer_info(c->tp, &c->peer);
+	if (audit_enabled()) {
+		char id[320];
+		audit_event("tls", c->id, "sssssb", "identity",
+			    tls_peer_identity(&c->peer, id, sizeof(id)), "cn",
+			    c->peer.cn ? c->peer.cn : "", "auth", c->peer.psk_user ? "psk" : "x509",
+			    "version", c->peer.protocol, "cipher", c->peer.cipher, "resumed",
+			    c->peer.resumed);
+	}
 	log_info("c%u: TLS up%s: %s, %s, client %s%s%s%s", c->id,
 		 c->peer.resumed ? " (resumed)" : "", c->peer.protocol, c->peer.cipher,
 		 c->peer.psk_user ? "psk:"
@@ -399,6 +467,13 @@ bool conn_release(struct nbdv_conn *c)
 	if (c->phase != CONN_DEAD || c->inflight || c->depth || c->dirty)
 		return false;
 	reactor_conn_remove(c->r, c);
+	if (audit_enabled())
+		audit_event("close", c->id, "uuuds", "bytes_read",
+			    (unsigned long long)c->read_bytes, "bytes_written",
+			    (unsigned long long)c->write_bytes, "requests",
+			    (unsigned long long)c->requests, "duration_s",
+			    (double)(now_ns() - c->started_ns) / 1e9, "reason",
+			    c->close_reason ? c->close_reason : "closed");
 	if (c->exp)
 		__atomic_sub_fetch(&c->exp->sessions, 1, __ATOMIC_RELAXED);
 	if (c->sendfile_bytes)
@@ -562,6 +637,7 @@ static void process_input(struct nbdv_conn *c)
 			c->istart += c->optlen;
 			r = option_in_own_buffer(c, p);
 			if (r == HS_CLOSE) {
+				conn_reason(c, "option phase ended (ABORT or refusal)");
 				conn_close_graceful(c);
 				return;
 			}
@@ -606,9 +682,11 @@ static void process_input(struct nbdv_conn *c)
 				c->rx = RX_REQ_PAYLOAD;
 				break;
 			case TX_DISC:
+				conn_reason(c, "client disconnect (NBD_CMD_DISC)");
 				conn_close_graceful(c);
 				return;
 			case TX_CLOSE:
+				conn_reason(c, "protocol error");
 				conn_close_graceful(c);
 				return;
 			}
@@ -682,8 +760,10 @@ static bool read_once(struct nbdv_conn *c)
 			log_info("c%u: client closed the connection mid-request", c->id);
 		else
 			log_debug("c%u: client closed the connection", c->id);
+		conn_reason(c, "client closed the connection");
 	} else {
 		log_info("c%u: read failed: %s", c->id, strerror((int)-n));
+		conn_reason(c, "read error");
 	}
 	/* Nothing more will come: replies still owed could not be read by anyone. */
 	conn_abort(c);
@@ -744,12 +824,14 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	if (c->phase == CONN_OPTIONS || c->phase == CONN_TLS_HANDSHAKE) {
 		log_info("c%u: handshake not finished within %g s, closing", c->id,
 			 c->srv->cfg->handshake_timeout);
+		conn_reason(c, "handshake timeout");
 		conn_abort(c);
 	} else if (c->phase == CONN_TRANSMISSION) {
 		if (c->inflight || c->outq.head) {
 			ev_timer_again(loop, &c->timer); /* busy on our side, not idle */
 		} else {
 			log_info("c%u: idle for %g s, closing", c->id, c->srv->cfg->idle_timeout);
+			conn_reason(c, "idle timeout");
 			conn_close_graceful(c);
 		}
 	}

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/uio.h>
 
+#include "nbdvault/audit.h"
 #include "nbdvault/config.h"
 #include "nbdvault/conn.h"
 #include "nbdvault/export.h"
@@ -188,12 +189,15 @@ static bool refuse_export(struct nbdv_conn *c, uint32_t opt, const struct nbdv_e
 			  enum hs_result *res)
 {
 	if (!tls_satisfied(c, e)) {
+		conn_audit_refusal(c, nbd_opt_name(opt), e->cfg->name, "the export requires TLS");
 		*res = opt_error(c, opt, NBD_REP_ERR_TLS_REQD, "this export requires TLS");
 		return true;
 	}
 	if (!identity_allowed(c, e)) {
 		log_info("c%u: %s: client identity not allowed for export %s", c->id,
 			 nbd_opt_name(opt), e->cfg->name);
+		conn_audit_refusal(c, nbd_opt_name(opt), e->cfg->name,
+				   "identity not in the export's allow list");
 		*res =
 		    opt_error(c, opt, NBD_REP_ERR_POLICY, "access to this export is not allowed");
 		return true;
@@ -233,6 +237,18 @@ static int send_info(struct nbdv_conn *c, uint32_t opt, uint16_t type, const voi
 }
 
 /* NBD_OPT_INFO and NBD_OPT_GO: name, then a list of requested NBD_INFO_* types. */
+/* The audit log's record of an export opened for transmission. */
+static void audit_open_export(const struct nbdv_conn *c, const struct nbdv_export *e)
+{
+	char id[320];
+
+	if (audit_enabled())
+		audit_event("export-open", c->id, "ssb", "export", e->cfg->name, "identity",
+			    c->tls_up ? tls_peer_identity(&c->peer, id, sizeof(id))
+				      : "none (no TLS)",
+			    "readonly", (c->tflags & NBD_FLAG_READ_ONLY) != 0);
+}
+
 /* Transmission flags for @e on @c: the export's, plus RESIZE where it is allowed. */
 static uint16_t tflags_for(const struct nbdv_conn *c, const struct nbdv_export *e, uint32_t caps)
 {
@@ -333,6 +349,7 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 	__atomic_add_fetch(&e->sessions, 1, __ATOMIC_RELAXED);
 	c->tflags = tflags_for(c, e, dev->caps);
 	c->phase = CONN_TRANSMISSION;
+	audit_open_export(c, e);
 	log_info("c%u: serving export %s (%s%s)", c->id, e->cfg->name,
 		 c->extended	 ? "extended headers"
 		 : c->structured ? "structured replies"
@@ -359,6 +376,7 @@ static enum hs_result opt_export_name(struct nbdv_conn *c, const uint8_t *data, 
 	e = find_export(c, data, len);
 	if (e && (!tls_satisfied(c, e) || !identity_allowed(c, e))) {
 		log_info("c%u: EXPORT_NAME '%s': refused by TLS policy, closing", c->id, shown);
+		conn_audit_refusal(c, "EXPORT_NAME", e->cfg->name, "refused by TLS policy");
 		return HS_CLOSE;
 	}
 	if (!e || export_open(e, &dev) < 0) {
@@ -374,6 +392,7 @@ static enum hs_result opt_export_name(struct nbdv_conn *c, const uint8_t *data, 
 	c->tflags = tflags_for(c, e, dev->caps);
 	r.exportsize = htobe64(dev->size);
 	r.eflags = htobe16(c->tflags);
+	audit_open_export(c, e);
 	m = outmsg_new(sizeof(r) + sizeof(zeroes));
 	if (!m || outmsg_add_copy(m, &r, sizeof(r)) < 0 ||
 	    (!c->no_zeroes && outmsg_add_copy(m, zeroes, sizeof(zeroes)) < 0)) {
@@ -472,6 +491,7 @@ enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t
 	if (c->srv->cfg->tls.mode == TLS_REQUIRE && !c->tls_up && opt != NBD_OPT_STARTTLS &&
 	    opt != NBD_OPT_ABORT) {
 		/* FORCEDTLS: nothing is processed in plaintext (CVE-2019-14850 class). */
+		conn_audit_refusal(c, nbd_opt_name(opt), NULL, "TLS is required: no STARTTLS yet");
 		if (opt == NBD_OPT_EXPORT_NAME) {
 			log_info("c%u: EXPORT_NAME before STARTTLS, closing", c->id);
 			return HS_CLOSE;

@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "nbdvault/audit.h"
 #include "nbdvault/config.h"
 #include "nbdvault/conn.h"
 #include "nbdvault/executor.h"
@@ -515,6 +516,7 @@ static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 		       (unsigned long long)ts.tv_sec * 1000000ULL +
 			   (unsigned long long)ts.tv_nsec / 1000);
 	reload_tls(srv);
+	audit_reopen(); /* logrotate renamed it */
 	systemd_notify("READY=1\nSTATUS=serving %zu export(s) on %zu listener(s)", srv->n_exports,
 		       srv->n_listeners);
 }
@@ -764,6 +766,8 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 			return -1;
 	}
 	(void)systemd_notify_open(); /* before the sandbox: no socket() after it */
+	if (audit_open(cfg->audit_log) < 0)
+		return -1;
 	/* Bound and keys read: give up root, then close the sandbox, while this is still
 	 * the only thread (Landlock binds the calling thread and its future children). */
 	if (sandbox_drop_user(&ids) < 0 || sandbox_enter(cfg) < 0)
@@ -884,6 +888,7 @@ void server_fini(struct nbdv_server *srv)
 	}
 	pthread_mutex_destroy(&srv->tls_lock);
 	systemd_notify_close();
+	audit_close();
 	config_free(srv->cfg);
 	srv->cfg = NULL;
 	drain_thread_caches();

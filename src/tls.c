@@ -799,6 +799,17 @@ void tls_peer_clear(struct nbdv_tls_peer *peer)
 	memset(peer, 0, sizeof(*peer));
 }
 
+const char *tls_peer_identity(const struct nbdv_tls_peer *peer, char *buf, size_t len)
+{
+	if (peer->psk_user)
+		snprintf(buf, len, "psk:%s", peer->psk_user);
+	else if (peer->dn)
+		snprintf(buf, len, "dn:%s", peer->dn);
+	else
+		snprintf(buf, len, "anonymous");
+	return buf;
+}
+
 bool tls_peer_matches(const struct nbdv_tls_peer *peer, const char *id)
 {
 	if (strncmp(id, "cn:", 3) == 0)

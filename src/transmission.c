@@ -559,6 +559,7 @@ static void req_done(struct nbdv_job *job)
 			else
 				queue_error(c, r, e, strerror(-r->err));
 		} else if (r->type == NBD_CMD_READ) {
+			c->read_bytes += r->count;
 			reply_read(c, r);
 		} else if (r->type == NBD_CMD_BLOCK_STATUS) {
 			reply_block_status(c, r);
@@ -569,6 +570,8 @@ static void req_done(struct nbdv_job *job)
 				c->told_size = r->offset;
 			queue_ok(c, r);
 		} else {
+			if (r->type == NBD_CMD_WRITE)
+				c->write_bytes += r->count;
 			queue_ok(c, r);
 		}
 	}
@@ -913,6 +916,7 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 	log_debug("c%u: %s flags 0x%x at %llu+%llu", c->id, nbd_cmd_name(r->type), r->flags,
 		  (unsigned long long)r->offset, (unsigned long long)r->count);
 
+	c->requests++;
 	if (r->type == NBD_CMD_DISC) {
 		transmission_req_free(r);
 		return TX_DISC;

@@ -114,6 +114,12 @@ struct nbdv_conn {
 	size_t req_held;	     /* memory requests hold (charged until freed) */
 	size_t peak_held;	     /* most it held with its queued replies (outq.held) */
 	uint64_t sendfile_bytes;     /* READ data the transport sent from the file (logged) */
+	uint64_t read_bytes;	     /* data sent to the client in READ replies (audit) */
+	uint64_t write_bytes;	     /* data the client wrote (audit) */
+	uint64_t requests;	     /* requests received (audit) */
+	uint64_t started_ns;	     /* CLOCK_MONOTONIC at accept (audit: duration) */
+	const char *close_reason;    /* why it closed, first cause wins (audit) */
+	unsigned audit_refusals;     /* refusals already written to the audit log */
 	uint64_t cached_copy_bytes;  /* large READs copied from the page cache inline (logged) */
 };
 
@@ -132,6 +138,12 @@ struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transpo
  * the connection was freed.
  */
 bool conn_pump(struct nbdv_conn *c);
+
+/* Record why the connection is closing, unless a reason is already recorded. */
+void conn_reason(struct nbdv_conn *c, const char *why);
+/* Audit an option refused by policy (at most AUDIT_REFUSALS per connection). */
+void conn_audit_refusal(struct nbdv_conn *c, const char *option, const char *export,
+			const char *why);
 
 /* Queue a reply and schedule a write. */
 void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m);

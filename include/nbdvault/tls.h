@@ -59,5 +59,7 @@ void tls_peer_info(struct nbdv_transport *t, struct nbdv_tls_peer *peer);
 void tls_peer_clear(struct nbdv_tls_peer *peer);
 /* Does @peer have identity @id ("cn:NAME", "dn:DN" or "psk:USER")? */
 bool tls_peer_matches(const struct nbdv_tls_peer *peer, const char *id);
+/* The identity as allow-lists name it ("psk:alice", "dn:CN=..."), or "anonymous". */
+const char *tls_peer_identity(const struct nbdv_tls_peer *peer, char *buf, size_t len);
 
 #endif /* NBDV_TLS_H */
