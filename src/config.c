@@ -648,6 +648,10 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 			r = get_string(ctx, v, "group", &cfg->group);
 			if (r == 0 && !cfg->group[0])
 				r = fail(ctx, v, "group: must not be empty");
+		} else if (strcmp(key, "metrics") == 0) {
+			cfg->metrics = calloc(1, sizeof(*cfg->metrics));
+			r = cfg->metrics ? parse_listen_entry(ctx, v, "metrics", cfg->metrics)
+					 : fail(ctx, v, "metrics: out of memory");
 		} else if (strcmp(key, "audit-log") == 0) {
 			r = get_string(ctx, v, "audit-log", &cfg->audit_log);
 			if (r == 0 && strcmp(cfg->audit_log, "stderr") != 0 &&
@@ -662,7 +666,7 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 			    ctx, k,
 			    "unknown key '%.64s' (expected listen, default-export, exports, "
 			    "tls, limits, workers, io-threads, busy-poll, user, group, sandbox, "
-			    "sandbox-paths or audit-log)",
+			    "sandbox-paths, audit-log or metrics)",
 			    key);
 		}
 		if (r < 0)
@@ -814,6 +818,11 @@ void config_free(struct nbdv_config *cfg)
 	free(cfg->user);
 	free(cfg->group);
 	free(cfg->audit_log);
+	if (cfg->metrics) {
+		free(cfg->metrics->address);
+		free(cfg->metrics->unix_path);
+		free(cfg->metrics);
+	}
 	for (size_t i = 0; i < cfg->n_sandbox_paths; i++)
 		free(cfg->sandbox_paths[i]);
 	free(cfg->sandbox_paths);

@@ -26,6 +26,7 @@
 #include "nbdvault/export.h"
 #include "nbdvault/handshake.h"
 #include "nbdvault/log.h"
+#include "nbdvault/metrics.h"
 #include "nbdvault/protocol.h"
 #include "nbdvault/server.h"
 #include "nbdvault/transmission.h"
@@ -129,7 +130,9 @@ void conn_audit_refusal(struct nbdv_conn *c, const char *option, const char *exp
 			const char *why)
 {
 	char id[320];
+	const char *who = c->tls_up ? tls_peer_identity(&c->peer, id, sizeof(id)) : "none (no TLS)";
 
+	metrics_identity_refused(who);
 	if (!audit_enabled() || c->audit_refusals > AUDIT_REFUSALS)
 		return;
 	if (c->audit_refusals++ == AUDIT_REFUSALS) {
@@ -138,8 +141,7 @@ void conn_audit_refusal(struct nbdv_conn *c, const char *option, const char *exp
 		return;
 	}
 	audit_event("refused", c->id, "ssss", "option", option, "export", export ? export : "",
-		    "reason", why, "identity",
-		    c->tls_up ? tls_peer_identity(&c->peer, id, sizeof(id)) : "none (no TLS)");
+		    "reason", why, "identity", who);
 }
 
 struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transport *tp, int fd,
@@ -176,6 +178,7 @@ struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transpo
 	reactor_conn_add(r, c);
 	log_info("c%u: connection from %s (worker %u)", c->id, peer, r->idx);
 	c->started_ns = now_ns();
+	metrics_accepted();
 	if (audit_enabled()) {
 		char local[128];
 		audit_event("accept", c->id, "ss", "peer", peer, "listener",
@@ -366,14 +369,17 @@ static void tls_step(struct nbdv_conn *c)
 	if (r < 0) {
 		log_info("c%u: TLS handshake failed: %s", c->id, why);
 		audit_event("tls-failed", c->id, "s", "reason", why);
+		metrics_handshake("failed");
 		conn_reason(c, "TLS handshake failed");
 		conn_abort(c);
 		return;
 	}
 	c->tls_up = true;
 	tls_peer_info(c->tp, &c->peer);
-	if (audit_enabled()) {
+	metrics_handshake(c->peer.resumed ? "resumed" : "ok");
+	if (audit_enabled() || nbdv_metrics_on) {
 		char id[320];
+		metrics_identity_connected(tls_peer_identity(&c->peer, id, sizeof(id)));
 		audit_event("tls", c->id, "sssssb", "identity",
 			    tls_peer_identity(&c->peer, id, sizeof(id)), "cn",
 			    c->peer.cn ? c->peer.cn : "", "auth", c->peer.psk_user ? "psk" : "x509",
@@ -467,6 +473,11 @@ bool conn_release(struct nbdv_conn *c)
 	if (c->phase != CONN_DEAD || c->inflight || c->depth || c->dirty)
 		return false;
 	reactor_conn_remove(c->r, c);
+	if (c->tls_up && nbdv_metrics_on) {
+		char id[320];
+		metrics_identity_bytes(tls_peer_identity(&c->peer, id, sizeof(id)),
+				       c->read_bytes + c->write_bytes);
+	}
 	if (audit_enabled())
 		audit_event("close", c->id, "uuuds", "bytes_read",
 			    (unsigned long long)c->read_bytes, "bytes_written",

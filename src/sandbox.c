@@ -464,6 +464,10 @@ static int enter_seccomp(void)
 	if (r == 0)
 		r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, 451 /* cachestat */, 0);
 #endif
+	/* prctl only to name a thread (libmicrohttpd names its own). */
+	if (r == 0)
+		r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(prctl), 1,
+				     SCMP_A0(SCMP_CMP_EQ, PR_SET_NAME));
 	/* glibc tries clone3 first and falls back to clone on ENOSYS. */
 	if (r == 0 && seccomp_syscall_resolve_name("clone3") != __NR_SCMP_ERROR)
 		r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS),

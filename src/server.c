@@ -27,6 +27,7 @@
 #include "nbdvault/executor.h"
 #include "nbdvault/export.h"
 #include "nbdvault/log.h"
+#include "nbdvault/metrics.h"
 #include "nbdvault/sandbox.h"
 #include "nbdvault/server.h"
 #include "nbdvault/systemd.h"
@@ -698,7 +699,7 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	struct ev_loop *loop;
 	unsigned n_workers = cfg->workers ? cfg->workers : default_workers();
 	struct nbdv_ids ids;
-	int passed[64], n_passed;
+	int passed[64], n_passed, r;
 	sigset_t old;
 
 	memset(srv, 0, sizeof(*srv));
@@ -760,13 +761,13 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	}
 	for (size_t i = 0; !n_passed && i < cfg->n_listen; i++) {
 		const struct nbdv_listen_cfg *l = &cfg->listen[i];
-		int r = l->unix_path ? listen_unix(srv, l->unix_path)
-				     : listen_tcp(srv, l->address, l->port);
+		r = l->unix_path ? listen_unix(srv, l->unix_path)
+				 : listen_tcp(srv, l->address, l->port);
 		if (r < 0)
 			return -1;
 	}
 	(void)systemd_notify_open(); /* before the sandbox: no socket() after it */
-	if (audit_open(cfg->audit_log) < 0)
+	if (audit_open(cfg->audit_log) < 0 || metrics_bind(srv) < 0)
 		return -1;
 	/* Bound and keys read: give up root, then close the sandbox, while this is still
 	 * the only thread (Landlock binds the calling thread and its future children). */
@@ -779,6 +780,12 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 		log_err("out of memory at start-up");
 		return -1;
 	}
+	/* Its thread starts inside the sandbox, with the server's signals blocked. */
+	block_signals(&old);
+	r = metrics_start(srv);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (r < 0)
+		return -1;
 	ev_timer_init(&srv->resume_timer, resume_cb, 1.0, 0.);
 	log_info("%u worker(s), %u I/O thread(s), busy-poll %.0f us", n_workers, cfg->io_threads,
 		 cfg->busy_poll * 1e6);
@@ -877,6 +884,7 @@ void server_fini(struct nbdv_server *srv)
 		reactor_teardown(&srv->reactors[i]);
 	free(srv->reactors);
 	srv->reactors = NULL;
+	metrics_stop(); /* reads the exports: before they go */
 	exports_free(srv->exports, srv->n_exports);
 	for (size_t i = 0; srv->listeners && i < srv->n_listeners; i++)
 		free(srv->listeners[i].unix_path);

@@ -13,12 +13,14 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "nbdvault/config.h"
 #include "nbdvault/conn.h"
 #include "nbdvault/executor.h"
 #include "nbdvault/export.h"
 #include "nbdvault/log.h"
+#include "nbdvault/metrics.h"
 #include "nbdvault/protonames.h"
 #include "nbdvault/protocol.h"
 #include "nbdvault/server.h"
@@ -65,6 +67,7 @@ struct nbdv_req {
 	int file_fd;		    /* (the export's file, open while the connection is) */
 	struct nbdv_extents ext;    /* BLOCK_STATUS result, or READ layout */
 	size_t charge;		    /* memory charged to conn (see req_charge()) */
+	uint64_t t0;		    /* CLOCK_MONOTONIC ns at the header (metrics only) */
 	bool err_at_known;	    /* READ: err happened at err_at, data before it is good */
 	uint64_t err_at;	    /* (the first failing byte, block-aligned) */
 	/* Not cleared when recycled: */
@@ -540,6 +543,20 @@ static void submit_done_inline(struct nbdv_conn *c, struct nbdv_req *r)
 	executor_submit(c->srv->exec, &c->r->port, NULL, &r->job, false);
 }
 
+/* Count a reply in the export's metrics. */
+static void count(struct nbdv_conn *c, const struct nbdv_req *r, uint32_t nbd_err)
+{
+	struct timespec ts;
+
+	if (!nbdv_metrics_on)
+		return;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	metrics_request(&c->exp->metrics, r->type, nbd_err,
+			!nbd_err && r->type == NBD_CMD_READ ? r->count : 0,
+			!nbd_err && r->type == NBD_CMD_WRITE ? r->count : 0,
+			(uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec - r->t0);
+}
+
 static void req_done(struct nbdv_job *job)
 {
 	struct nbdv_req *r = (struct nbdv_req *)job;
@@ -558,20 +575,25 @@ static void req_done(struct nbdv_job *job)
 				reply_read_partial(c, r, e);
 			else
 				queue_error(c, r, e, strerror(-r->err));
+			count(c, r, e);
 		} else if (r->type == NBD_CMD_READ) {
 			c->read_bytes += r->count;
+			count(c, r, 0);
 			reply_read(c, r);
 		} else if (r->type == NBD_CMD_BLOCK_STATUS) {
+			count(c, r, 0);
 			reply_block_status(c, r);
 		} else if (r->type == NBD_CMD_RESIZE) {
 			log_info("c%u: export %s resized to %llu bytes", c->id, c->exp->cfg->name,
 				 (unsigned long long)r->offset);
 			if (r->offset > c->told_size)
 				c->told_size = r->offset;
+			count(c, r, 0);
 			queue_ok(c, r);
 		} else {
 			if (r->type == NBD_CMD_WRITE)
 				c->write_bytes += r->count;
+			count(c, r, 0);
 			queue_ok(c, r);
 		}
 	}
@@ -774,6 +796,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 			  (unsigned long long)r->offset, (unsigned long long)r->count,
 			  nbd_err_name(e), why);
 		queue_error(c, r, e, why);
+		count(c, r, e);
 		transmission_req_free(r);
 		return;
 	}
@@ -917,6 +940,11 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 		  (unsigned long long)r->offset, (unsigned long long)r->count);
 
 	c->requests++;
+	if (nbdv_metrics_on) {
+		struct timespec ts;
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+		r->t0 = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+	}
 	if (r->type == NBD_CMD_DISC) {
 		transmission_req_free(r);
 		return TX_DISC;

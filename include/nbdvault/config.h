@@ -85,11 +85,12 @@ struct nbdv_config {
 	unsigned workers;	     /* workers: reactors; 0 = one per online CPU */
 	double busy_poll;	     /* busy-poll: seconds a reactor polls after replies; 0 = off */
 	struct nbdv_tls_cfg tls;     /* `tls:` */
-	char *audit_log;	     /* `audit-log:` path, "stderr", or NULL (off) */
-	char *user;		     /* `user:` to run as once listening, or NULL */
-	char *group;		     /* `group:` (default: the user's group), or NULL */
-	bool sandbox;		     /* `sandbox:` Landlock + seccomp once serving */
-	char **sandbox_paths;	     /* `sandbox-paths:` more paths a reload may use */
+	struct nbdv_listen_cfg *metrics; /* `metrics:` listener, or NULL (off) */
+	char *audit_log;		 /* `audit-log:` path, "stderr", or NULL (off) */
+	char *user;			 /* `user:` to run as once listening, or NULL */
+	char *group;			 /* `group:` (default: the user's group), or NULL */
+	bool sandbox;			 /* `sandbox:` Landlock + seccomp once serving */
+	char **sandbox_paths;		 /* `sandbox-paths:` more paths a reload may use */
 	size_t n_sandbox_paths;
 };
 

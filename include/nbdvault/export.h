@@ -14,15 +14,17 @@
 
 #include "nbdvault/compiler.h"
 #include "nbdvault/driver_registry.h"
+#include "nbdvault/metrics.h"
 
 struct nbdv_export_cfg;
 struct nbdv_config;
 
 struct nbdv_export {
-	const struct nbdv_export_cfg *cfg; /* from the config snapshot */
-	struct nbdv_dev dev;		   /* valid when opened */
-	bool opened;			   /* dev.inst is live */
-	unsigned sessions;		   /* connections in transmission on it (atomic) */
+	const struct nbdv_export_cfg *cfg;  /* from the config snapshot */
+	struct nbdv_dev dev;		    /* valid when opened */
+	bool opened;			    /* dev.inst is live */
+	unsigned sessions;		    /* connections in transmission on it (atomic) */
+	struct nbdv_export_metrics metrics; /* counters for /metrics */
 };
 
 /* Build the run-time exports of @cfg; NULL on ENOMEM.  *n receives the count. */
