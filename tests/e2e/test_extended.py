@@ -29,6 +29,9 @@ EXPORTS = """
   - name: big
     driver: memory
     size: 8G
+  - name: huge
+    driver: memory
+    size: 8T
 """
 
 
@@ -169,6 +172,22 @@ class ExtendedTest(unittest.TestCase):
         self.assertEqual((rep[1], rep[2]), (T_ERROR, 9))
         self.assertTrue(r.closed_by_server())
 
+    def test_block_status_ext_on_a_sparse_8_tib_export(self):
+        r = self.ext()
+        r.ext_go(b"huge", meta=True)
+        self.assertEqual(r.size, 8 << 40)
+        r.xreq(nbdv.CMD_WRITE, 6 << 40, 4096, cookie=1, data=b"t" * 4096)
+        self.assertEqual(r.xreply()[1], T_NONE)
+        r.xreq(nbdv.CMD_BLOCK_STATUS, 0, 8 << 40, cookie=2)
+        flags, rtype, cookie, offset, payload = r.xreply()
+        self.assertEqual(rtype, T_BS_EXT)
+        ctx, count = struct.unpack(">II", payload[:8])
+        descs = [struct.unpack(">QQ", payload[8 + 16 * i:24 + 16 * i]) for i in range(count)]
+        self.assertEqual(descs[0], (6 << 40, 3))  # 6 TiB of hole: one 64-bit descriptor
+        self.assertEqual(descs[1], (4096, 0))
+        r.xreq(nbdv.CMD_READ, (6 << 40) - 4096, 8192, cookie=3, flags=1 << 2)
+        self.assertEqual(r.xreply()[4][8:], bytes(4096) + b"t" * 4096)
+
     def test_block_status_with_payload(self):
         r = self.ext()
         r.ext_go(b"big", meta=True)
@@ -239,33 +258,66 @@ def qemu10():
 
 
 class Qemu10Test(unittest.TestCase):
+    """qemu-img/qemu-io 10 through extended headers: plain, x509 and PSK."""
+
+    def run_qemu(self, d, srv, opts, objects=()):
+        tmp = tempfile.mkdtemp(prefix="nbdvault-q10-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        src = os.path.join(tmp, "src.img")
+        with open(src, "wb") as f:
+            f.truncate(64 << 20)
+            f.seek(5 << 20)
+            f.write(os.urandom(3 << 20))
+        img, io = os.path.join(d, "qemu-img"), os.path.join(d, "qemu-io")
+        obj = [a for o in objects for a in ("--object", o)]
+
+        def run(*a):
+            p = subprocess.run(a, capture_output=True, text=True, timeout=120)
+            self.assertEqual(p.returncode, 0, f"{a}: {p.stdout}{p.stderr}")
+            return p.stdout
+
+        run(img, "convert", "-n", *obj, "-f", "raw", src, "--target-image-opts", opts)
+        self.assertIn("identical", run(img, "compare", *obj, "--image-opts",
+                                       f"driver=raw,file.driver=file,file.filename={src}",
+                                       opts))
+        out = run(io, *obj, "--image-opts", opts, "-c", "write -P 0x5a 1M 64k",
+                  "-c", "read -P 0x5a 1M 64k", "-c", "write -z 6M 1M",
+                  "-c", "read -P 0 6M 1M", "-c", "discard 7M 1M", "-c", "read -P 0 7M 1M")
+        self.assertNotIn("Pattern verification failed", out)
+        self.assertIn('"data": true', run(img, "map", *obj, "--output=json", "--image-opts",
+                                          opts))
+        self.assertIn("(extended headers, base:allocation)", srv.logtext())
+
     def test_qemu10_uses_extended_headers(self):
         d = qemu10()
         if not d:
             self.skipTest("qemu 10 not fetched (tests/qemu10)")
         with nbdv.Server(EXPORTS) as srv:
-            tmp = tempfile.mkdtemp(prefix="nbdvault-q10-")
-            self.addCleanup(shutil.rmtree, tmp, True)
-            src = os.path.join(tmp, "src.img")
-            with open(src, "wb") as f:
-                f.truncate(64 << 20)
-                f.seek(5 << 20)
-                f.write(os.urandom(3 << 20))
-            opts = f"driver=nbd,path={srv.sock},export=mem"
-            img, io = os.path.join(d, "qemu-img"), os.path.join(d, "qemu-io")
-            run = lambda *a: subprocess.run(a, capture_output=True, text=True, timeout=120)
-            p = run(img, "convert", "-n", "-f", "raw", src, "--target-image-opts", opts)
-            self.assertEqual(p.returncode, 0, p.stderr)
-            p = run(img, "compare", "--image-opts",
-                    f"driver=raw,file.driver=file,file.filename={src}", opts)
-            self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-            p = run(io, "--image-opts", opts, "-c", "write -P 0x5a 1M 64k",
-                    "-c", "read -P 0x5a 1M 64k", "-c", "map")
-            self.assertEqual(p.returncode, 0, p.stderr)
-            self.assertNotIn("Pattern verification failed", p.stdout)
-            p = run(img, "map", "--output=json", "--image-opts", opts)
-            self.assertIn('"data": true', p.stdout)
-            self.assertIn("(extended headers, base:allocation)", srv.logtext())
+            self.run_qemu(d, srv, f"driver=nbd,path={srv.sock},export=mem")
+
+    def test_qemu10_over_tls_x509_and_psk(self):
+        d = qemu10()
+        if not d:
+            self.skipTest("qemu 10 not fetched (tests/qemu10)")
+        tmp = tempfile.mkdtemp(prefix="nbdvault-q10tls-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        # RSA: qemu 10 wants keyEncipherment in the client certificate's key usage,
+        # which certtool sets only for RSA keys.
+        pki = nbdv.make_pki(os.path.join(tmp, "pki"), "--rsa")
+        psk_dir = os.path.join(tmp, "psk")
+        os.mkdir(psk_dir)
+        shutil.copy(os.path.join(pki, "keys.psk"), psk_dir)
+        tls = (f"tls:\n  mode: require\n  certificates: {pki}\n  verify-clients: true\n"
+               f"  psk-file: {pki}/keys.psk\n")
+        with nbdv.Server(EXPORTS, extra=tls, tcp=True) as srv:
+            opts = (f"driver=nbd,host=127.0.0.1,port={srv.port},export=mem,tls-creds=t0")
+            x509 = (f"tls-creds-x509,id=t0,dir={pki}/clients/client,endpoint=client,"
+                    "verify-peer=on")
+            self.run_qemu(d, srv, opts, [x509])
+            psk = f"tls-creds-psk,id=t0,dir={psk_dir},username=alice,endpoint=client"
+            self.run_qemu(d, srv, opts, [psk])
+            self.assertIn("client psk:alice", srv.logtext())
+            self.assertIn("client dn:CN=client", srv.logtext())
 
 
 if __name__ == "__main__":

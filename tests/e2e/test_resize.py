@@ -125,6 +125,44 @@ class ResizeTest(unittest.TestCase):
         r.request(nbdv.CMD_READ, 0, 8192, cookie=14)
         self.assertEqual(r.simple_reply(8192), (0, 14, b"c" * 5000 + bytes(3192)))
 
+    def test_resize_under_concurrent_io(self):
+        # Four libnbd clients write and read back their own regions while a fifth
+        # connection grows the export 16 times (growth is allowed while others are
+        # open): every RESIZE succeeds, no client sees an error or stale data.
+        import threading
+        errors, stop = [], threading.Event()
+
+        def client(idx):
+            h = nbd.NBD()
+            h.connect_uri(self.srv.uri("mem"))
+            base = idx * 8 * M
+            i = 0
+            while not stop.is_set() and i < 20000:
+                data = os.urandom(4096)
+                off = base + (i % 2048) * 4096
+                h.pwrite(data, off)
+                if h.pread(4096, off) != data:
+                    errors.append(f"client {idx}: stale data at {off}")
+                    break
+                i += 1
+            nbdv.disconnect(h)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        r = self.raw(b"mem")
+        import time
+        for k in range(16):
+            time.sleep(0.02)  # with the clients' I/O in flight
+            self.assertEqual(self.resize(r, (64 + 32 * (k + 1)) * M, cookie=k + 1), 0)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(self.libnbd_size(), (64 + 32 * 16) * M)
+        r.request(nbdv.CMD_READ, (64 + 32 * 16) * M - 4096, 4096, cookie=99)
+        self.assertEqual(r.simple_reply(4096), (0, 99, bytes(4096)))
+
     def test_refusals(self):
         r = self.raw(b"mem")
         self.assertEqual(self.resize(r, 2 << 30), nbdv.ENOSPC)  # over max-size

@@ -202,6 +202,57 @@ static void conformance(const struct nbdv_driver *drv)
 	printf("driver %s: conformant\n", drv->name);
 }
 
+/*
+ * resize(): grow with zeroes, shrink dropping what lies beyond, the live size follows,
+ * and bounds follow the live size.  For every driver that has it, resizable export.
+ */
+static void resize_checks(const struct nbdv_driver *drv)
+{
+	struct nbdv_export_params p = {
+	    .name = drv->name, .size = SIZE, .size_given = true, .resizable = true};
+	uint8_t *buf = malloc(2 * CH), *pat = malloc(CH);
+	struct nbdv_dev d;
+	char path[256];
+
+	if (!drv->resize)
+		return;
+	snprintf(path, sizeof(path), "%s/%s-resize.img", tmpdir, drv->name);
+	if (strcmp(drv->name, "file") == 0)
+		p.path = path;
+	CHECK_MSG(driver_open(drv, &p, &d) == 0, "%s: open", drv->name);
+	CHECK(d.resizable);
+	fill(pat, CH, 9);
+	CHECK(driver_pwrite(&d, pat, CH, SIZE - CH, 0) == 0);
+	/* Grow: the old data stays, the new space reads zero, bounds follow. */
+	CHECK(driver_resize(&d, 2 * SIZE) == 0 && d.size == 2 * SIZE);
+	CHECK(driver_pread(&d, buf, 2 * CH, SIZE - CH) == 0);
+	CHECK(memcmp(buf, pat, CH) == 0 && is_zero(buf + CH, CH));
+	CHECK(driver_pwrite(&d, pat, CH, 2 * SIZE - CH, 0) == 0);
+	/* Shrink to the middle of a chunk, then grow back: what was cut reads zero. */
+	CHECK(driver_resize(&d, SIZE - CH / 2) == 0 && d.size == SIZE - CH / 2);
+	CHECK(driver_pread(&d, buf, CH, SIZE - CH) == -EINVAL); /* beyond the end now */
+	CHECK(driver_resize(&d, 2 * SIZE) == 0);
+	CHECK(driver_pread(&d, buf, CH, SIZE - CH) == 0);
+	CHECK(memcmp(buf, pat, CH / 2) == 0 && is_zero(buf + CH / 2, CH / 2));
+	CHECK(driver_pread(&d, buf, CH, 2 * SIZE - CH) == 0 && is_zero(buf, CH));
+	driver_close(&d);
+	/* A read-only export is never resizable; nor one not configured so. */
+	p.readonly = true;
+	CHECK(driver_open(drv, &p, &d) == 0 && !d.resizable);
+	CHECK(driver_resize(&d, SIZE) == -ENOTSUP);
+	driver_close(&d);
+	p.readonly = false;
+	p.resizable = false;
+	CHECK(driver_open(drv, &p, &d) == 0 && !d.resizable);
+	CHECK(driver_resize(&d, SIZE) == -ENOTSUP);
+	driver_close(&d);
+	if (p.path)
+		unlink(path);
+	free(buf);
+	free(pat);
+	printf("driver %s: resize conformant\n", drv->name);
+}
+
 static double now_s(void)
 {
 	struct timespec ts;
@@ -409,8 +460,10 @@ int main(void)
 
 	CHECK(mkdtemp(tmpdir) != NULL);
 	CHECK(n >= 2);
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
 		conformance(all[i]);
+		resize_checks(all[i]);
+	}
 	stall_gate();
 	CHECK(driver_lookup("memory") && driver_lookup("file") && !driver_lookup("nope"));
 	rmdir(tmpdir);
