@@ -580,6 +580,9 @@ static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nb
 			if (r == 0 && (n < (16U << 20) || n > (1ULL << 50)))
 				r = fail(ctx, v, "%s: must be from 16M to 1P", sub);
 			cfg->max_memory = n;
+		} else if (strcmp(key, "max-connections-per-identity") == 0) {
+			r = get_uint(ctx, v, sub, 0, 1000000, &n);
+			cfg->max_conns_per_identity = (unsigned)n;
 		} else if (strcmp(key, "max-connections") == 0) {
 			r = get_uint(ctx, v, sub, 1, 1000000, &n);
 			cfg->max_connections = (unsigned)n;
@@ -591,6 +594,7 @@ static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nb
 			r = fail(
 			    ctx, k,
 			    "limits: unknown key '%.64s' (expected max-connections, "
+			    "max-connections-per-identity, "
 			    "handshake-timeout, idle-timeout, max-request, max-inflight-bytes or "
 			    "max-memory)",
 			    key);

@@ -10,6 +10,8 @@
 #include <arpa/inet.h>
 #include <netinet/tcp.h>
 #include <malloc.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -118,6 +120,59 @@ static const char *local_name(int fd, char *buf, size_t len)
 		snprintf(buf, len, "[%s]:%u", host, ntohs(in6->sin6_port));
 	}
 	return buf;
+}
+
+/*
+ * limits.max-connections-per-identity: open TLS connections per client identity (PSK
+ * identity or certificate DN).  One table for the process; its rows are never freed, and
+ * past MAX_IDENTITY_ROWS further identities are refused rather than let grow it.
+ */
+#define MAX_IDENTITY_ROWS 4096
+struct identity_row {
+	char name[320];
+	unsigned conns;
+};
+static pthread_mutex_t identity_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct identity_row *identity_rows;
+static unsigned n_identity_rows;
+
+/* Count @c against its identity's cap; false when the cap (or the table) is full. */
+static bool identity_acquire(struct nbdv_conn *c, const char *id, unsigned max)
+{
+	struct identity_row *row = NULL;
+	bool ok = false;
+
+	pthread_mutex_lock(&identity_lock);
+	for (unsigned i = 0; i < n_identity_rows && !row; i++)
+		if (strcmp(identity_rows[i].name, id) == 0)
+			row = &identity_rows[i];
+	if (!row && n_identity_rows < MAX_IDENTITY_ROWS) {
+		if (!identity_rows)
+			identity_rows = calloc(MAX_IDENTITY_ROWS, sizeof(*identity_rows));
+		if (identity_rows) {
+			row = &identity_rows[n_identity_rows++];
+			snprintf(row->name, sizeof(row->name), "%s", id);
+		}
+	}
+	if (row && row->conns < max) {
+		row->conns++;
+		c->identity_row = row;
+		ok = true;
+	}
+	pthread_mutex_unlock(&identity_lock);
+	return ok;
+}
+
+static void identity_release(struct nbdv_conn *c)
+{
+	struct identity_row *row = c->identity_row;
+
+	if (!row)
+		return;
+	pthread_mutex_lock(&identity_lock);
+	row->conns--;
+	pthread_mutex_unlock(&identity_lock);
+	c->identity_row = NULL;
 }
 
 void conn_reason(struct nbdv_conn *c, const char *why)
@@ -377,6 +432,20 @@ static void tls_step(struct nbdv_conn *c)
 	c->tls_up = true;
 	tls_peer_info(c->tp, &c->peer);
 	metrics_handshake(c->peer.resumed ? "resumed" : "ok");
+	if (c->srv->cfg->max_conns_per_identity && (c->peer.psk_user || c->peer.dn)) {
+		char id[320];
+		tls_peer_identity(&c->peer, id, sizeof(id));
+		if (!identity_acquire(c, id, c->srv->cfg->max_conns_per_identity)) {
+			log_info("c%u: %s already has %u connection(s) "
+				 "(limits.max-connections-per-identity), closing",
+				 c->id, id, c->srv->cfg->max_conns_per_identity);
+			conn_audit_refusal(c, "STARTTLS", NULL,
+					   "limits.max-connections-per-identity reached");
+			conn_reason(c, "limits.max-connections-per-identity reached");
+			conn_abort(c);
+			return;
+		}
+	}
 	if (audit_enabled() || nbdv_metrics_on) {
 		char id[320];
 		metrics_identity_connected(tls_peer_identity(&c->peer, id, sizeof(id)));
@@ -473,6 +542,7 @@ bool conn_release(struct nbdv_conn *c)
 	if (c->phase != CONN_DEAD || c->inflight || c->depth || c->dirty)
 		return false;
 	reactor_conn_remove(c->r, c);
+	identity_release(c);
 	if (c->tls_up && nbdv_metrics_on) {
 		char id[320];
 		metrics_identity_bytes(tls_peer_identity(&c->peer, id, sizeof(id)),

@@ -75,16 +75,17 @@ struct nbdv_config {
 	char *default_export;		 /* served for the empty name, or NULL */
 	struct nbdv_export_cfg *exports; /* exports in file order */
 	size_t n_exports;
-	uint32_t max_request;	     /* limits.max-request: maximum payload, bytes */
-	uint64_t max_inflight_bytes; /* limits.max-inflight-bytes, per connection */
-	uint64_t max_memory;	     /* limits.max-memory, whole process (default RAM / 4) */
-	unsigned max_connections;    /* limits.max-connections */
-	double handshake_timeout;    /* limits.handshake-timeout, seconds (0: off) */
-	double idle_timeout;	     /* limits.idle-timeout, seconds (0: off) */
-	unsigned io_threads;	     /* io-threads: I/O threads of the executor */
-	unsigned workers;	     /* workers: reactors; 0 = one per online CPU */
-	double busy_poll;	     /* busy-poll: seconds a reactor polls after replies; 0 = off */
-	struct nbdv_tls_cfg tls;     /* `tls:` */
+	uint32_t max_request;		 /* limits.max-request: maximum payload, bytes */
+	uint64_t max_inflight_bytes;	 /* limits.max-inflight-bytes, per connection */
+	uint64_t max_memory;		 /* limits.max-memory, whole process (default RAM / 4) */
+	unsigned max_connections;	 /* limits.max-connections */
+	unsigned max_conns_per_identity; /* limits.max-connections-per-identity (0: none) */
+	double handshake_timeout;	 /* limits.handshake-timeout, seconds (0: off) */
+	double idle_timeout;		 /* limits.idle-timeout, seconds (0: off) */
+	unsigned io_threads;		 /* io-threads: I/O threads of the executor */
+	unsigned workers;		 /* workers: reactors; 0 = one per online CPU */
+	double busy_poll;	 /* busy-poll: seconds a reactor polls after replies; 0 = off */
+	struct nbdv_tls_cfg tls; /* `tls:` */
 	struct nbdv_listen_cfg *metrics; /* `metrics:` listener, or NULL (off) */
 	char *audit_log;		 /* `audit-log:` path, "stderr", or NULL (off) */
 	char *user;			 /* `user:` to run as once listening, or NULL */

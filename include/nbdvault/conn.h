@@ -99,28 +99,29 @@ struct nbdv_conn {
 	const struct nbdv_export *meta_export; /* export the meta context was set for */
 
 	/* Transmission phase. */
-	struct nbdv_export *exp;     /* chosen export */
-	const struct nbdv_dev *dev;  /* its open driver instance */
-	uint16_t tflags;	     /* transmission flags sent to the client */
-	uint64_t told_size;	     /* largest export size this client was told (RESIZE) */
-	struct nbdv_req *cur_req;    /* WRITE whose payload is being received */
-	bool header_reads;	     /* last request was a big WRITE: read headers alone */
-	bool draining;		     /* server shutting down: close when idle */
-	bool yielded;		     /* its turn ended with requests left in the buffer */
-	unsigned turn_left;	     /* requests it may still take this turn */
-	uint64_t turn_end;	     /* CLOCK_MONOTONIC ns when this turn ends */
-	unsigned inflight;	     /* requests submitted and not yet replied */
-	struct nbdv_exec_queue jobs; /* its requests waiting for an I/O thread */
-	size_t req_held;	     /* memory requests hold (charged until freed) */
-	size_t peak_held;	     /* most it held with its queued replies (outq.held) */
-	uint64_t sendfile_bytes;     /* READ data the transport sent from the file (logged) */
-	uint64_t read_bytes;	     /* data sent to the client in READ replies (audit) */
-	uint64_t write_bytes;	     /* data the client wrote (audit) */
-	uint64_t requests;	     /* requests received (audit) */
-	uint64_t started_ns;	     /* CLOCK_MONOTONIC at accept (audit: duration) */
-	const char *close_reason;    /* why it closed, first cause wins (audit) */
-	unsigned audit_refusals;     /* refusals already written to the audit log */
-	uint64_t cached_copy_bytes;  /* large READs copied from the page cache inline (logged) */
+	struct nbdv_export *exp;	   /* chosen export */
+	const struct nbdv_dev *dev;	   /* its open driver instance */
+	uint16_t tflags;		   /* transmission flags sent to the client */
+	uint64_t told_size;		   /* largest export size this client was told (RESIZE) */
+	struct nbdv_req *cur_req;	   /* WRITE whose payload is being received */
+	bool header_reads;		   /* last request was a big WRITE: read headers alone */
+	bool draining;			   /* server shutting down: close when idle */
+	bool yielded;			   /* its turn ended with requests left in the buffer */
+	unsigned turn_left;		   /* requests it may still take this turn */
+	uint64_t turn_end;		   /* CLOCK_MONOTONIC ns when this turn ends */
+	unsigned inflight;		   /* requests submitted and not yet replied */
+	struct nbdv_exec_queue jobs;	   /* its requests waiting for an I/O thread */
+	size_t req_held;		   /* memory requests hold (charged until freed) */
+	size_t peak_held;		   /* most it held with its queued replies (outq.held) */
+	uint64_t sendfile_bytes;	   /* READ data the transport sent from the file (logged) */
+	uint64_t read_bytes;		   /* data sent to the client in READ replies (audit) */
+	uint64_t write_bytes;		   /* data the client wrote (audit) */
+	uint64_t requests;		   /* requests received (audit) */
+	uint64_t started_ns;		   /* CLOCK_MONOTONIC at accept (audit: duration) */
+	const char *close_reason;	   /* why it closed, first cause wins (audit) */
+	unsigned audit_refusals;	   /* refusals already written to the audit log */
+	struct identity_row *identity_row; /* counted against its identity's cap, or NULL */
+	uint64_t cached_copy_bytes; /* large READs copied from the page cache inline (logged) */
 };
 
 /* Take over accepted socket @fd; sends the greeting.  Returns NULL (fd closed) on failure. */

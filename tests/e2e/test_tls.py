@@ -755,6 +755,43 @@ class TlsModesTest(ResumeMixin, unittest.TestCase):
             self.assertEqual(early.simple_reply(512), (0, 2, b"e" * 512))
             early.close()
 
+    def test_max_connections_per_identity(self):
+        # One identity cannot take every connection slot: alice may hold 2; a third is
+        # closed after the handshake; bob still gets in; when one of alice's closes,
+        # she may connect again.
+        exports = "\n  - name: d\n    driver: memory\n    size: 1M\n"
+        psk = os.path.join(self.tmp, "two.psk")
+        shutil.copy(f"{self.pki}/keys.psk", psk)
+        run("psktool", "-u", "bob", "-p", psk)
+        extra = (f"tls:\n  mode: require\n  psk-file: {psk}\n"
+                 "limits:\n  max-connections-per-identity: 2\n")
+        with nbdv.Server(exports, extra=extra) as srv:
+            def connect(user):
+                h = nbd.NBD()
+                h.set_export_name("d")
+                h.set_tls(nbd.TLS_REQUIRE)
+                h.set_tls_psk_file(psk)
+                h.set_tls_username(user)
+                h.connect_uri(f"nbd+unix:///d?socket={srv.sock}")
+                h.pread(512, 0)
+                return h
+            held = [connect("alice"), connect("alice")]
+            with self.assertRaises(nbd.Error):
+                connect("alice")
+            self.assertIn("psk:alice already has 2 connection(s)", srv.logtext())
+            bob = connect("bob")
+            nbdv.disconnect(held.pop())
+            deadline = time.monotonic() + 5 * nbdv.SLOW
+            while True:
+                try:
+                    held.append(connect("alice"))
+                    break
+                except nbd.Error:
+                    self.assertLess(time.monotonic(), deadline)
+                    time.sleep(0.05)
+            for h in held + [bob]:
+                nbdv.disconnect(h)
+
     def test_sighup_with_crl_missing_keeps_revocation(self):
         # Finding 6: deleting ca-crl.pem and sending SIGHUP used to reload without
         # revocation, and the revoked certificate connected again.

@@ -86,6 +86,7 @@ static void test_full(const char *dir)
 	CHECK(cfg->max_connections == 50 && cfg->handshake_timeout == 2.5);
 	CHECK(cfg->idle_timeout == 600 && cfg->max_inflight_bytes == 8ULL << 20);
 	CHECK(cfg->max_memory == 1ULL << 30);
+	CHECK(cfg->max_conns_per_identity == 3);
 	CHECK(strcmp(cfg->user, "nobody") == 0 && strcmp(cfg->group, "nogroup") == 0);
 	CHECK(!cfg->sandbox && cfg->n_sandbox_paths == 2);
 	CHECK(strcmp(cfg->sandbox_paths[1], "/var/lib/nbdvault") == 0);
