@@ -550,6 +550,68 @@ static int get_duration(struct parse_ctx *ctx, const yaml_node_t *n, const char 
 	return 0;
 }
 
+/* One limits.identities entry: IDENTITY: {bandwidth, iops, max-connections}. */
+static int parse_identity_limits(struct parse_ctx *ctx, const yaml_node_t *map, const char *path,
+				 struct nbdv_identity_limits *l)
+{
+	if (want_type(ctx, map, YAML_MAPPING_NODE, path) < 0 || check_keys(ctx, map, path) < 0)
+		return -1;
+	for_each_pair (ctx, map, p) {
+		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
+		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
+		char sub[400];
+		uint64_t n;
+		int r;
+
+		snprintf(sub, sizeof(sub), "%s.%s", path, scalar(k));
+		if (strcmp(scalar(k), "bandwidth") == 0) {
+			r = get_size(ctx, v, sub, &l->bandwidth);
+		} else if (strcmp(scalar(k), "iops") == 0) {
+			r = get_uint(ctx, v, sub, 0, 100000000, &l->iops);
+		} else if (strcmp(scalar(k), "max-connections") == 0) {
+			r = get_uint(ctx, v, sub, 0, 1000000, &n);
+			l->max_connections = (unsigned)n;
+		} else {
+			r = fail(ctx, k,
+				 "%s: unknown key '%.64s' (expected bandwidth, iops or "
+				 "max-connections)",
+				 path, scalar(k));
+		}
+		if (r < 0)
+			return -1;
+	}
+	return 0;
+}
+
+static int parse_identities(struct parse_ctx *ctx, const yaml_node_t *map, struct nbdv_config *cfg)
+{
+	size_t n;
+
+	if (want_type(ctx, map, YAML_MAPPING_NODE, "limits.identities") < 0 ||
+	    check_keys(ctx, map, "limits.identities") < 0)
+		return -1;
+	n = (size_t)(map->data.mapping.pairs.top - map->data.mapping.pairs.start);
+	cfg->identities = calloc(n ? n : 1, sizeof(*cfg->identities));
+	if (!cfg->identities)
+		return fail(ctx, map, "limits.identities: out of memory");
+	for_each_pair (ctx, map, p) {
+		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
+		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
+		struct nbdv_identity_limits *l = &cfg->identities[cfg->n_identities++];
+		char sub[320];
+
+		snprintf(sub, sizeof(sub), "limits.identities.%.200s", scalar(k));
+		if (strncmp(scalar(k), "psk:", 4) != 0 && strncmp(scalar(k), "dn:", 3) != 0)
+			return fail(ctx, k, "%s: an identity is psk:USER or dn:DN", sub);
+		l->identity = strdup(scalar(k));
+		if (!l->identity)
+			return fail(ctx, k, "%s: out of memory", sub);
+		if (parse_identity_limits(ctx, v, sub, l) < 0)
+			return -1;
+	}
+	return 0;
+}
+
 static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nbdv_config *cfg)
 {
 	if (want_type(ctx, map, YAML_MAPPING_NODE, "limits") < 0 ||
@@ -580,6 +642,12 @@ static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nb
 			if (r == 0 && (n < (16U << 20) || n > (1ULL << 50)))
 				r = fail(ctx, v, "%s: must be from 16M to 1P", sub);
 			cfg->max_memory = n;
+		} else if (strcmp(key, "identity-bandwidth") == 0) {
+			r = get_size(ctx, v, sub, &cfg->identity_default.bandwidth);
+		} else if (strcmp(key, "identity-iops") == 0) {
+			r = get_uint(ctx, v, sub, 0, 100000000, &cfg->identity_default.iops);
+		} else if (strcmp(key, "identities") == 0) {
+			r = parse_identities(ctx, v, cfg);
 		} else if (strcmp(key, "max-connections-per-identity") == 0) {
 			r = get_uint(ctx, v, sub, 0, 1000000, &n);
 			cfg->max_conns_per_identity = (unsigned)n;
@@ -594,7 +662,8 @@ static int parse_limits(struct parse_ctx *ctx, const yaml_node_t *map, struct nb
 			r = fail(
 			    ctx, k,
 			    "limits: unknown key '%.64s' (expected max-connections, "
-			    "max-connections-per-identity, "
+			    "max-connections-per-identity, identity-bandwidth, identity-iops, "
+			    "identities, "
 			    "handshake-timeout, idle-timeout, max-request, max-inflight-bytes or "
 			    "max-memory)",
 			    key);
@@ -822,6 +891,9 @@ void config_free(struct nbdv_config *cfg)
 	free(cfg->user);
 	free(cfg->group);
 	free(cfg->audit_log);
+	for (size_t i = 0; i < cfg->n_identities; i++)
+		free(cfg->identities[i].identity);
+	free(cfg->identities);
 	if (cfg->metrics) {
 		free(cfg->metrics->address);
 		free(cfg->metrics->unix_path);

@@ -131,13 +131,40 @@ static const char *local_name(int fd, char *buf, size_t len)
 struct identity_row {
 	char name[320];
 	unsigned conns;
+	unsigned max_conns;	   /* 0: no cap */
+	double bw_rate, iops_rate; /* per second; 0: no cap */
+	double bw_tokens, iops_tokens;
+	uint64_t refilled_ns;  /* when the tokens were last topped up */
+	uint64_t throttled_ns; /* time its connections were held back (metrics) */
 };
 static pthread_mutex_t identity_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct identity_row *identity_rows;
 static unsigned n_identity_rows;
 
-/* Count @c against its identity's cap; false when the cap (or the table) is full. */
-static bool identity_acquire(struct nbdv_conn *c, const char *id, unsigned max)
+/* Whether any per-identity limit is configured. */
+static bool identity_limited(const struct nbdv_config *cfg)
+{
+	return cfg->max_conns_per_identity || cfg->identity_default.bandwidth ||
+	       cfg->identity_default.iops || cfg->n_identities;
+}
+
+/* A new row's caps: the identity's own entry, else the defaults. */
+static void identity_caps(const struct nbdv_config *cfg, struct identity_row *row)
+{
+	const struct nbdv_identity_limits *l = &cfg->identity_default;
+
+	for (size_t i = 0; i < cfg->n_identities; i++)
+		if (strcmp(cfg->identities[i].identity, row->name) == 0)
+			l = &cfg->identities[i];
+	row->max_conns = l->max_connections ? l->max_connections : cfg->max_conns_per_identity;
+	row->bw_rate = (double)(l->bandwidth ? l->bandwidth : cfg->identity_default.bandwidth);
+	row->iops_rate = (double)(l->iops ? l->iops : cfg->identity_default.iops);
+	row->refilled_ns = now_ns();
+}
+
+/* Count @c against its identity's caps; false when the connection cap (or the table)
+ * is full. */
+static bool identity_acquire(struct nbdv_conn *c, const char *id)
 {
 	struct identity_row *row = NULL;
 	bool ok = false;
@@ -152,15 +179,72 @@ static bool identity_acquire(struct nbdv_conn *c, const char *id, unsigned max)
 		if (identity_rows) {
 			row = &identity_rows[n_identity_rows++];
 			snprintf(row->name, sizeof(row->name), "%s", id);
+			identity_caps(c->srv->cfg, row);
 		}
 	}
-	if (row && row->conns < max) {
+	if (row && (!row->max_conns || row->conns < row->max_conns)) {
 		row->conns++;
 		c->identity_row = row;
 		ok = true;
 	}
 	pthread_mutex_unlock(&identity_lock);
 	return ok;
+}
+
+/* Tokens a bucket may hold: a tenth of a second at its rate. */
+#define BUCKET_SECONDS 0.1
+
+/* Take one request of @bytes from the identity's buckets; returns how long (ns) the
+ * connection must wait before reading another request, 0 when it need not. */
+uint64_t conn_identity_charge(struct nbdv_conn *c, uint64_t bytes)
+{
+	struct identity_row *row = c->identity_row;
+	uint64_t now, wait = 0;
+	double dt;
+
+	if (!row || (!row->bw_rate && !row->iops_rate))
+		return 0;
+	now = now_ns();
+	pthread_mutex_lock(&identity_lock);
+	dt = (double)(now - row->refilled_ns) / 1e9;
+	row->refilled_ns = now;
+	if (row->bw_rate) {
+		row->bw_tokens += dt * row->bw_rate;
+		if (row->bw_tokens > row->bw_rate * BUCKET_SECONDS)
+			row->bw_tokens = row->bw_rate * BUCKET_SECONDS;
+		row->bw_tokens -= (double)bytes;
+		if (row->bw_tokens < 0)
+			wait = (uint64_t)(-row->bw_tokens / row->bw_rate * 1e9);
+	}
+	if (row->iops_rate) {
+		row->iops_tokens += dt * row->iops_rate;
+		if (row->iops_tokens > row->iops_rate * BUCKET_SECONDS + 1)
+			row->iops_tokens = row->iops_rate * BUCKET_SECONDS + 1;
+		row->iops_tokens -= 1;
+		if (row->iops_tokens < 0)
+			wait = NBDV_MAX(wait, (uint64_t)(-row->iops_tokens / row->iops_rate * 1e9));
+	}
+	row->throttled_ns += wait;
+	pthread_mutex_unlock(&identity_lock);
+	return wait;
+}
+
+static void rate_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct nbdv_conn *c = container_of(w, struct nbdv_conn, rate_timer);
+
+	c->rate_paused = false;
+	reactor_mark_dirty(c->r, c); /* conn_service() takes the buffered requests, reads on */
+}
+
+void conn_pause_reading(struct nbdv_conn *c, uint64_t ns)
+{
+	if (c->fd < 0)
+		return; /* harness-driven connections have no timers */
+	c->rate_paused = true;
+	ev_timer_stop(c->r->loop, &c->rate_timer);
+	ev_timer_set(&c->rate_timer, (double)ns / 1e9, 0.);
+	ev_timer_start(c->r->loop, &c->rate_timer);
 }
 
 static void identity_release(struct nbdv_conn *c)
@@ -223,6 +307,7 @@ struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transpo
 	c->phase = CONN_OPTIONS;
 	c->rx = RX_CLIENT_FLAGS;
 	executor_queue_init(&c->jobs);
+	ev_timer_init(&c->rate_timer, rate_timer_cb, 0., 0.);
 	ev_io_init(&c->rio, read_cb, fd, EV_READ);
 	ev_io_init(&c->wio, write_cb, fd, EV_WRITE);
 	/* Until it reaches transmission, a client has limits.handshake-timeout in all
@@ -298,7 +383,7 @@ static bool throttled(const struct nbdv_conn *c)
 	if (c->phase == CONN_OPTIONS)
 		return held(c) >= NBDV_PREAUTH_BUDGET || memory_full(c);
 	return c->inflight >= NBDV_MAX_INFLIGHT_REQS ||
-	       held(c) >= c->srv->cfg->max_inflight_bytes || memory_full(c);
+	       held(c) >= c->srv->cfg->max_inflight_bytes || memory_full(c) || c->rate_paused;
 }
 
 /* Start or stop the read watcher to match what the connection can take now. */
@@ -323,6 +408,7 @@ static void close_fd(struct nbdv_conn *c)
 	ev_io_stop(c->r->loop, &c->rio);
 	ev_io_stop(c->r->loop, &c->wio);
 	ev_timer_stop(c->r->loop, &c->timer);
+	ev_timer_stop(c->r->loop, &c->rate_timer);
 	if (c->fd >= 0) {
 		close(c->fd);
 		c->fd = -1;
@@ -432,13 +518,13 @@ static void tls_step(struct nbdv_conn *c)
 	c->tls_up = true;
 	tls_peer_info(c->tp, &c->peer);
 	metrics_handshake(c->peer.resumed ? "resumed" : "ok");
-	if (c->srv->cfg->max_conns_per_identity && (c->peer.psk_user || c->peer.dn)) {
+	if (identity_limited(c->srv->cfg) && (c->peer.psk_user || c->peer.dn)) {
 		char id[320];
 		tls_peer_identity(&c->peer, id, sizeof(id));
-		if (!identity_acquire(c, id, c->srv->cfg->max_conns_per_identity)) {
-			log_info("c%u: %s already has %u connection(s) "
+		if (!identity_acquire(c, id)) {
+			log_info("c%u: %s is at its connection cap "
 				 "(limits.max-connections-per-identity), closing",
-				 c->id, id, c->srv->cfg->max_conns_per_identity);
+				 c->id, id);
 			conn_audit_refusal(c, "STARTTLS", NULL,
 					   "limits.max-connections-per-identity reached");
 			conn_reason(c, "limits.max-connections-per-identity reached");

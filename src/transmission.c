@@ -950,6 +950,14 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 		return TX_DISC;
 	}
 	plen = payload_length(c, r);
+	if (c->identity_row) {
+		/* Per-identity caps: this request is let through; the next waits its turn. */
+		uint64_t wait = conn_identity_charge(
+		    c,
+		    r->type == NBD_CMD_READ ? NBDV_MIN(r->count, c->srv->cfg->max_request) : plen);
+		if (wait)
+			conn_pause_reading(c, wait);
+	}
 	if (plen > c->srv->cfg->max_request) {
 		/* The payload is never allocated; skipping it could take forever, so answer
 		 * and hang up. */

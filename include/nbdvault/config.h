@@ -51,6 +51,14 @@ struct nbdv_tls_cfg {
 	bool session_tickets;	 /* issue session tickets (resumption); default true */
 };
 
+/* Caps for one client identity (limits.identities), or the default for all. */
+struct nbdv_identity_limits {
+	char *identity;		  /* "psk:alice", "dn:...", "cn:..."; NULL for the default */
+	uint64_t bandwidth;	  /* bytes/s of READ and WRITE data (0: no cap) */
+	uint64_t iops;		  /* requests/s (0: no cap) */
+	unsigned max_connections; /* 0: limits.max-connections-per-identity */
+};
+
 /* One `exports:` entry. */
 struct nbdv_export_cfg {
 	char *name;		       /* unique, 1..4096 bytes */
@@ -80,12 +88,15 @@ struct nbdv_config {
 	uint64_t max_memory;		 /* limits.max-memory, whole process (default RAM / 4) */
 	unsigned max_connections;	 /* limits.max-connections */
 	unsigned max_conns_per_identity; /* limits.max-connections-per-identity (0: none) */
-	double handshake_timeout;	 /* limits.handshake-timeout, seconds (0: off) */
-	double idle_timeout;		 /* limits.idle-timeout, seconds (0: off) */
-	unsigned io_threads;		 /* io-threads: I/O threads of the executor */
-	unsigned workers;		 /* workers: reactors; 0 = one per online CPU */
-	double busy_poll;	 /* busy-poll: seconds a reactor polls after replies; 0 = off */
-	struct nbdv_tls_cfg tls; /* `tls:` */
+	struct nbdv_identity_limits identity_default; /* limits.identity-bandwidth, -iops */
+	struct nbdv_identity_limits *identities;      /* limits.identities overrides */
+	size_t n_identities;
+	double handshake_timeout; /* limits.handshake-timeout, seconds (0: off) */
+	double idle_timeout;	  /* limits.idle-timeout, seconds (0: off) */
+	unsigned io_threads;	  /* io-threads: I/O threads of the executor */
+	unsigned workers;	  /* workers: reactors; 0 = one per online CPU */
+	double busy_poll;	  /* busy-poll: seconds a reactor polls after replies; 0 = off */
+	struct nbdv_tls_cfg tls;  /* `tls:` */
 	struct nbdv_listen_cfg *metrics; /* `metrics:` listener, or NULL (off) */
 	char *audit_log;		 /* `audit-log:` path, "stderr", or NULL (off) */
 	char *user;			 /* `user:` to run as once listening, or NULL */

@@ -121,6 +121,8 @@ struct nbdv_conn {
 	const char *close_reason;	   /* why it closed, first cause wins (audit) */
 	unsigned audit_refusals;	   /* refusals already written to the audit log */
 	struct identity_row *identity_row; /* counted against its identity's cap, or NULL */
+	ev_timer rate_timer;		   /* ends a pause for a bandwidth or IOPS cap */
+	bool rate_paused;		   /* not reading requests until rate_timer fires */
 	uint64_t cached_copy_bytes; /* large READs copied from the page cache inline (logged) */
 };
 
@@ -140,6 +142,11 @@ struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transpo
  */
 bool conn_pump(struct nbdv_conn *c);
 
+/* Per-identity bandwidth/IOPS caps: charge a request of @bytes to @c's identity;
+ * returns the ns to wait before reading another request (0: none). */
+uint64_t conn_identity_charge(struct nbdv_conn *c, uint64_t bytes);
+/* Stop reading requests for @ns (a rate cap), then go on. */
+void conn_pause_reading(struct nbdv_conn *c, uint64_t ns);
 /* Record why the connection is closing, unless a reason is already recorded. */
 void conn_reason(struct nbdv_conn *c, const char *why);
 /* Audit an option refused by policy (at most AUDIT_REFUSALS per connection). */

@@ -778,7 +778,7 @@ class TlsModesTest(ResumeMixin, unittest.TestCase):
             held = [connect("alice"), connect("alice")]
             with self.assertRaises(nbd.Error):
                 connect("alice")
-            self.assertIn("psk:alice already has 2 connection(s)", srv.logtext())
+            self.assertIn("psk:alice is at its connection cap", srv.logtext())
             bob = connect("bob")
             nbdv.disconnect(held.pop())
             deadline = time.monotonic() + 5 * nbdv.SLOW

@@ -87,6 +87,10 @@ static void test_full(const char *dir)
 	CHECK(cfg->idle_timeout == 600 && cfg->max_inflight_bytes == 8ULL << 20);
 	CHECK(cfg->max_memory == 1ULL << 30);
 	CHECK(cfg->max_conns_per_identity == 3);
+	CHECK(cfg->identity_default.bandwidth == 100ULL << 20 && cfg->n_identities == 1);
+	CHECK(strcmp(cfg->identities[0].identity, "psk:alice") == 0);
+	CHECK(cfg->identities[0].bandwidth == 1 << 20 && cfg->identities[0].iops == 50 &&
+	      cfg->identities[0].max_connections == 2);
 	CHECK(strcmp(cfg->user, "nobody") == 0 && strcmp(cfg->group, "nogroup") == 0);
 	CHECK(!cfg->sandbox && cfg->n_sandbox_paths == 2);
 	CHECK(strcmp(cfg->sandbox_paths[1], "/var/lib/nbdvault") == 0);
