@@ -392,6 +392,13 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 			size_node = v;
 		} else if (strcmp(key, "readonly") == 0) {
 			r = get_bool(ctx, v, sub, &e->readonly);
+		} else if (strcmp(key, "on-remove") == 0) {
+			r = want_type(ctx, v, YAML_SCALAR_NODE, sub);
+			if (r == 0 && strcmp(scalar(v), "close") == 0)
+				e->on_remove_close = true;
+			else if (r == 0 && strcmp(scalar(v), "finish") != 0)
+				r = fail(ctx, v, "%s: expected finish or close, found '%.64s'", sub,
+					 scalar(v));
 		} else if (strcmp(key, "resizable") == 0) {
 			r = get_bool(ctx, v, sub, &e->resizable);
 		} else if (strcmp(key, "max-size") == 0) {
@@ -409,7 +416,7 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 			r = fail(
 			    ctx, k,
 			    "%s: unknown key '%.64s' (expected name, description, driver, path, "
-			    "size, readonly, resizable, max-size, tls or allow)",
+			    "size, readonly, resizable, max-size, on-remove, tls or allow)",
 			    path, key);
 		}
 		if (r < 0)

@@ -259,6 +259,32 @@ static void identity_release(struct nbdv_conn *c)
 	c->identity_row = NULL;
 }
 
+void conn_recheck(struct nbdv_conn *c)
+{
+	const struct nbdv_export *e = c->exp;
+	char id[320];
+
+	if (c->phase != CONN_TRANSMISSION || !e)
+		return;
+	if (e->removed) {
+		if (!e->cfg->on_remove_close)
+			return; /* finishes on its own terms */
+		log_info("c%u: export %s was removed by a reload (on-remove: close), closing",
+			 c->id, e->cfg->name);
+		conn_reason(c, "export removed by a reload");
+		conn_close_graceful(c);
+		return;
+	}
+	if (handshake_export_allowed(c, e))
+		return;
+	tls_peer_identity(&c->peer, id, sizeof(id));
+	log_info("c%u: %s is no longer allowed on export %s after a reload, closing", c->id,
+		 c->tls_up ? id : "a plaintext client", e->cfg->name);
+	conn_audit_refusal(c, "reload", e->cfg->name, "no longer allowed after a reload");
+	conn_reason(c, "no longer allowed after a reload");
+	conn_close_graceful(c);
+}
+
 void conn_reason(struct nbdv_conn *c, const char *why)
 {
 	if (!c->close_reason)

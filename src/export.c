@@ -13,7 +13,7 @@
 
 struct nbdv_export *exports_new(const struct nbdv_config *cfg, size_t *n)
 {
-	struct nbdv_export *v = calloc(cfg->n_exports ? cfg->n_exports : 1, sizeof(*v));
+	struct nbdv_export *v = calloc(cfg->n_exports + NBDV_RELOAD_EXPORTS, sizeof(*v));
 
 	if (!v)
 		return NULL;
@@ -55,10 +55,15 @@ void exports_free(struct nbdv_export *v, size_t n)
 struct nbdv_export *exports_find(struct nbdv_export *v, size_t n, const struct nbdv_config *cfg,
 				 const char *name, size_t namelen)
 {
-	const struct nbdv_export_cfg *ec = config_find_export(cfg, name, namelen);
-
-	for (size_t i = 0; ec && i < n; i++) {
-		if (v[i].cfg == ec)
+	if (namelen == 0) {
+		if (!cfg->default_export)
+			return NULL;
+		name = cfg->default_export;
+		namelen = strlen(name);
+	}
+	for (size_t i = 0; i < n; i++) {
+		const char *en = v[i].cfg->name;
+		if (!v[i].removed && strlen(en) == namelen && memcmp(en, name, namelen) == 0)
 			return &v[i];
 	}
 	return NULL;

@@ -150,7 +150,7 @@ static bool valid_string(const uint8_t *s, uint32_t len)
 static struct nbdv_export *find_export(struct nbdv_conn *c, const uint8_t *name, uint32_t len)
 {
 	struct nbdv_server *srv = c->srv;
-	return exports_find(srv->exports, srv->n_exports, srv->cfg, (const char *)name, len);
+	return exports_find(srv->exports, srv->n_exports, srv->live, (const char *)name, len);
 }
 
 /* Has the TLS requirement for @e been met on this connection? */
@@ -213,6 +213,9 @@ static enum hs_result opt_list(struct nbdv_conn *c, uint32_t opt, const uint8_t 
 		return opt_error(c, opt, NBD_REP_ERR_INVALID, "LIST takes no data");
 	for (size_t i = 0; i < srv->n_exports; i++) {
 		const struct nbdv_export_cfg *e = srv->exports[i].cfg;
+
+		if (srv->exports[i].removed)
+			continue;
 		size_t nlen = strlen(e->name);
 		size_t dlen = e->description ? strlen(e->description) : 0;
 		uint32_t be = htobe32((uint32_t)nlen);
@@ -237,6 +240,11 @@ static int send_info(struct nbdv_conn *c, uint32_t opt, uint16_t type, const voi
 }
 
 /* NBD_OPT_INFO and NBD_OPT_GO: name, then a list of requested NBD_INFO_* types. */
+bool handshake_export_allowed(const struct nbdv_conn *c, const struct nbdv_export *e)
+{
+	return tls_satisfied(c, e) && identity_allowed(c, e);
+}
+
 /* The audit log's record of an export opened for transmission. */
 static void audit_open_export(const struct nbdv_conn *c, const struct nbdv_export *e)
 {

@@ -201,21 +201,27 @@ static void allow(struct ruleset *rs, const char *path, uint64_t access)
 	close(fd);
 }
 
-/* The directory holding @path. */
-static void allow_dir_of(struct ruleset *rs, const char *path, uint64_t access)
+char *sandbox_dir_of(const char *path, char *dir, size_t len)
 {
-	char dir[PATH_MAX];
 	char *slash;
 
-	snprintf(dir, sizeof(dir), "%s", path);
+	snprintf(dir, len, "%s", path);
 	slash = strrchr(dir, '/');
 	if (!slash)
-		snprintf(dir, sizeof(dir), ".");
+		snprintf(dir, len, ".");
 	else if (slash == dir)
 		dir[1] = '\0';
 	else
 		*slash = '\0';
-	allow(rs, dir, access);
+	return dir;
+}
+
+/* The directory holding @path. */
+static void allow_dir_of(struct ruleset *rs, const char *path, uint64_t access)
+{
+	char dir[PATH_MAX];
+
+	allow(rs, sandbox_dir_of(path, dir, sizeof(dir)), access);
 }
 
 /* An export's path: the directory holding a file (it may be created, or replaced), a

@@ -421,17 +421,44 @@ static void reactor_begin_shutdown(struct nbdv_reactor *r)
 }
 
 /* Sockets the acceptor handed to this reactor, or a shutdown request. */
+/* After a reload: sessions on exports that were removed (with on-remove: close) or
+ * whose identity or transport the new policy no longer allows are closed. */
+static void reactor_recheck(struct nbdv_reactor *r)
+{
+	for (struct nbdv_conn *c = r->conns; c; c = c->next) {
+		c->depth++;
+		conn_recheck(c);
+		c->depth--;
+		reactor_mark_dirty(r, c); /* conn_release() there, if it is done */
+	}
+}
+
+void server_recheck_sessions(struct nbdv_server *srv)
+{
+	for (unsigned i = 0; i < srv->n_reactors; i++) {
+		struct nbdv_reactor *r = &srv->reactors[i];
+		pthread_mutex_lock(&r->lock);
+		r->recheck = true;
+		pthread_mutex_unlock(&r->lock);
+		ev_async_send(r->loop, &r->wake);
+	}
+}
+
 static void reactor_wake_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
 	struct nbdv_reactor *r = container_of(w, struct nbdv_reactor, wake);
 	struct nbdv_handoff *list, *fifo = NULL;
-	bool stop;
+	bool stop, recheck;
 
 	pthread_mutex_lock(&r->lock);
 	list = r->handoffs;
 	r->handoffs = NULL;
 	stop = r->stop_asked;
+	recheck = r->recheck;
+	r->recheck = false;
 	pthread_mutex_unlock(&r->lock);
+	if (recheck)
+		reactor_recheck(r);
 	while (list) { /* queued newest first: restore arrival order */
 		struct nbdv_handoff *next = list->next;
 		list->next = fifo;
@@ -518,6 +545,7 @@ static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 			   (unsigned long long)ts.tv_nsec / 1000);
 	reload_tls(srv);
 	audit_reopen(); /* logrotate renamed it */
+	(void)server_reload(srv);
 	systemd_notify("READY=1\nSTATUS=serving %zu export(s) on %zu listener(s)", srv->n_exports,
 		       srv->n_listeners);
 }
@@ -700,6 +728,7 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	unsigned n_workers = cfg->workers ? cfg->workers : default_workers();
 	struct nbdv_ids ids;
 	int passed[64], n_passed, r;
+	size_t n_exp;
 	sigset_t old;
 
 	memset(srv, 0, sizeof(*srv));
@@ -740,7 +769,9 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	if (sandbox_resolve_user(cfg, &ids) < 0)
 		return -1;
 	n_passed = systemd_listen_fds(passed, (int)ARRAY_SIZE(passed));
-	srv->exports = exports_new(cfg, &srv->n_exports);
+	srv->live = cfg;
+	srv->exports = exports_new(cfg, &n_exp);
+	srv->n_exports = n_exp;
 	srv->listeners =
 	    calloc(n_passed ? (size_t)n_passed : cfg->n_listen, sizeof(*srv->listeners));
 	if (!srv->exports || !srv->listeners) {
@@ -795,6 +826,7 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 int server_init_embedded(struct nbdv_server *srv, struct nbdv_config *cfg)
 {
 	struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+	size_t n;
 
 	memset(srv, 0, sizeof(*srv));
 	srv->cfg = cfg;
@@ -802,7 +834,9 @@ int server_init_embedded(struct nbdv_server *srv, struct nbdv_config *cfg)
 	if (!loop || alloc_reactors(srv, 1) < 0)
 		return -1;
 	reactor_setup(srv, 0, loop);
-	srv->exports = exports_new(cfg, &srv->n_exports);
+	srv->live = cfg;
+	srv->exports = exports_new(cfg, &n);
+	srv->n_exports = n;
 	srv->exec = executor_new(cfg->io_threads);
 	return srv->exports && srv->exec ? 0 : -1;
 }
@@ -899,6 +933,11 @@ void server_fini(struct nbdv_server *srv)
 	audit_close();
 	config_free(srv->cfg);
 	srv->cfg = NULL;
+	for (size_t i = 0; i < srv->n_retired; i++)
+		config_free(srv->retired[i]);
+	free(srv->retired);
+	srv->retired = NULL;
+	srv->n_retired = 0;
 	drain_thread_caches();
 	nbdv_buf_pool_drain();
 }

@@ -70,6 +70,8 @@ struct nbdv_export_cfg {
 	bool size_given;	       /* whether `size:` was present */
 	bool readonly;		       /* `readonly:` */
 	bool resizable;		       /* `resizable:` NBD_CMD_RESIZE allowed */
+	bool on_remove_close;	       /* `on-remove: close`: a reload removing it closes
+					* its sessions (default finish) */
 	uint64_t max_size;	       /* `max-size:` largest RESIZE (0: no limit) */
 	bool tls_required;	       /* `tls: require` (matters in optional mode) */
 	char **allow;		       /* `allow:` identities ("cn:", "dn:", "psk:"), or NULL */

@@ -147,6 +147,9 @@ bool conn_pump(struct nbdv_conn *c);
 uint64_t conn_identity_charge(struct nbdv_conn *c, uint64_t bytes);
 /* Stop reading requests for @ns (a rate cap), then go on. */
 void conn_pause_reading(struct nbdv_conn *c, uint64_t ns);
+/* After a reload: close the session if its export was removed with on-remove: close,
+ * or its identity or transport is no longer allowed. */
+void conn_recheck(struct nbdv_conn *c);
 /* Record why the connection is closing, unless a reason is already recorded. */
 void conn_reason(struct nbdv_conn *c, const char *why);
 /* Audit an option refused by policy (at most AUDIT_REFUSALS per connection). */

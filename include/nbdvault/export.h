@@ -19,22 +19,30 @@
 struct nbdv_export_cfg;
 struct nbdv_config;
 
+/* Exports a SIGHUP reload may add beyond those at start. */
+#define NBDV_RELOAD_EXPORTS 64
+
 struct nbdv_export {
-	const struct nbdv_export_cfg *cfg;  /* from the config snapshot */
+	/* From the newest config snapshot that has it: a reload swaps it (allow lists,
+	 * tls:, description), so every read is an atomic load. */
+	const struct nbdv_export_cfg *_Atomic cfg;
+	_Atomic bool removed;		    /* gone from the config: no new opens */
 	struct nbdv_dev dev;		    /* valid when opened */
 	bool opened;			    /* dev.inst is live */
 	unsigned sessions;		    /* connections in transmission on it (atomic) */
 	struct nbdv_export_metrics metrics; /* counters for /metrics */
 };
 
-/* Build the run-time exports of @cfg; NULL on ENOMEM.  *n receives the count. */
+/* Build the run-time exports of @cfg, with room for NBDV_RELOAD_EXPORTS more; NULL on
+ * ENOMEM.  *n receives the count. */
 struct nbdv_export *exports_new(const struct nbdv_config *cfg, size_t *n) NBDV_WUR;
 /* Flush and close every opened export, then free the array. */
 void exports_free(struct nbdv_export *v, size_t n);
 /* Flush every opened export; returns 0 or the first -errno. */
 int exports_flush(struct nbdv_export *v, size_t n);
 
-/* Find by name; the empty name means default-export.  NULL if none. */
+/* Find by name among exports not removed; the empty name means @cfg's default-export.
+ * NULL if none. */
 struct nbdv_export *exports_find(struct nbdv_export *v, size_t n, const struct nbdv_config *cfg,
 				 const char *name, size_t namelen);
 

@@ -13,6 +13,8 @@
 
 struct nbdv_conn;
 
+struct nbdv_export;
+
 enum hs_result {
 	HS_CONTINUE = 0,     /* wait for the next option */
 	HS_TRANSMISSION = 1, /* export chosen: the connection is in transmission */
@@ -27,6 +29,9 @@ enum hs_result handshake_client_flags(struct nbdv_conn *c, uint32_t flags) NBDV_
 /* Handle one option; @data has exactly @len bytes (len <= NBDV_MAX_OPTION). */
 enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t *data,
 				uint32_t len) NBDV_WUR;
+/* Whether @c may use export @e under its current policy (TLS requirement and allow
+ * list): what a reload re-checks for open sessions. */
+bool handshake_export_allowed(const struct nbdv_conn *c, const struct nbdv_export *e);
 /* Answer an option whose length is over the limit (the connection then closes). */
 void handshake_option_too_big(struct nbdv_conn *c, uint32_t opt, uint32_t len);
 

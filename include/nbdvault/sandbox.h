@@ -8,6 +8,7 @@
 #include "nbdvault/compiler.h"
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <sys/types.h>
 
 struct nbdv_config;
@@ -26,6 +27,8 @@ int sandbox_resolve_user(const struct nbdv_config *cfg, struct nbdv_ids *ids) NB
 /* Switch to @ids, verified; 0 when there is nothing to do.  -1 (logged) on failure:
  * the server must not go on. */
 int sandbox_drop_user(const struct nbdv_ids *ids) NBDV_WUR;
+/* The directory holding @path ("." for a bare name), written into @dir. */
+char *sandbox_dir_of(const char *path, char *dir, size_t len);
 /* Enter the sandbox if cfg->sandbox: call on the main thread before any other thread
  * is started.  A kernel without Landlock or seccomp is logged once and not an error;
  * -1 (logged) when a layer the kernel has cannot be entered. */

@@ -58,14 +58,18 @@ struct nbdv_reactor {
 	pthread_mutex_t lock;	       /* protects the two fields below */
 	struct nbdv_handoff *handoffs; /* accepted sockets waiting for this reactor */
 	bool stop_asked;	       /* the server is shutting down */
+	bool recheck;		       /* a reload changed exports: re-check sessions */
 	bool threaded;		       /* runs on its own thread */
 	pthread_t thread;
 };
 
 struct nbdv_server {
-	struct nbdv_config *cfg;     /* config snapshot, owned */
-	struct nbdv_export *exports; /* run-time exports, owned */
-	size_t n_exports;
+	struct nbdv_config *cfg;	  /* config snapshot at start, owned: all but exports */
+	struct nbdv_config *_Atomic live; /* newest snapshot (exports); == cfg until a reload */
+	struct nbdv_config **retired;	  /* earlier reloaded snapshots, freed at exit */
+	size_t n_retired;
+	struct nbdv_export *exports; /* run-time exports, owned (room for reloads) */
+	_Atomic size_t n_exports;
 	struct nbdv_executor *exec;	 /* I/O thread pool for blocking drivers */
 	struct nbdv_listener *listeners; /* owned */
 	size_t n_listeners;
@@ -95,6 +99,12 @@ void server_fini(struct nbdv_server *srv);
  * ownership of @cfg.  Undo with server_fini().
  */
 int server_init_embedded(struct nbdv_server *srv, struct nbdv_config *cfg) NBDV_WUR;
+
+/* SIGHUP: re-read the config file and apply what can change live (src/reload.c).
+ * Returns 0, or -1 when the file is invalid or needs a restart (nothing changed). */
+int server_reload(struct nbdv_server *srv);
+/* Ask every reactor to re-check its sessions against the exports (after a reload). */
+void server_recheck_sessions(struct nbdv_server *srv);
 
 /* The credentials new TLS sessions use, with a reference the caller drops. */
 struct nbdv_tls *server_tls_get(struct nbdv_server *srv);

@@ -350,6 +350,18 @@ class Raw:
         return struct.unpack(">I", payload[:4])[0] if rtype & 0x8000 else 0
 
 
+def psk_connect(sock, export, psk_file, user):
+    """A libnbd handle on @export over the unix socket, TLS with @user's PSK."""
+    import nbd
+    h = nbd.NBD()
+    h.set_export_name(export)
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_psk_file(psk_file)
+    h.set_tls_username(user)
+    h.connect_uri(f"nbd+unix:///{export}?socket={sock}")
+    return h
+
+
 def disconnect(h):
     """Politely end a libnbd handle's connection (libnbd 1.14 has no close())."""
     try:

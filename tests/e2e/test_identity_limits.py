@@ -38,13 +38,7 @@ class IdentityLimitsTest(unittest.TestCase):
         self.addCleanup(self.srv.__exit__, None, None, None)
 
     def handle(self, user):
-        h = nbd.NBD()
-        h.set_export_name("d")
-        h.set_tls(nbd.TLS_REQUIRE)
-        h.set_tls_psk_file(self.psk)
-        h.set_tls_username(user)
-        h.connect_uri(f"nbd+unix:///d?socket={self.srv.sock}")
-        return h
+        return nbdv.psk_connect(self.srv.sock, "d", self.psk, user)
 
     def test_two_identities_each_get_their_bandwidth(self):
         seconds = 3.0

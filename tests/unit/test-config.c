@@ -102,6 +102,7 @@ static void test_full(const char *dir)
 	CHECK(!cfg->exports[0].readonly);
 	CHECK(cfg->exports[0].resizable && cfg->exports[0].max_size == 1ULL << 40);
 	CHECK(!cfg->exports[1].resizable && cfg->exports[1].max_size == 0);
+	CHECK(!cfg->exports[0].on_remove_close && cfg->exports[1].on_remove_close);
 	CHECK(cfg->exports[1].readonly && cfg->exports[1].size == 512 * 1024);
 	CHECK(cfg->exports[1].description == NULL);
 	CHECK(cfg->tls.mode == TLS_OPTIONAL && cfg->tls.verify_clients);

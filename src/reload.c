@@ -1,0 +1,248 @@
+/*
+ * nbdvault - SIGHUP: re-read the configuration and apply what can change live.
+ *
+ * The whole file is loaded and validated first; an invalid file changes nothing.  What
+ * cannot change under running connections (listeners, threads, user, sandbox, TLS
+ * settings, limits, audit log, metrics, an export's storage) makes the reload fail
+ * with a line naming it: "needs a restart", never half applied.  Otherwise:
+ *
+ *   - exports added appear at once (in the room exports_new() left);
+ *   - exports removed refuse new opens; their sessions finish, or with on-remove: close
+ *     are closed after their requests in flight are answered;
+ *   - changed allow lists, tls: and descriptions apply to new opens at once, and every
+ *     reactor re-checks its sessions: one whose identity is no longer allowed is closed;
+ *   - unchanged exports keep their driver instance and sessions untouched.
+ *
+ * Snapshots are never freed while serving: a session may still read its export's old
+ * entry.  They go at exit (a reload costs one config's memory until then).
+ */
+#include "build-config.h"
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "nbdvault/config.h"
+#include "nbdvault/export.h"
+#include "nbdvault/log.h"
+#include "nbdvault/sandbox.h"
+#include "nbdvault/server.h"
+
+static bool same_str(const char *a, const char *b)
+{
+	return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+static bool same_listen(const struct nbdv_listen_cfg *a, const struct nbdv_listen_cfg *b)
+{
+	if (!a || !b)
+		return a == b;
+	return same_str(a->address, b->address) && a->port == b->port &&
+	       same_str(a->unix_path, b->unix_path);
+}
+
+static bool same_identity_limits(const struct nbdv_config *a, const struct nbdv_config *b)
+{
+	if (a->n_identities != b->n_identities ||
+	    a->identity_default.bandwidth != b->identity_default.bandwidth ||
+	    a->identity_default.iops != b->identity_default.iops)
+		return false;
+	for (size_t i = 0; i < a->n_identities; i++) {
+		const struct nbdv_identity_limits *x = &a->identities[i], *y = &b->identities[i];
+		if (!same_str(x->identity, y->identity) || x->bandwidth != y->bandwidth ||
+		    x->iops != y->iops || x->max_connections != y->max_connections)
+			return false;
+	}
+	return true;
+}
+
+/* The first setting that differs and can only change with a restart, or NULL. */
+static const char *restart_only(const struct nbdv_config *a, const struct nbdv_config *b)
+{
+	if (a->n_listen != b->n_listen)
+		return "listen";
+	for (size_t i = 0; i < a->n_listen; i++)
+		if (!same_listen(&a->listen[i], &b->listen[i]))
+			return "listen";
+	if (a->workers != b->workers)
+		return "workers";
+	if (a->io_threads != b->io_threads)
+		return "io-threads";
+	if (a->busy_poll != b->busy_poll)
+		return "busy-poll";
+	if (!same_str(a->user, b->user) || !same_str(a->group, b->group))
+		return "user/group";
+	if (a->sandbox != b->sandbox || a->n_sandbox_paths != b->n_sandbox_paths)
+		return "sandbox";
+	for (size_t i = 0; i < a->n_sandbox_paths; i++)
+		if (!same_str(a->sandbox_paths[i], b->sandbox_paths[i]))
+			return "sandbox-paths";
+	if (!same_str(a->audit_log, b->audit_log))
+		return "audit-log";
+	if (!same_listen(a->metrics, b->metrics))
+		return "metrics";
+	if (a->tls.mode != b->tls.mode || a->tls.verify_clients != b->tls.verify_clients ||
+	    a->tls.session_tickets != b->tls.session_tickets ||
+	    !same_str(a->tls.certificates, b->tls.certificates) ||
+	    !same_str(a->tls.psk_file, b->tls.psk_file) ||
+	    !same_str(a->tls.priority, b->tls.priority))
+		return "tls";
+	if (a->max_request != b->max_request || a->max_inflight_bytes != b->max_inflight_bytes ||
+	    a->max_memory != b->max_memory || a->max_connections != b->max_connections ||
+	    a->handshake_timeout != b->handshake_timeout || a->idle_timeout != b->idle_timeout ||
+	    a->max_conns_per_identity != b->max_conns_per_identity || !same_identity_limits(a, b))
+		return "limits";
+	return NULL;
+}
+
+/* Whether export @b keeps @a's storage (so its driver instance can stay). */
+static bool same_storage(const struct nbdv_export_cfg *a, const struct nbdv_export_cfg *b)
+{
+	return a->drv == b->drv && same_str(a->path, b->path) && a->size == b->size &&
+	       a->size_given == b->size_given && a->readonly == b->readonly &&
+	       a->resizable == b->resizable && a->max_size == b->max_size;
+}
+
+/* Whether @dir (real path) is @base or lies beneath it. */
+static bool beneath(const char *dir, const char *base)
+{
+	size_t n = strlen(base);
+
+	return strncmp(dir, base, n) == 0 &&
+	       (dir[n] == '\0' || dir[n] == '/' || base[n - 1] == '/');
+}
+
+/* The real path of the directory holding @path, in @out; false if it does not exist. */
+static bool dir_of(const char *path, char *out)
+{
+	char tmp[PATH_MAX];
+
+	return realpath(sandbox_dir_of(path, tmp, sizeof(tmp)), out) != NULL;
+}
+
+/* With the sandbox on, a new export path must lie where Landlock allowed at start: the
+ * directories of the exports then, or sandbox-paths. */
+static bool sandbox_allows(const struct nbdv_config *start, const char *path)
+{
+	char want[PATH_MAX], have[PATH_MAX];
+
+	if (!start->sandbox)
+		return true;
+	if (!dir_of(path, want))
+		return false;
+	for (size_t i = 0; i < start->n_exports; i++)
+		if (start->exports[i].path && dir_of(start->exports[i].path, have) &&
+		    strcmp(want, have) == 0)
+			return true;
+	for (size_t i = 0; i < start->n_sandbox_paths; i++)
+		if (realpath(start->sandbox_paths[i], have) && beneath(want, have))
+			return true;
+	return false;
+}
+
+/* The run-time export named @name, removed or not; NULL if none. */
+static struct nbdv_export *by_name(struct nbdv_server *srv, const char *name)
+{
+	for (size_t i = 0; i < srv->n_exports; i++)
+		if (strcmp(srv->exports[i].cfg->name, name) == 0)
+			return &srv->exports[i];
+	return NULL;
+}
+
+/* Can @next's exports be applied?  NULL, or why not (into @buf). */
+static const char *check_exports(struct nbdv_server *srv, const struct nbdv_config *next, char *buf,
+				 size_t len)
+{
+	size_t added = 0;
+
+	for (size_t i = 0; i < next->n_exports; i++) {
+		const struct nbdv_export_cfg *ne = &next->exports[i];
+		struct nbdv_export *e = by_name(srv, ne->name);
+
+		if (e && !same_storage(e->cfg, ne)) {
+			snprintf(buf, len, "export %.100s's driver, path, size or mode", ne->name);
+			return buf;
+		}
+		if (!e) {
+			added++;
+			if (ne->path && !sandbox_allows(srv->cfg, ne->path)) {
+				snprintf(buf, len,
+					 "export %.100s's path %.200s is outside what the sandbox "
+					 "allowed at start (add its directory to sandbox-paths)",
+					 ne->name, ne->path);
+				return buf;
+			}
+		}
+	}
+	if (srv->n_exports + added > srv->cfg->n_exports + NBDV_RELOAD_EXPORTS) {
+		snprintf(buf, len, "more than %d exports added since start", NBDV_RELOAD_EXPORTS);
+		return buf;
+	}
+	return NULL;
+}
+
+int server_reload(struct nbdv_server *srv)
+{
+	struct nbdv_config *next, **retired;
+	unsigned added = 0, removed = 0, kept = 0;
+	char err[1024];
+	const char *why;
+
+	if (config_load(srv->cfg->file, &next, err, sizeof(err)) < 0) {
+		log_err("SIGHUP: configuration not reloaded: %s", err);
+		return -1;
+	}
+	why = restart_only(srv->cfg, next);
+	if (!why)
+		why = check_exports(srv, next, err, sizeof(err));
+	if (why) {
+		log_err("SIGHUP: %s changed, which needs a restart: configuration not reloaded",
+			why);
+		config_free(next);
+		return -1;
+	}
+	retired = realloc(srv->retired, (srv->n_retired + 1) * sizeof(*retired));
+	if (!retired) {
+		log_err("SIGHUP: out of memory: configuration not reloaded");
+		config_free(next);
+		return -1;
+	}
+	srv->retired = retired;
+	/* Exports in the new file: keep (with the new policy), revive or add. */
+	for (size_t i = 0; i < next->n_exports; i++) {
+		struct nbdv_export *e = by_name(srv, next->exports[i].name);
+
+		if (e) {
+			e->cfg = &next->exports[i];
+			if (e->removed)
+				added++;
+			else
+				kept++;
+			e->removed = false;
+		} else {
+			size_t n = srv->n_exports;
+			srv->exports[n].cfg = &next->exports[i];
+			srv->n_exports = n + 1; /* published once the entry is whole */
+			added++;
+		}
+	}
+	/* Exports gone from the file. */
+	for (size_t i = 0; i < srv->n_exports; i++) {
+		struct nbdv_export *e = &srv->exports[i];
+		bool present = false;
+		for (size_t k = 0; k < next->n_exports && !present; k++)
+			present = e->cfg == &next->exports[k];
+		if (!present && !e->removed) {
+			e->removed = true;
+			removed++;
+		}
+	}
+	if (srv->live != srv->cfg)
+		srv->retired[srv->n_retired++] = srv->live;
+	srv->live = next;
+	log_info("SIGHUP: configuration reloaded: %u export(s) added, %u removed, %u kept", added,
+		 removed, kept);
+	server_recheck_sessions(srv);
+	return 0;
+}

@@ -1,0 +1,151 @@
+#!/usr/bin/python3
+"""Live reconfiguration (issue 16): SIGHUP re-reads the YAML file, validates it whole,
+and applies exports added and removed and policy changed, closing sessions whose
+identity is no longer allowed; what needs a restart is refused, never half applied."""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+import nbdv
+
+nbdv.require("certtool", "psktool")
+nbdv.require_libnbd()
+import nbd  # noqa: E402
+
+
+def export(name, extra=""):
+    return f"  - name: {name}\n    driver: memory\n    size: 16M\n" + extra
+
+
+class ReloadTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="nbdvault-reload-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.psk = os.path.join(self.tmp, "keys.psk")
+        for user in ("alice", "bob"):
+            subprocess.run(["psktool", "-u", user, "-p", self.psk], check=True,
+                           capture_output=True)
+        self.head = f"tls:\n  mode: optional\n  psk-file: {self.psk}\n"
+        self.srv = nbdv.Server("\n" + export("a"), extra=self.head).start()
+        self.addCleanup(self.srv.__exit__, None, None, None)
+
+    def rewrite(self, exports, head=None):
+        with open(self.srv.config, "w") as f:
+            f.write(f"listen:\n  - unix: {self.srv.sock}\n" + (head or self.head) +
+                    "exports:\n" + exports)
+
+    def reload(self, expect):
+        before = self.srv.logtext().count(expect)
+        self.srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10 * nbdv.SLOW
+        while self.srv.logtext().count(expect) == before:
+            self.assertLess(time.monotonic(), deadline, self.srv.logtext()[-3000:])
+            time.sleep(0.02)
+
+    def connect(self, name, user=None):
+        if user:
+            return nbdv.psk_connect(self.srv.sock, name, self.psk, user)
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///{name}?socket={self.srv.sock}")
+        return h
+
+    def test_add_then_remove_with_a_session_open(self):
+        self.rewrite(export("a") + export("b"))
+        self.reload("configuration reloaded: 1 export(s) added")
+        h = self.connect("b")
+        h.pwrite(b"b" * 4096, 0)
+        self.rewrite(export("a"))
+        self.reload("configuration reloaded: 0 export(s) added, 1 removed")
+        # The open session finishes its work; a new open is refused.
+        self.assertEqual(h.pread(4096, 0), b"b" * 4096)
+        with self.assertRaises(nbd.Error):
+            self.connect("b")
+        nbdv.disconnect(h)
+        # a kept its driver instance: data written before the reloads is still there.
+        x = self.connect("a")
+        x.pwrite(b"k" * 512, 0)
+        self.rewrite(export("a", "    description: changed\n"))
+        self.reload("configuration reloaded: 0 export(s) added, 0 removed, 1 kept")
+        self.assertEqual(x.pread(512, 0), b"k" * 512)
+        nbdv.disconnect(x)
+
+    def test_on_remove_close(self):
+        self.rewrite(export("a") + export("c", "    on-remove: close\n"))
+        self.reload("configuration reloaded: 1 export(s) added")
+        h = self.connect("c")
+        self.rewrite(export("a"))
+        self.reload("was removed by a reload (on-remove: close), closing")
+        with self.assertRaises(nbd.Error):
+            for _ in range(50):
+                h.pread(512, 0)
+                time.sleep(0.02)
+
+    def test_revoked_identity_is_closed(self):
+        self.rewrite(export("a") + export("s", '    allow: ["psk:alice", "psk:bob"]\n'))
+        self.reload("configuration reloaded: 1 export(s) added")
+        alice, bob = self.connect("s", "alice"), self.connect("s", "bob")
+        alice.pwrite(b"a" * 512, 0)
+        self.rewrite(export("a") + export("s", '    allow: ["psk:bob"]\n'))
+        self.reload("psk:alice is no longer allowed on export s after a reload, closing")
+        with self.assertRaises(nbd.Error):
+            for _ in range(50):
+                alice.pread(512, 0)
+                time.sleep(0.02)
+        with self.assertRaises(nbd.Error):
+            self.connect("s", "alice")
+        self.assertEqual(bob.pread(512, 0), b"a" * 512)  # bob untouched
+        nbdv.disconnect(bob)
+
+    def test_invalid_file_and_restart_only_changes_change_nothing(self):
+        h = self.connect("a")
+        with open(self.srv.config, "a") as f:
+            f.write("  - name: [broken\n")
+        self.reload("SIGHUP: configuration not reloaded")
+        self.assertIn("nbdvault.yaml:", self.srv.logtext().splitlines()[-1])
+        self.rewrite(export("a") + export("z"), head=self.head + "limits:\n  max-request: 1M\n")
+        self.reload("limits changed, which needs a restart")
+        with self.assertRaises(nbd.Error):
+            self.connect("z")  # not half applied
+        self.rewrite(export("a").replace("16M", "32M"))
+        self.reload("export a's driver, path, size or mode changed, which needs a restart")
+        self.assertEqual(len(h.pread(512, 0)), 512)
+        nbdv.disconnect(h)
+
+    def test_100_reloads_under_4_clients(self):
+        errors, stop = [], threading.Event()
+
+        def client(i):
+            try:
+                h = self.connect("a")
+                while not stop.is_set():
+                    data = os.urandom(4096)
+                    h.pwrite(data, i * 4096)
+                    if h.pread(4096, i * 4096) != data:
+                        errors.append("mismatch")
+                nbdv.disconnect(h)
+            except nbd.Error as e:
+                errors.append(str(e))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for k in range(100):
+            extra = export(f"x{k % 3}") if k % 2 else ""
+            self.rewrite(export("a") + extra)
+            self.srv.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.01)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertTrue(self.srv.alive())
+
+
+if __name__ == "__main__":
+    nbdv.main()
