@@ -3,10 +3,13 @@
  */
 #include "build-config.h"
 
+#include <errno.h>
 #include <getopt.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "nbdvault/config.h"
 #include "nbdvault/driver.h"
@@ -22,13 +25,16 @@ static void usage(FILE *f)
 		"\n"
 		"  -c, --config FILE   configuration file (default %s)\n"
 		"      --check-config  validate the configuration, list its exports, and exit\n"
+		"      --pidfile FILE  write the server's process id there (removed at exit)\n"
+		"      --reload        send SIGHUP to the server named by --pidfile (default\n"
+		"                      %s): it re-reads its configuration and credentials\n"
 		"  -v, --verbose       log debug messages\n"
 		"  -V, --version       print the version and exit\n"
 		"  -h, --help          print this help and exit\n"
 		"\n"
 		"SIGINT or SIGTERM stops accepting, finishes requests in flight, flushes every\n"
 		"export and exits 0.  See nbdvault(8) and docs/configuration.md.\n",
-		NBDV_DEFAULT_CONFIG);
+		NBDV_DEFAULT_CONFIG, NBDV_DEFAULT_PIDFILE);
 }
 
 static void print_exports(const struct nbdv_config *cfg)
@@ -57,19 +63,55 @@ static void print_exports(const struct nbdv_config *cfg)
 	}
 }
 
+static int write_pidfile(const char *path)
+{
+	FILE *f = fopen(path, "w");
+
+	if (!f || fprintf(f, "%ld\n", (long)getpid()) < 0 || fclose(f) != 0) {
+		fprintf(stderr, "nbdvault: %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* --reload: SIGHUP to the process the pidfile names. */
+static int send_reload(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	long pid = 0;
+
+	if (!f || fscanf(f, "%ld", &pid) != 1 || pid <= 1) {
+		fprintf(stderr, "nbdvault: --reload: %s: %s\n", path,
+			f ? "no process id in it" : strerror(errno));
+		if (f)
+			fclose(f);
+		return 1;
+	}
+	fclose(f);
+	if (kill((pid_t)pid, SIGHUP) < 0) {
+		fprintf(stderr, "nbdvault: --reload: process %ld: %s\n", pid, strerror(errno));
+		return 1;
+	}
+	printf("nbdvault: SIGHUP sent to %ld (see its log for the outcome)\n", pid);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
-	enum { OPT_CHECK = 256 };
+	enum { OPT_CHECK = 256, OPT_PIDFILE, OPT_RELOAD };
 	static const struct option longopts[] = {
 	    {"config", required_argument, NULL, 'c'},
 	    {"check-config", no_argument, NULL, OPT_CHECK},
+	    {"pidfile", required_argument, NULL, OPT_PIDFILE},
+	    {"reload", no_argument, NULL, OPT_RELOAD},
 	    {"verbose", no_argument, NULL, 'v'},
 	    {"version", no_argument, NULL, 'V'},
 	    {"help", no_argument, NULL, 'h'},
 	    {NULL, 0, NULL, 0},
 	};
 	const char *config_path = NBDV_DEFAULT_CONFIG;
-	bool check_only = false;
+	const char *pidfile = NULL;
+	bool check_only = false, reload = false;
 	struct nbdv_config *cfg;
 	struct nbdv_server srv;
 	char err[1024];
@@ -82,6 +124,12 @@ int main(int argc, char **argv)
 			break;
 		case OPT_CHECK:
 			check_only = true;
+			break;
+		case OPT_PIDFILE:
+			pidfile = optarg;
+			break;
+		case OPT_RELOAD:
+			reload = true;
 			break;
 		case 'v':
 			log_set_level(LOG_LVL_DEBUG);
@@ -103,6 +151,8 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
+	if (reload)
+		return send_reload(pidfile ? pidfile : NBDV_DEFAULT_PIDFILE);
 	if (config_load(config_path, &cfg, err, sizeof(err)) < 0) {
 		fprintf(stderr, "nbdvault: %s\n", err);
 		return 1;
@@ -129,12 +179,22 @@ int main(int argc, char **argv)
 		config_free(cfg);
 		return 0;
 	}
+	/* Before the sandbox closes; removed at exit (its directory stays writable). */
+	if (pidfile && write_pidfile(pidfile) < 0) {
+		config_free(cfg);
+		return 1;
+	}
+	cfg->pidfile = pidfile;
 	if (server_init(&srv, cfg) < 0) {
 		server_fini(&srv);
+		if (pidfile)
+			unlink(pidfile);
 		return 1;
 	}
 	log_info("nbdvault %s ready, %zu export(s)", NBDV_VERSION, cfg->n_exports);
 	status = server_run(&srv);
 	server_fini(&srv);
+	if (pidfile && unlink(pidfile) < 0)
+		log_warn("%s: cannot remove: %s", pidfile, strerror(errno));
 	return status;
 }

@@ -276,6 +276,8 @@ static int enter_landlock(const struct nbdv_config *cfg)
 			allow_dir_of(&rs, cfg->listen[i].unix_path, LANDLOCK_ACCESS_FS_REMOVE_FILE);
 	for (size_t i = 0; i < cfg->n_sandbox_paths; i++)
 		allow(&rs, cfg->sandbox_paths[i], rw);
+	if (cfg->pidfile)
+		allow_dir_of(&rs, cfg->pidfile, LANDLOCK_ACCESS_FS_REMOVE_FILE);
 	if (cfg->audit_log && cfg->audit_log[0] == '/') /* reopened (created) on SIGHUP */
 		allow_dir_of(&rs, cfg->audit_log,
 			     LANDLOCK_ACCESS_FS_WRITE_FILE | LANDLOCK_ACCESS_FS_MAKE_REG);

@@ -15,6 +15,7 @@
 #include "nbdvault/compiler.h"
 
 #define NBDV_DEFAULT_CONFIG		"/etc/nbdvault/nbdvault.yaml"
+#define NBDV_DEFAULT_PIDFILE		"/run/nbdvault/nbdvault.pid"
 #define NBDV_DEFAULT_PORT		10809
 #define NBDV_DEFAULT_MAX_REQUEST	(32U * 1024 * 1024)
 #define NBDV_DEFAULT_IO_THREADS		4
@@ -101,6 +102,7 @@ struct nbdv_config {
 	struct nbdv_tls_cfg tls;  /* `tls:` */
 	struct nbdv_listen_cfg *metrics; /* `metrics:` listener, or NULL (off) */
 	char *audit_log;		 /* `audit-log:` path, "stderr", or NULL (off) */
+	const char *pidfile;		 /* --pidfile (not from the file): removed at exit */
 	char *user;			 /* `user:` to run as once listening, or NULL */
 	char *group;			 /* `group:` (default: the user's group), or NULL */
 	bool sandbox;			 /* `sandbox:` Landlock + seccomp once serving */

@@ -110,7 +110,8 @@ class Server:
     {dir} is replaced by the temporary directory.  The server listens on a unix socket
     ({dir}/sock) and, with tcp=True, on 127.0.0.1:<free port>."""
 
-    def __init__(self, exports=None, extra="", tcp=False, tmpdir=None, max_fds=None, env=None):
+    def __init__(self, exports=None, extra="", tcp=False, tmpdir=None, max_fds=None, env=None,
+                 args=()):
         self.dir = tmpdir or tempfile.mkdtemp(prefix="nbdvault-test-")
         self.sock = os.path.join(self.dir, "sock")
         self.port = free_port() if tcp else None
@@ -132,6 +133,7 @@ class Server:
         self.proc = None
         self.max_fds = max_fds  # RLIMIT_NOFILE for the server, to provoke EMFILE
         self.env = env  # extra environment variables for the server
+        self.args = list(args)  # extra command-line arguments
 
     def start(self, timeout=10):
         timeout *= SLOW
@@ -142,7 +144,8 @@ class Server:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_fds, self.max_fds))
 
         env = dict(os.environ, **self.env) if self.env else None
-        self.proc = subprocess.Popen(WRAPPER + [NBDVAULT, "--config", self.config], stdout=logf,
+        self.proc = subprocess.Popen(WRAPPER + [NBDVAULT, "--config", self.config] + self.args,
+                                     stdout=logf,
                                      stderr=logf, preexec_fn=limit, env=env)
         logf.close()
         deadline = time.monotonic() + timeout

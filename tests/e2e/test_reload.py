@@ -117,6 +117,30 @@ class ReloadTest(unittest.TestCase):
         self.assertEqual(len(h.pread(512, 0)), 512)
         nbdv.disconnect(h)
 
+    def test_reload_command_through_the_pidfile(self):
+        pidfile = os.path.join(self.tmp, "nbdvault.pid")
+        srv = nbdv.Server("\n" + export("a"), args=["--pidfile", pidfile]).start()
+        with open(pidfile) as f:
+            self.assertEqual(int(f.read()), srv.proc.pid)
+        with open(srv.config, "a") as f:
+            f.write(export("p"))
+        p = subprocess.run([nbdv.NBDVAULT, "--reload", "--pidfile", pidfile],
+                           capture_output=True, text=True)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        deadline = time.monotonic() + 10 * nbdv.SLOW
+        while "configuration reloaded: 1 export(s) added" not in srv.logtext():
+            self.assertLess(time.monotonic(), deadline, srv.logtext())
+            time.sleep(0.02)
+        h = nbd.NBD()
+        h.connect_uri(srv.uri("p"))
+        nbdv.disconnect(h)
+        srv.__exit__(None, None, None)
+        self.assertFalse(os.path.exists(pidfile))  # removed at exit, sandbox and all
+        p = subprocess.run([nbdv.NBDVAULT, "--reload", "--pidfile", pidfile],
+                           capture_output=True, text=True)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("No such file", p.stderr)
+
     def test_100_reloads_under_4_clients(self):
         errors, stop = [], threading.Event()
 
