@@ -931,6 +931,9 @@ void server_fini(struct nbdv_server *srv)
 	pthread_mutex_destroy(&srv->tls_lock);
 	systemd_notify_close();
 	audit_close();
+	if (srv->live != srv->cfg)
+		config_free(srv->live); /* the newest reloaded snapshot */
+	srv->live = NULL;
 	config_free(srv->cfg);
 	srv->cfg = NULL;
 	for (size_t i = 0; i < srv->n_retired; i++)
