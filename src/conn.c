@@ -226,6 +226,8 @@ uint64_t conn_identity_charge(struct nbdv_conn *c, uint64_t bytes)
 	}
 	row->throttled_ns += wait;
 	pthread_mutex_unlock(&identity_lock);
+	if (wait)
+		metrics_identity_throttled(row->name, wait);
 	return wait;
 }
 

@@ -62,7 +62,7 @@ static uint64_t accepted, hs_ok, hs_resumed, hs_failed;
 #define MAX_IDENTITIES 256
 struct ident {
 	char name[200];
-	uint64_t connections, refusals, bytes;
+	uint64_t connections, refusals, bytes, throttled_ns;
 };
 static pthread_mutex_t ident_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct ident idents[MAX_IDENTITIES + 1];
@@ -153,6 +153,11 @@ void metrics_identity_refused(const char *identity)
 void metrics_identity_bytes(const char *identity, uint64_t bytes)
 {
 	ident_add(identity, offsetof(struct ident, bytes), bytes);
+}
+
+void metrics_identity_throttled(const char *identity, uint64_t ns)
+{
+	ident_add(identity, offsetof(struct ident, throttled_ns), ns);
 }
 
 /* --- exposition --- */
@@ -326,6 +331,14 @@ static char *render(size_t *len)
 	emit_idents(&t, "nbdvault_identity_bytes_total",
 		    "READ and WRITE data of closed connections, by client identity.",
 		    offsetof(struct ident, bytes));
+	head(&t, "nbdvault_identity_throttled_seconds_total", "counter",
+	     "Time requests were held back by the identity's bandwidth or IOPS cap.");
+	for (unsigned i = 0; i <= MAX_IDENTITIES; i++)
+		if (idents[i].name[0])
+			emit(&t,
+			     "nbdvault_identity_throttled_seconds_total{identity=\"%s\"} %.6f\n",
+			     label(idents[i].name, e, sizeof(e)),
+			     (double)idents[i].throttled_ns / 1e9);
 	pthread_mutex_unlock(&ident_lock);
 	if (t.failed) {
 		free(t.p);

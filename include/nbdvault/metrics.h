@@ -48,5 +48,7 @@ void metrics_handshake(const char *outcome);
 void metrics_identity_connected(const char *identity);
 void metrics_identity_refused(const char *identity);
 void metrics_identity_bytes(const char *identity, uint64_t bytes);
+/* Time an identity's connections were held back by its bandwidth or IOPS cap. */
+void metrics_identity_throttled(const char *identity, uint64_t ns);
 
 #endif /* NBDV_METRICS_H */

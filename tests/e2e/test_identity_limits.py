@@ -30,7 +30,9 @@ class IdentityLimitsTest(unittest.TestCase):
         for user in ("alice", "bob", "carol"):
             subprocess.run(["psktool", "-u", user, "-p", self.psk], check=True,
                            capture_output=True)
-        extra = (f"tls:\n  mode: require\n  psk-file: {self.psk}\n"
+        self.mport = nbdv.free_port()
+        extra = (f"metrics:\n  address: 127.0.0.1\n  port: {self.mport}\n"
+                 f"tls:\n  mode: require\n  psk-file: {self.psk}\n"
                  "limits:\n  identity-iops: 200\n  identities:\n"
                  "    psk:alice: {{bandwidth: 4M}}\n    psk:bob: {{bandwidth: 8M}}\n")
         exports = "\n  - name: d\n    driver: memory\n    size: 64M\n"
@@ -66,6 +68,13 @@ class IdentityLimitsTest(unittest.TestCase):
         self.assertAlmostEqual(rates["alice"] / (4 * M), 1.0, delta=0.2)
         self.assertAlmostEqual(rates["bob"] / (8 * M), 1.0, delta=0.2)
         self.assertAlmostEqual(rates["bob"] / rates["alice"], 2.0, delta=0.4)
+        # The time held back shows in the metrics: most of alice's 3 s.
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.mport}/metrics") as r:
+            text = r.read().decode()
+        line = next(l for l in text.splitlines()
+                    if l.startswith('nbdvault_identity_throttled_seconds_total{identity="psk:alice"}'))
+        self.assertGreater(float(line.split()[-1]), 1.0, line)
 
     def test_default_iops_cap(self):
         # carol has no entry of her own: the default 200 requests/s applies.
