@@ -21,8 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "nbdvault/audit.h"
-#include "nbdvault/log.h"
+#include "audit.h"
+#include "log.h"
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER; /* fd and path */
 static int audit_fd = -1;

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "nbdvault/buf.h"
+#include "buf.h"
 
 #define POOL_MIN_SHIFT 12		     /* smallest class: 4 KiB */
 #define POOL_CLASSES   20		     /* up to 2 GiB */

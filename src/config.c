@@ -17,9 +17,9 @@
 #include <unistd.h>
 #include <yaml.h>
 
-#include "nbdvault/config.h"
-#include "nbdvault/driver_registry.h"
-#include "nbdvault/protocol.h"
+#include "config.h"
+#include "driver_registry.h"
+#include "protocol.h"
 
 struct parse_ctx {
 	const char *file;    /* for messages */

@@ -21,18 +21,18 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "nbdvault/audit.h"
-#include "nbdvault/config.h"
-#include "nbdvault/conn.h"
-#include "nbdvault/driver_registry.h"
-#include "nbdvault/export.h"
-#include "nbdvault/handshake.h"
-#include "nbdvault/log.h"
-#include "nbdvault/metrics.h"
-#include "nbdvault/protocol.h"
-#include "nbdvault/server.h"
-#include "nbdvault/transmission.h"
-#include "nbdvault/transport.h"
+#include "audit.h"
+#include "config.h"
+#include "conn.h"
+#include "driver_registry.h"
+#include "export.h"
+#include "handshake.h"
+#include "log.h"
+#include "metrics.h"
+#include "protocol.h"
+#include "server.h"
+#include "transmission.h"
+#include "transport.h"
 
 /* A connection that held at least this much gives free heap back when it is freed. */
 #define NBDV_TRIM_AFTER (4 * 1024 * 1024)

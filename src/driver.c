@@ -10,10 +10,10 @@
 #include <string.h>
 #include <time.h>
 
-#include "nbdvault/buf.h"
-#include "nbdvault/driver_registry.h"
-#include "nbdvault/log.h"
-#include "nbdvault/protocol.h"
+#include "buf.h"
+#include "driver_registry.h"
+#include "log.h"
+#include "protocol.h"
 
 extern const struct nbdv_driver nbdv_driver_file;
 extern const struct nbdv_driver nbdv_driver_memory;

@@ -6,8 +6,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 
-#include "nbdvault/executor.h"
-#include "nbdvault/log.h"
+#include "executor.h"
+#include "log.h"
 
 struct nbdv_executor {
 	pthread_mutex_t lock;		   /* protects everything below and every queue */

@@ -6,10 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "nbdvault/config.h"
-#include "nbdvault/export.h"
-#include "nbdvault/log.h"
-#include "nbdvault/protocol.h"
+#include "config.h"
+#include "export.h"
+#include "log.h"
+#include "protocol.h"
 
 struct nbdv_export *exports_new(const struct nbdv_config *cfg, size_t *n)
 {

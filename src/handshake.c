@@ -15,15 +15,15 @@
 #include <string.h>
 #include <sys/uio.h>
 
-#include "nbdvault/audit.h"
-#include "nbdvault/config.h"
-#include "nbdvault/conn.h"
-#include "nbdvault/export.h"
-#include "nbdvault/handshake.h"
-#include "nbdvault/log.h"
-#include "nbdvault/protonames.h"
-#include "nbdvault/protocol.h"
-#include "nbdvault/server.h"
+#include "audit.h"
+#include "config.h"
+#include "conn.h"
+#include "export.h"
+#include "handshake.h"
+#include "log.h"
+#include "protonames.h"
+#include "protocol.h"
+#include "server.h"
 
 #define META_BASE_ALLOCATION	"base:allocation"
 #define META_BASE_ALLOCATION_ID 1

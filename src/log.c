@@ -10,7 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "nbdvault/log.h"
+#include "log.h"
 
 static enum nbdv_log_level max_level = LOG_LVL_INFO;
 

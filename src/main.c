@@ -11,11 +11,11 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "nbdvault/config.h"
+#include "config.h"
 #include "nbdvault/driver.h"
-#include "nbdvault/log.h"
-#include "nbdvault/server.h"
-#include "nbdvault/tls.h"
+#include "log.h"
+#include "server.h"
+#include "tls.h"
 
 static void usage(FILE *f)
 {

@@ -22,13 +22,13 @@
 
 #include <microhttpd.h>
 
-#include "nbdvault/buf.h"
-#include "nbdvault/config.h"
-#include "nbdvault/export.h"
-#include "nbdvault/log.h"
-#include "nbdvault/metrics.h"
-#include "nbdvault/protocol.h"
-#include "nbdvault/server.h"
+#include "buf.h"
+#include "config.h"
+#include "export.h"
+#include "log.h"
+#include "metrics.h"
+#include "protocol.h"
+#include "server.h"
 
 bool nbdv_metrics_on;
 

@@ -1,9 +1,9 @@
 /* nbdvault - printable names of NBD protocol values. */
 #include "build-config.h"
 
-#include "nbdvault/compiler.h"
-#include "nbdvault/protocol.h"
-#include "nbdvault/protonames.h"
+#include "compiler.h"
+#include "protocol.h"
+#include "protonames.h"
 
 #define NAME(x) [x] = #x
 

@@ -23,11 +23,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "nbdvault/config.h"
-#include "nbdvault/export.h"
-#include "nbdvault/log.h"
-#include "nbdvault/sandbox.h"
-#include "nbdvault/server.h"
+#include "config.h"
+#include "export.h"
+#include "log.h"
+#include "sandbox.h"
+#include "server.h"
 
 static bool same_str(const char *a, const char *b)
 {

@@ -41,10 +41,10 @@
 #include <seccomp.h>
 #endif
 
-#include "nbdvault/compiler.h"
-#include "nbdvault/config.h"
-#include "nbdvault/log.h"
-#include "nbdvault/sandbox.h"
+#include "compiler.h"
+#include "config.h"
+#include "log.h"
+#include "sandbox.h"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define SANITIZED 1

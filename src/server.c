@@ -21,19 +21,19 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "nbdvault/audit.h"
-#include "nbdvault/config.h"
-#include "nbdvault/conn.h"
-#include "nbdvault/executor.h"
-#include "nbdvault/export.h"
-#include "nbdvault/log.h"
-#include "nbdvault/metrics.h"
-#include "nbdvault/sandbox.h"
-#include "nbdvault/server.h"
-#include "nbdvault/systemd.h"
-#include "nbdvault/tls.h"
-#include "nbdvault/transmission.h"
-#include "nbdvault/buf.h"
+#include "audit.h"
+#include "config.h"
+#include "conn.h"
+#include "executor.h"
+#include "export.h"
+#include "log.h"
+#include "metrics.h"
+#include "sandbox.h"
+#include "server.h"
+#include "systemd.h"
+#include "tls.h"
+#include "transmission.h"
+#include "buf.h"
 
 /* Seconds the drain at shutdown may take before remaining connections are cut. */
 #define SHUTDOWN_GRACE 30.0

@@ -20,8 +20,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "nbdvault/log.h"
-#include "nbdvault/systemd.h"
+#include "log.h"
+#include "systemd.h"
 
 #define SD_LISTEN_FDS_START 3
 

@@ -20,11 +20,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "nbdvault/buf.h"
-#include "nbdvault/config.h"
-#include "nbdvault/log.h"
-#include "nbdvault/tls.h"
-#include "nbdvault/transport.h"
+#include "buf.h"
+#include "config.h"
+#include "log.h"
+#include "tls.h"
+#include "transport.h"
 
 #define REC_MAX	     16384		    /* plaintext bytes per TLS record */
 #define SEND_BUDGET  (1024 * 1024)	    /* bytes one sendv call may write */

@@ -15,17 +15,17 @@
 #include <string.h>
 #include <time.h>
 
-#include "nbdvault/config.h"
-#include "nbdvault/conn.h"
-#include "nbdvault/executor.h"
-#include "nbdvault/export.h"
-#include "nbdvault/log.h"
-#include "nbdvault/metrics.h"
-#include "nbdvault/protonames.h"
-#include "nbdvault/protocol.h"
-#include "nbdvault/server.h"
-#include "nbdvault/transmission.h"
-#include "nbdvault/transport.h"
+#include "config.h"
+#include "conn.h"
+#include "executor.h"
+#include "export.h"
+#include "log.h"
+#include "metrics.h"
+#include "protonames.h"
+#include "protocol.h"
+#include "server.h"
+#include "transmission.h"
+#include "transport.h"
 
 /* The id nbdvault gives base:allocation, its only metadata context. */
 #define META_CONTEXT_ID 1

@@ -7,7 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "nbdvault/transport.h"
+#include "transport.h"
 
 /* A failed call's result for the transport ops: -EAGAIN or -errno. */
 static ssize_t failed(void)

@@ -21,7 +21,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 #include "nbdvault/driver.h"
 
 extern const struct nbdv_driver nbdv_driver_memory;

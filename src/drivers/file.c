@@ -30,10 +30,10 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 #include "nbdvault/driver.h"
-#include "nbdvault/log.h"
-#include "nbdvault/protocol.h"
+#include "log.h"
+#include "protocol.h"
 
 /* cachestat(2) is Linux 6.5; older C library headers do not name it.  The number is the
  * same on every architecture (the unified syscall table). */

@@ -19,9 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 #include "nbdvault/driver.h"
-#include "nbdvault/protocol.h"
+#include "protocol.h"
 
 #define CHUNK_SHIFT   12
 #define CHUNK_SIZE    (1ULL << CHUNK_SHIFT)

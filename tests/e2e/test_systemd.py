@@ -117,7 +117,7 @@ class SystemdTest(unittest.TestCase):
                  for d, _, fs in os.walk(dest) for f in fs}
         names = {os.path.basename(f) for f in files}
         for want in ("nbdvault", "nbdvault.8", "nbdvault.service", "nbdvault.socket",
-                     "nbdvault.yaml.example"):
+                     "nbdvault.yaml.example", "driver.h", "nbdvault-driver.pc"):
             self.assertIn(want, names, sorted(files))
         self.assertTrue(any(f.endswith("sysusers.d/nbdvault.conf") for f in files))
         self.assertTrue(any(f.endswith("tmpfiles.d/nbdvault.conf") for f in files))

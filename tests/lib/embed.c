@@ -9,11 +9,11 @@
 #include <unistd.h>
 
 #include "embed.h"
-#include "nbdvault/config.h"
-#include "nbdvault/conn.h"
-#include "nbdvault/log.h"
-#include "nbdvault/server.h"
-#include "nbdvault/transport.h"
+#include "config.h"
+#include "conn.h"
+#include "log.h"
+#include "server.h"
+#include "transport.h"
 
 struct memtp {
 	struct nbdv_transport base; /* must be first */

@@ -7,7 +7,7 @@
 #include <unistd.h>
 
 #include "check.h"
-#include "nbdvault/buf.h"
+#include "buf.h"
 
 int main(void)
 {

@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "check.h"
-#include "nbdvault/config.h"
+#include "config.h"
 
 static void test_sizes(void)
 {

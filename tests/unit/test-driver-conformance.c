@@ -16,8 +16,8 @@
 #include <unistd.h>
 
 #include "check.h"
-#include "nbdvault/driver_registry.h"
-#include "nbdvault/protocol.h"
+#include "driver_registry.h"
+#include "protocol.h"
 
 #define SIZE (8ULL << 20)
 #define CH   65536ULL

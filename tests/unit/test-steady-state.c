@@ -20,9 +20,9 @@
 #include <unistd.h>
 
 #include "check.h"
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 #include "embed.h"
-#include "nbdvault/protocol.h"
+#include "protocol.h"
 
 void *__real_malloc(size_t n);
 void *__real_calloc(size_t n, size_t m);

@@ -19,10 +19,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "nbdvault/buf.h"
-#include "nbdvault/compiler.h"
-#include "nbdvault/executor.h"
-#include "nbdvault/tls.h"
+#include "buf.h"
+#include "compiler.h"
+#include "executor.h"
+#include "tls.h"
 
 /* Longest option payload accepted; longer ones get NBD_REP_ERR_TOO_BIG and a close. */
 #define NBDV_MAX_OPTION (64 * 1024)

@@ -14,7 +14,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 struct nbdv_transport;
 

@@ -5,7 +5,7 @@
 #ifndef NBDV_SANDBOX_H
 #define NBDV_SANDBOX_H
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 #include <stdbool.h>
 #include <stddef.h>

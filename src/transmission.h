@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 struct nbdv_conn;
 struct nbdv_req;

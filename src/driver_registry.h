@@ -12,7 +12,7 @@
 #include <pthread.h>
 #include <stdint.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 #include "nbdvault/driver.h"
 
 /* The driver table registered under @name, or NULL. */

@@ -12,7 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 struct nbdv_tls;
 struct nbdv_tls_cfg;

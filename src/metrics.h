@@ -12,7 +12,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 struct nbdv_server;
 

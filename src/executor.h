@@ -22,7 +22,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 struct nbdv_executor;
 struct nbdv_exec_port;

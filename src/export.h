@@ -12,9 +12,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "nbdvault/compiler.h"
-#include "nbdvault/driver_registry.h"
-#include "nbdvault/metrics.h"
+#include "compiler.h"
+#include "driver_registry.h"
+#include "metrics.h"
 
 struct nbdv_export_cfg;
 struct nbdv_config;

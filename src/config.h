@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 #define NBDV_DEFAULT_CONFIG		"/etc/nbdvault/nbdvault.yaml"
 #define NBDV_DEFAULT_PIDFILE		"/run/nbdvault/nbdvault.pid"

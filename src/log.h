@@ -8,7 +8,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 enum nbdv_log_level {
 	LOG_LVL_ERR,

@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 struct nbdv_conn;
 

@@ -22,8 +22,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "nbdvault/compiler.h"
-#include "nbdvault/executor.h"
+#include "compiler.h"
+#include "executor.h"
 
 struct nbdv_config;
 struct nbdv_conn;

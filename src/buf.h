@@ -20,7 +20,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 #define NBDV_OUTMSG_IOV 4
 

@@ -4,7 +4,7 @@
 #ifndef NBDV_SYSTEMD_H
 #define NBDV_SYSTEMD_H
 
-#include "nbdvault/compiler.h"
+#include "compiler.h"
 
 /* Listening sockets passed by socket activation (LISTEN_PID/LISTEN_FDS), up to @max,
  * made non-blocking and close-on-exec; returns how many (0 without activation). */
