@@ -392,6 +392,10 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 			size_node = v;
 		} else if (strcmp(key, "readonly") == 0) {
 			r = get_bool(ctx, v, sub, &e->readonly);
+		} else if (strcmp(key, "bandwidth") == 0) {
+			r = get_size(ctx, v, sub, &e->bandwidth);
+		} else if (strcmp(key, "iops") == 0) {
+			r = get_uint(ctx, v, sub, 0, 100000000, &e->iops);
 		} else if (strcmp(key, "on-remove") == 0) {
 			r = want_type(ctx, v, YAML_SCALAR_NODE, sub);
 			if (r == 0 && strcmp(scalar(v), "close") == 0)
@@ -416,7 +420,9 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 			r = fail(
 			    ctx, k,
 			    "%s: unknown key '%.64s' (expected name, description, driver, path, "
-			    "size, readonly, resizable, max-size, on-remove, tls or allow)",
+			    "size, readonly, resizable, max-size, bandwidth, iops, on-remove, tls "
+			    "or "
+			    "allow)",
 			    path, key);
 		}
 		if (r < 0)

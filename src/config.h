@@ -74,6 +74,8 @@ struct nbdv_export_cfg {
 	bool on_remove_close;	       /* `on-remove: close`: a reload removing it closes
 					* its sessions (default finish) */
 	uint64_t max_size;	       /* `max-size:` largest RESIZE (0: no limit) */
+	uint64_t bandwidth;	       /* `bandwidth:` bytes/s for all its sessions (0: none) */
+	uint64_t iops;		       /* `iops:` requests/s for all its sessions (0: none) */
 	bool tls_required;	       /* `tls: require` (matters in optional mode) */
 	char **allow;		       /* `allow:` identities ("cn:", "dn:", "psk:"), or NULL */
 	size_t n_allow;		       /* entries in allow */

@@ -133,9 +133,8 @@ struct identity_row {
 	unsigned conns;
 	unsigned max_conns;	   /* 0: no cap */
 	double bw_rate, iops_rate; /* per second; 0: no cap */
-	double bw_tokens, iops_tokens;
-	uint64_t refilled_ns;  /* when the tokens were last topped up */
-	uint64_t throttled_ns; /* time its connections were held back (metrics) */
+	struct nbdv_rate rate;	   /* their buckets */
+	uint64_t throttled_ns;	   /* time its connections were held back (metrics) */
 };
 static pthread_mutex_t identity_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct identity_row *identity_rows;
@@ -159,7 +158,6 @@ static void identity_caps(const struct nbdv_config *cfg, struct identity_row *ro
 	row->max_conns = l->max_connections ? l->max_connections : cfg->max_conns_per_identity;
 	row->bw_rate = (double)(l->bandwidth ? l->bandwidth : cfg->identity_default.bandwidth);
 	row->iops_rate = (double)(l->iops ? l->iops : cfg->identity_default.iops);
-	row->refilled_ns = now_ns();
 }
 
 /* Count @c against its identity's caps; false when the connection cap (or the table)
@@ -192,38 +190,17 @@ static bool identity_acquire(struct nbdv_conn *c, const char *id)
 }
 
 /* Tokens a bucket may hold: a tenth of a second at its rate. */
-#define BUCKET_SECONDS 0.1
-
 /* Take one request of @bytes from the identity's buckets; returns how long (ns) the
  * connection must wait before reading another request, 0 when it need not. */
 uint64_t conn_identity_charge(struct nbdv_conn *c, uint64_t bytes)
 {
 	struct identity_row *row = c->identity_row;
-	uint64_t now, wait = 0;
-	double dt;
+	uint64_t wait;
 
 	if (!row || (!row->bw_rate && !row->iops_rate))
 		return 0;
-	now = now_ns();
 	pthread_mutex_lock(&identity_lock);
-	dt = (double)(now - row->refilled_ns) / 1e9;
-	row->refilled_ns = now;
-	if (row->bw_rate) {
-		row->bw_tokens += dt * row->bw_rate;
-		if (row->bw_tokens > row->bw_rate * BUCKET_SECONDS)
-			row->bw_tokens = row->bw_rate * BUCKET_SECONDS;
-		row->bw_tokens -= (double)bytes;
-		if (row->bw_tokens < 0)
-			wait = (uint64_t)(-row->bw_tokens / row->bw_rate * 1e9);
-	}
-	if (row->iops_rate) {
-		row->iops_tokens += dt * row->iops_rate;
-		if (row->iops_tokens > row->iops_rate * BUCKET_SECONDS + 1)
-			row->iops_tokens = row->iops_rate * BUCKET_SECONDS + 1;
-		row->iops_tokens -= 1;
-		if (row->iops_tokens < 0)
-			wait = NBDV_MAX(wait, (uint64_t)(-row->iops_tokens / row->iops_rate * 1e9));
-	}
+	wait = rate_take(&row->rate, row->bw_rate, row->iops_rate, bytes, now_ns());
 	row->throttled_ns += wait;
 	pthread_mutex_unlock(&identity_lock);
 	if (wait)

@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "config.h"
 #include "export.h"
@@ -17,6 +18,8 @@ struct nbdv_export *exports_new(const struct nbdv_config *cfg, size_t *n)
 
 	if (!v)
 		return NULL;
+	for (size_t i = 0; i < cfg->n_exports + NBDV_RELOAD_EXPORTS; i++)
+		pthread_mutex_init(&v[i].rate_lock, NULL);
 	for (size_t i = 0; i < cfg->n_exports; i++)
 		v[i].cfg = &cfg->exports[i];
 	*n = cfg->n_exports;
@@ -49,7 +52,7 @@ void exports_free(struct nbdv_export *v, size_t n)
 		if (v[i].opened)
 			driver_close(&v[i].dev);
 	}
-	free(v);
+	free(v); /* (rate_lock: nothing to release on Linux for a default mutex) */
 }
 
 struct nbdv_export *exports_find(struct nbdv_export *v, size_t n, const struct nbdv_config *cfg,
@@ -161,4 +164,47 @@ uint16_t export_tflags(uint32_t caps, bool structured, bool extended)
 	if (extended)
 		f |= NBD_FLAG_BLOCK_STAT_PAYLOAD;
 	return f;
+}
+
+#define BUCKET_SECONDS 0.1 /* a bucket holds a tenth of a second of its rate */
+
+uint64_t rate_take(struct nbdv_rate *r, double bw, double iops, uint64_t bytes, uint64_t now)
+{
+	double dt = r->refilled_ns ? (double)(now - r->refilled_ns) / 1e9 : BUCKET_SECONDS;
+	uint64_t wait = 0;
+
+	r->refilled_ns = now;
+	if (bw > 0) {
+		r->bw_tokens += dt * bw;
+		if (r->bw_tokens > bw * BUCKET_SECONDS)
+			r->bw_tokens = bw * BUCKET_SECONDS;
+		r->bw_tokens -= (double)bytes;
+		if (r->bw_tokens < 0)
+			wait = (uint64_t)(-r->bw_tokens / bw * 1e9);
+	}
+	if (iops > 0) {
+		r->iops_tokens += dt * iops;
+		if (r->iops_tokens > iops * BUCKET_SECONDS + 1)
+			r->iops_tokens = iops * BUCKET_SECONDS + 1;
+		r->iops_tokens -= 1;
+		if (r->iops_tokens < 0)
+			wait = NBDV_MAX(wait, (uint64_t)(-r->iops_tokens / iops * 1e9));
+	}
+	return wait;
+}
+
+uint64_t export_charge(struct nbdv_export *e, uint64_t bytes)
+{
+	const struct nbdv_export_cfg *c = e->cfg;
+	struct timespec ts;
+	uint64_t wait;
+
+	if (!c->bandwidth && !c->iops)
+		return 0;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	pthread_mutex_lock(&e->rate_lock);
+	wait = rate_take(&e->rate, (double)c->bandwidth, (double)c->iops, bytes,
+			 (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec);
+	pthread_mutex_unlock(&e->rate_lock);
+	return wait;
 }

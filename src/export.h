@@ -9,6 +9,7 @@
 #ifndef NBDV_EXPORT_H
 #define NBDV_EXPORT_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -18,6 +19,17 @@
 
 struct nbdv_export_cfg;
 struct nbdv_config;
+
+/* A token bucket pair for bandwidth and IOPS caps (per identity, per export). */
+struct nbdv_rate {
+	double bw_tokens, iops_tokens;
+	uint64_t refilled_ns; /* CLOCK_MONOTONIC when last topped up (0: never) */
+};
+
+/* Take one request of @bytes at @now from @r, refilled at @bw and @iops per second
+ * (0: no cap) and holding 0.1 s of each; returns the ns to wait before the next
+ * request, 0 for none.  The caller serialises calls on @r. */
+uint64_t rate_take(struct nbdv_rate *r, double bw, double iops, uint64_t bytes, uint64_t now);
 
 /* Exports a SIGHUP reload may add beyond those at start. */
 #define NBDV_RELOAD_EXPORTS 64
@@ -30,6 +42,8 @@ struct nbdv_export {
 	struct nbdv_dev dev;		    /* valid when opened */
 	bool opened;			    /* dev.inst is live */
 	unsigned sessions;		    /* connections in transmission on it (atomic) */
+	pthread_mutex_t rate_lock;	    /* protects rate */
+	struct nbdv_rate rate;		    /* `bandwidth:` and `iops:` of the export */
 	struct nbdv_export_metrics metrics; /* counters for /metrics */
 };
 
@@ -55,6 +69,10 @@ int export_open(struct nbdv_export *e, const struct nbdv_dev **dev) NBDV_WUR;
  * Returns 0 or -errno.
  */
 int export_describe(struct nbdv_export *e, uint64_t *size, uint32_t *caps) NBDV_WUR;
+
+/* Charge a request of @bytes to @e's caps (from its current config); the ns to wait
+ * before reading another request from that connection, or 0. */
+uint64_t export_charge(struct nbdv_export *e, uint64_t bytes);
 
 /* Transmission flags for capabilities @caps, given whether structured replies and
  * extended headers are on. */

@@ -950,11 +950,14 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 		return TX_DISC;
 	}
 	plen = payload_length(c, r);
-	if (c->identity_row) {
-		/* Per-identity caps: this request is let through; the next waits its turn. */
-		uint64_t wait = conn_identity_charge(
-		    c,
-		    r->type == NBD_CMD_READ ? NBDV_MIN(r->count, c->srv->cfg->max_request) : plen);
+	{
+		/* Caps of the identity and of the export: this request is let through; the
+		 * connection's next one waits its turn. */
+		uint64_t bytes =
+		    r->type == NBD_CMD_READ ? NBDV_MIN(r->count, c->srv->cfg->max_request) : plen;
+		uint64_t by_identity = conn_identity_charge(c, bytes);
+		uint64_t by_export = export_charge(c->exp, bytes);
+		uint64_t wait = NBDV_MAX(by_identity, by_export); /* (a macro: no calls in it) */
 		if (wait)
 			conn_pause_reading(c, wait);
 	}

@@ -35,7 +35,8 @@ class IdentityLimitsTest(unittest.TestCase):
                  f"tls:\n  mode: require\n  psk-file: {self.psk}\n"
                  "limits:\n  identity-iops: 200\n  identities:\n"
                  "    psk:alice: {{bandwidth: 4M}}\n    psk:bob: {{bandwidth: 8M}}\n")
-        exports = "\n  - name: d\n    driver: memory\n    size: 64M\n"
+        exports = ("\n  - name: d\n    driver: memory\n    size: 64M\n"
+                   "  - name: capped\n    driver: memory\n    size: 64M\n    bandwidth: 2M\n")
         self.srv = nbdv.Server(exports, extra=extra).start()
         self.addCleanup(self.srv.__exit__, None, None, None)
 
@@ -75,6 +76,30 @@ class IdentityLimitsTest(unittest.TestCase):
         line = next(l for l in text.splitlines()
                     if l.startswith('nbdvault_identity_throttled_seconds_total{identity="psk:alice"}'))
         self.assertGreater(float(line.split()[-1]), 1.0, line)
+
+    def test_export_cap_shared_by_its_sessions(self):
+        # Two of carol's connections on an export capped at 2 MiB/s share that cap.
+        seconds, done = 3.0, []
+
+        def writer(base):
+            h = nbdv.psk_connect(self.srv.sock, "capped", self.psk, "carol")
+            buf = os.urandom(128 * 1024)
+            n, t0 = 0, time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                h.pwrite(buf, base + (n % (8 * M)))
+                n += len(buf)
+            done.append(n)
+            nbdv.disconnect(h)
+
+        threads = [threading.Thread(target=writer, args=(i * 16 * M,)) for i in range(2)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        rate = sum(done) / (time.monotonic() - t0)
+        print(f"export capped at 2 MiB/s: {rate / M:.2f} MiB/s over 2 connections")
+        self.assertAlmostEqual(rate / (2 * M), 1.0, delta=0.2)
 
     def test_default_iops_cap(self):
         # carol has no entry of her own: the default 200 requests/s applies.

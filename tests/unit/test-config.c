@@ -101,6 +101,8 @@ static void test_full(const char *dir)
 	CHECK(cfg->exports[0].size == 10ULL << 30 && cfg->exports[0].size_given);
 	CHECK(!cfg->exports[0].readonly);
 	CHECK(cfg->exports[0].resizable && cfg->exports[0].max_size == 1ULL << 40);
+	CHECK(cfg->exports[0].bandwidth == 500ULL << 20 && cfg->exports[0].iops == 10000);
+	CHECK(cfg->exports[1].bandwidth == 0 && cfg->exports[1].iops == 0);
 	CHECK(!cfg->exports[1].resizable && cfg->exports[1].max_size == 0);
 	CHECK(!cfg->exports[0].on_remove_close && cfg->exports[1].on_remove_close);
 	CHECK(cfg->exports[1].readonly && cfg->exports[1].size == 512 * 1024);
