@@ -102,6 +102,32 @@ class ReloadTest(unittest.TestCase):
         self.assertEqual(bob.pread(512, 0), b"a" * 512)  # bob untouched
         nbdv.disconnect(bob)
 
+    def test_revocation_bites_on_a_running_qemu_io(self):
+        # qemu-io reads, sleeps while the operator removes alice from the allow list and
+        # reloads, then reads again: that read fails, and a new connection is refused.
+        nbdv.require("qemu-io")
+        self.rewrite(export("a") + export("s", '    allow: ["psk:alice"]\n'))
+        self.reload("configuration reloaded: 1 export(s) added")
+        qdir = os.path.join(self.tmp, "qemu-psk")
+        os.mkdir(qdir)
+        shutil.copy(self.psk, os.path.join(qdir, "keys.psk"))
+        obj = f"tls-creds-psk,id=t0,dir={qdir},username=alice,endpoint=client"
+        opts = f"driver=nbd,path={self.srv.sock},export=s,tls-creds=t0"
+        q = subprocess.Popen(["qemu-io", "--object", obj, "--image-opts", opts,
+                              "-c", "read 0 512", "-c", f"sleep {int(3000 * nbdv.SLOW)}",
+                              "-c", "read 0 512"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 20 * nbdv.SLOW
+        while "serving export s" not in self.srv.logtext():
+            self.assertLess(time.monotonic(), deadline, self.srv.logtext()[-2000:])
+            time.sleep(0.05)
+        self.rewrite(export("a") + export("s", '    allow: ["psk:bob"]\n'))
+        self.reload("psk:alice is no longer allowed on export s after a reload, closing")
+        out, _ = q.communicate(timeout=60 * nbdv.SLOW)
+        self.assertEqual(out.count("read 512/512 bytes"), 1, out)  # the second read failed
+        with self.assertRaises(nbd.Error):
+            self.connect("s", "alice")
+
     def test_invalid_file_and_restart_only_changes_change_nothing(self):
         h = self.connect("a")
         with open(self.srv.config, "a") as f:
