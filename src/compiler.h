@@ -3,6 +3,8 @@
 #define NBDV_COMPILER_H
 
 #include <stddef.h>
+#include <stdint.h>
+#include <time.h>
 
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -16,5 +18,14 @@
 
 #define NBDV_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define NBDV_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+/* CLOCK_MONOTONIC in nanoseconds (vDSO: no system call). */
+static inline uint64_t nbdv_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
 
 #endif /* NBDV_COMPILER_H */

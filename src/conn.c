@@ -97,8 +97,6 @@ static void ibuf_free(uint8_t *p)
 #endif
 }
 
-static uint64_t now_ns(void);
-
 /* The listening address a connection came in on, for the audit log. */
 static const char *local_name(int fd, char *buf, size_t len)
 {
@@ -200,7 +198,7 @@ uint64_t conn_identity_charge(struct nbdv_conn *c, uint64_t bytes)
 	if (!row || (!row->bw_rate && !row->iops_rate))
 		return 0;
 	pthread_mutex_lock(&identity_lock);
-	wait = rate_take(&row->rate, row->bw_rate, row->iops_rate, bytes, now_ns());
+	wait = rate_take(&row->rate, row->bw_rate, row->iops_rate, bytes, nbdv_now_ns());
 	row->throttled_ns += wait;
 	pthread_mutex_unlock(&identity_lock);
 	if (wait)
@@ -322,7 +320,7 @@ struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transpo
 		ev_timer_start(r->loop, &c->timer);
 	reactor_conn_add(r, c);
 	log_info("c%u: connection from %s (worker %u)", c->id, peer, r->idx);
-	c->started_ns = now_ns();
+	c->started_ns = nbdv_now_ns();
 	metrics_accepted();
 	if (audit_enabled()) {
 		char local[128];
@@ -644,7 +642,7 @@ bool conn_release(struct nbdv_conn *c)
 			    (unsigned long long)c->read_bytes, "bytes_written",
 			    (unsigned long long)c->write_bytes, "requests",
 			    (unsigned long long)c->requests, "duration_s",
-			    (double)(now_ns() - c->started_ns) / 1e9, "reason",
+			    (double)(nbdv_now_ns() - c->started_ns) / 1e9, "reason",
 			    c->close_reason ? c->close_reason : "closed");
 	if (c->exp)
 		__atomic_sub_fetch(&c->exp->sessions, 1, __ATOMIC_RELAXED);
@@ -719,19 +717,11 @@ static void limit_unsent(struct nbdv_conn *c)
 		log_debug("c%u: TCP_NOTSENT_LOWAT: %s", c->id, strerror(errno));
 }
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* Start a turn: this connection may now take NBDV_TURN_REQUESTS or NBDV_TURN_NS. */
 static void turn_begin(struct nbdv_conn *c)
 {
 	c->turn_left = NBDV_TURN_REQUESTS;
-	c->turn_end = c->fd >= 0 ? now_ns() + NBDV_TURN_NS : UINT64_MAX;
+	c->turn_end = c->fd >= 0 ? nbdv_now_ns() + NBDV_TURN_NS : UINT64_MAX;
 }
 
 /* Whether the turn is used up (checked before each request; an in-memory connection,
@@ -740,7 +730,7 @@ static bool turn_over(struct nbdv_conn *c)
 {
 	if (c->fd < 0)
 		return false;
-	return c->turn_left == 0 || now_ns() >= c->turn_end;
+	return c->turn_left == 0 || nbdv_now_ns() >= c->turn_end;
 }
 
 /* A turn ended with work left: come back after the loop has polled everyone else. */

@@ -241,14 +241,6 @@ static uint32_t native_flags(const struct nbdv_dev *d, uint32_t flags)
 	return (d->caps & NBDV_CAP_FUA) ? flags : flags & ~NBDV_F_FUA;
 }
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
 uint64_t driver_stall_limit(uint64_t len)
 {
 	return NBDV_STALL_NS + (len >> 10) * NBDV_STALL_NS_PER_KIB;
@@ -289,14 +281,14 @@ int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint6
 		return -EINVAL;
 	/* Only plain writes say how quick an inline one would be (FUA waits for the disk). */
 	if (g && !flags) {
-		t0 = now_ns();
+		t0 = nbdv_now_ns();
 		if (t0 >= atomic_load_explicit(&g->closed_until, RELAXED))
 			t0 = 0; /* gate open: nothing to learn */
 	}
 	r = emulate_fua(d, d->inst->drv->pwrite(d->inst, buf, len, off, native_flags(d, flags)),
 			flags);
 	if (t0 && r == 0)
-		gate_evidence(g, t0, now_ns(), len);
+		gate_evidence(g, t0, nbdv_now_ns(), len);
 	return r;
 }
 
@@ -339,11 +331,11 @@ int driver_pwrite_nowait(const struct nbdv_dev *d, const void *buf, uint64_t len
 		return -EINVAL;
 	if (!g)
 		return -EAGAIN;
-	t0 = now_ns();
+	t0 = nbdv_now_ns();
 	if (t0 < atomic_load_explicit(&g->closed_until, RELAXED))
 		return -EAGAIN;
 	r = d->inst->drv->pwrite_nowait(d->inst, buf, len, off);
-	t1 = now_ns();
+	t1 = nbdv_now_ns();
 	if (t1 - t0 > driver_stall_limit(len))
 		gate_stall(g, t0, t1);
 	return r;

@@ -196,15 +196,12 @@ uint64_t rate_take(struct nbdv_rate *r, double bw, double iops, uint64_t bytes, 
 uint64_t export_charge(struct nbdv_export *e, uint64_t bytes)
 {
 	const struct nbdv_export_cfg *c = e->cfg;
-	struct timespec ts;
 	uint64_t wait;
 
 	if (!c->bandwidth && !c->iops)
 		return 0;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
 	pthread_mutex_lock(&e->rate_lock);
-	wait = rate_take(&e->rate, (double)c->bandwidth, (double)c->iops, bytes,
-			 (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec);
+	wait = rate_take(&e->rate, (double)c->bandwidth, (double)c->iops, bytes, nbdv_now_ns());
 	pthread_mutex_unlock(&e->rate_lock);
 	return wait;
 }

@@ -537,12 +537,8 @@ static void reload_tls(struct nbdv_server *srv)
 static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
 	struct nbdv_server *srv = container_of(w, struct nbdv_server, sighup);
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
 	systemd_notify("RELOADING=1\nMONOTONIC_USEC=%llu\nSTATUS=reloading",
-		       (unsigned long long)ts.tv_sec * 1000000ULL +
-			   (unsigned long long)ts.tv_nsec / 1000);
+		       (unsigned long long)(nbdv_now_ns() / 1000));
 	reload_tls(srv);
 	audit_reopen(); /* logrotate renamed it */
 	(void)server_reload(srv);

@@ -546,15 +546,11 @@ static void submit_done_inline(struct nbdv_conn *c, struct nbdv_req *r)
 /* Count a reply in the export's metrics. */
 static void count(struct nbdv_conn *c, const struct nbdv_req *r, uint32_t nbd_err)
 {
-	struct timespec ts;
-
 	if (!nbdv_metrics_on)
 		return;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
 	metrics_request(&c->exp->metrics, r->type, nbd_err,
 			!nbd_err && r->type == NBD_CMD_READ ? r->count : 0,
-			!nbd_err && r->type == NBD_CMD_WRITE ? r->count : 0,
-			(uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec - r->t0);
+			!nbd_err && r->type == NBD_CMD_WRITE ? r->count : 0, nbdv_now_ns() - r->t0);
 }
 
 static void req_done(struct nbdv_job *job)
@@ -940,11 +936,8 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 		  (unsigned long long)r->offset, (unsigned long long)r->count);
 
 	c->requests++;
-	if (nbdv_metrics_on) {
-		struct timespec ts;
-		clock_gettime(CLOCK_MONOTONIC, &ts);
-		r->t0 = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-	}
+	if (nbdv_metrics_on)
+		r->t0 = nbdv_now_ns();
 	if (r->type == NBD_CMD_DISC) {
 		transmission_req_free(r);
 		return TX_DISC;
