@@ -27,6 +27,8 @@ import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import wait_socket  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 import nbdv  # noqa: E402
 import test_fairness as tf  # noqa: E402
@@ -35,21 +37,6 @@ import nbd  # noqa: E402
 
 SAMPLES = 400
 HOG_SECONDS = 8
-
-
-def wait_socket(path, proc, timeout=20):
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(path)
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not listen")
 
 
 def start(kind, backing, sock, nbdvault, tmp):

@@ -18,21 +18,8 @@ import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-def wait_socket(path, proc):
-    import socket
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(path)
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not listen")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import wait_socket  # noqa: E402
 
 
 def run(nbdvault, nbdload, tmp, metrics, pattern):
