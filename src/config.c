@@ -26,7 +26,8 @@ struct parse_ctx {
 	yaml_document_t doc; /* the loaded document */
 	char *err;	     /* caller's error buffer */
 	size_t errlen;
-	bool failed; /* first error already recorded */
+	bool failed;		/* first error already recorded */
+	const char *driver_dir; /* `driver-dir:` (read before the exports), or NULL */
 };
 
 /* Record the first error, at @node's position. */
@@ -97,23 +98,31 @@ static int get_string(struct parse_ctx *ctx, const yaml_node_t *n, const char *p
 	return 0;
 }
 
-static int get_bool(struct parse_ctx *ctx, const yaml_node_t *n, const char *path, bool *out)
+/* YAML's spellings of a boolean; 0, or -1 for anything else. */
+static int bool_word(const char *s, bool *out)
 {
 	static const char *const yes[] = {"true", "True", "TRUE", "yes", "Yes", "on", "On"};
 	static const char *const no[] = {"false", "False", "FALSE", "no", "No", "off", "Off"};
 
-	if (want_type(ctx, n, YAML_SCALAR_NODE, path) < 0)
-		return -1;
 	for (size_t i = 0; i < ARRAY_SIZE(yes); i++) {
-		if (strcmp(scalar(n), yes[i]) == 0) {
+		if (strcmp(s, yes[i]) == 0) {
 			*out = true;
 			return 0;
 		}
-		if (strcmp(scalar(n), no[i]) == 0) {
+		if (strcmp(s, no[i]) == 0) {
 			*out = false;
 			return 0;
 		}
 	}
+	return -1;
+}
+
+static int get_bool(struct parse_ctx *ctx, const yaml_node_t *n, const char *path, bool *out)
+{
+	if (want_type(ctx, n, YAML_SCALAR_NODE, path) < 0)
+		return -1;
+	if (bool_word(scalar(n), out) == 0)
+		return 0;
 	return fail(ctx, n, "%s: expected true or false, found '%.64s'", path, scalar(n));
 }
 
@@ -359,12 +368,97 @@ static int parse_tls(struct parse_ctx *ctx, const yaml_node_t *map, struct nbdv_
 	return 0;
 }
 
+/*
+ * Set @v for driver key @k from @text (the YAML scalar at @n, or the key's default):
+ * checked against the key's type.  @sub names the key in messages.
+ */
+static int driver_value(struct parse_ctx *ctx, const yaml_node_t *n, const char *sub,
+			const struct nbdv_key *k, const char *text, struct nbdv_value *v)
+{
+	static const char *const types[] = {"",		 "a string",   "a path",
+					    "a boolean", "an integer", "a size"};
+	char *end;
+	int r = 0;
+
+	errno = 0;
+	switch (k->type) {
+	case NBDV_KEY_STRING:
+		break;
+	case NBDV_KEY_PATH:
+		if (!text[0])
+			r = -1;
+		break;
+	case NBDV_KEY_BOOL:
+		r = bool_word(text, &v->flag);
+		break;
+	case NBDV_KEY_UINT:
+		v->num = strtoull(text, &end, 10);
+		if (*text < '0' || *text > '9' || *end || errno == ERANGE)
+			r = -1;
+		break;
+	case NBDV_KEY_SIZE:
+		r = config_parse_size(text, &v->num);
+		break;
+	}
+	if (r < 0)
+		return fail(ctx, n, "%s: expected %s, found '%.64s'", sub, types[k->type], text);
+	free((char *)v->str);
+	v->str = strdup(text);
+	if (!v->str)
+		return fail(ctx, n, "%s: out of memory", sub);
+	v->set = true;
+	return 0;
+}
+
+/* "pool, image, ..." : a driver's keys, for messages. */
+static void key_list(const struct nbdv_driver *drv, char *out, size_t len)
+{
+	out[0] = '\0';
+	for (const struct nbdv_key *k = drv->keys; k && k->name; k++)
+		snprintf(out + strlen(out), len - strlen(out), ", %s", k->name);
+}
+
+/* `driver:` of the export at @map: resolved (loading it if it is a plugin) into e->drv. */
+static int export_driver(struct parse_ctx *ctx, const yaml_node_t *map, const char *path,
+			 struct nbdv_export_cfg *e)
+{
+	const yaml_node_t *node = NULL, *name = NULL;
+	size_t n = 0;
+	char why[512];
+
+	for_each_pair (ctx, map, p) {
+		const char *key = scalar(yaml_document_get_node(&ctx->doc, p->key));
+		if (strcmp(key, "driver") == 0)
+			node = yaml_document_get_node(&ctx->doc, p->value);
+		else if (strcmp(key, "name") == 0)
+			name = yaml_document_get_node(&ctx->doc, p->value);
+	}
+	if (!node)
+		return fail(ctx, map, "%s: missing required key 'driver'", path);
+	if (want_type(ctx, node, YAML_SCALAR_NODE, path) < 0)
+		return -1;
+	e->drv = driver_find(scalar(node), ctx->driver_dir, why, sizeof(why));
+	if (!e->drv)
+		return fail(ctx, node, "%s.driver: %s (export '%.64s')", path, why,
+			    name && name->type == YAML_SCALAR_NODE ? scalar(name) : "");
+	for (const struct nbdv_key *k = e->drv->keys; k && k->name; k++)
+		n++;
+	e->n_values = n;
+	e->values = calloc(n ? n : 1, sizeof(*e->values));
+	if (!e->values)
+		return fail(ctx, node, "%s.driver: out of memory", path);
+	return 0;
+}
+
 static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const char *path,
 			struct nbdv_export_cfg *e)
 {
-	const yaml_node_t *name_node = NULL, *size_node = NULL, *driver_node = NULL;
+	const yaml_node_t *name_node = NULL, *size_node = NULL;
 
 	if (want_type(ctx, map, YAML_MAPPING_NODE, path) < 0 || check_keys(ctx, map, path) < 0)
+		return -1;
+	/* The driver first: it says which further keys the export may have. */
+	if (export_driver(ctx, map, path, e) < 0)
 		return -1;
 	for_each_pair (ctx, map, p) {
 		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
@@ -383,9 +477,6 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 				r = fail(ctx, v, "%s: longer than %d bytes", sub, NBD_MAX_STRING);
 		} else if (strcmp(key, "driver") == 0) {
 			r = get_string(ctx, v, sub, &e->driver_name);
-			driver_node = v;
-		} else if (strcmp(key, "path") == 0) {
-			r = get_string(ctx, v, sub, &e->path);
 		} else if (strcmp(key, "size") == 0) {
 			r = get_size(ctx, v, sub, &e->size);
 			e->size_given = true;
@@ -417,13 +508,31 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 		} else if (strcmp(key, "allow") == 0) {
 			r = parse_allow(ctx, v, sub, e);
 		} else {
-			r = fail(
-			    ctx, k,
-			    "%s: unknown key '%.64s' (expected name, description, driver, path, "
-			    "size, readonly, resizable, max-size, bandwidth, iops, on-remove, tls "
-			    "or "
-			    "allow)",
-			    path, key);
+			/* A key of the export's driver, typed by its table. */
+			size_t i = 0;
+			const struct nbdv_key *dk = e->drv->keys;
+			char keys[512];
+
+			while (dk && dk[i].name && strcmp(dk[i].name, key) != 0)
+				i++;
+			if (dk && dk[i].name) {
+				r = want_type(ctx, v, YAML_SCALAR_NODE, sub);
+				if (r == 0 && strlen(scalar(v)) != v->data.scalar.length)
+					r = fail(ctx, v, "%s: string contains a NUL byte", sub);
+				if (r == 0)
+					r = driver_value(ctx, v, sub, &dk[i], scalar(v),
+							 &e->values[i]);
+				e->values[i].given = true;
+			} else {
+				key_list(e->drv, keys, sizeof(keys));
+				r = fail(ctx, k,
+					 "%s: unknown key '%.64s' (expected name, description, "
+					 "driver, size, readonly, resizable, max-size, bandwidth, "
+					 "iops, on-remove, tls or allow%s%s%s%s)",
+					 path, key, keys[0] ? "; driver " : "",
+					 keys[0] ? e->drv->name : "", keys[0] ? " takes " : "",
+					 keys[0] ? keys + 2 : "");
+			}
 		}
 		if (r < 0)
 			return -1;
@@ -433,22 +542,24 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 	if (e->name[0] == '\0' || strlen(e->name) > NBD_MAX_STRING)
 		return fail(ctx, name_node, "%s.name: must be 1 to %d bytes long", path,
 			    NBD_MAX_STRING);
-	if (!driver_node)
-		return fail(ctx, map, "%s: missing required key 'driver'", path);
-	e->drv = driver_lookup(e->driver_name);
-	if (!e->drv)
-		return fail(ctx, driver_node, "%s.driver: unknown driver '%.64s' (known: %s)", path,
-			    e->driver_name, driver_names());
-	if (strcmp(e->driver_name, "file") == 0) {
-		if (!e->path)
-			return fail(ctx, map, "%s: missing required key 'path' for driver file",
-				    path);
-	} else if (e->path && strcmp(e->driver_name, "faulty") != 0) {
-		return fail(ctx, map, "%s: key 'path' is only for drivers file and faulty", path);
+	for (size_t i = 0; i < e->n_values; i++) {
+		const struct nbdv_key *dk = &e->drv->keys[i];
+		char sub[128];
+
+		snprintf(sub, sizeof(sub), "%s.%s (default of driver %s)", path, dk->name,
+			 e->drv->name);
+		if (e->values[i].given)
+			continue;
+		if (dk->required)
+			return fail(ctx, map, "%s: missing required key '%s' for driver %s", path,
+				    dk->name, e->drv->name);
+		if (dk->default_value &&
+		    driver_value(ctx, map, sub, dk, dk->default_value, &e->values[i]) < 0)
+			return -1;
 	}
-	if (strcmp(e->driver_name, "file") != 0 && !e->size_given)
+	if ((e->drv->needs & NBDV_NEEDS_SIZE) && !e->size_given)
 		return fail(ctx, map, "%s: missing required key 'size' for driver %s", path,
-			    e->driver_name);
+			    e->drv->name);
 	if (size_node && e->size == 0)
 		return fail(ctx, size_node, "%s.size: must be greater than 0", path);
 	return 0;
@@ -697,6 +808,19 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 	if (want_type(ctx, root, YAML_MAPPING_NODE, "top level") < 0 ||
 	    check_keys(ctx, root, "top level") < 0)
 		return -1;
+	/* driver-dir first: the exports' drivers are found through it. */
+	for_each_pair (ctx, root, p) {
+		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
+
+		if (strcmp(scalar(yaml_document_get_node(&ctx->doc, p->key)), "driver-dir") != 0)
+			continue;
+		if (get_string(ctx, v, "driver-dir", &cfg->driver_dir) < 0)
+			return -1;
+		if (cfg->driver_dir[0] != '/')
+			return fail(ctx, v, "driver-dir: '%.64s' is not an absolute path",
+				    cfg->driver_dir);
+		ctx->driver_dir = cfg->driver_dir;
+	}
 	for_each_pair (ctx, root, p) {
 		yaml_node_t *k = yaml_document_get_node(&ctx->doc, p->key);
 		yaml_node_t *v = yaml_document_get_node(&ctx->doc, p->value);
@@ -747,12 +871,14 @@ static int parse_root(struct parse_ctx *ctx, const yaml_node_t *root, struct nbd
 			r = get_bool(ctx, v, "sandbox", &cfg->sandbox);
 		} else if (strcmp(key, "sandbox-paths") == 0) {
 			r = parse_sandbox_paths(ctx, v, cfg);
+		} else if (strcmp(key, "driver-dir") == 0) {
+			r = 0; /* read above */
 		} else {
 			r = fail(
 			    ctx, k,
 			    "unknown key '%.64s' (expected listen, default-export, exports, "
 			    "tls, limits, workers, io-threads, busy-poll, user, group, sandbox, "
-			    "sandbox-paths, audit-log or metrics)",
+			    "sandbox-paths, driver-dir, audit-log or metrics)",
 			    key);
 		}
 		if (r < 0)
@@ -893,7 +1019,9 @@ void config_free(struct nbdv_config *cfg)
 		free(e->name);
 		free(e->description);
 		free(e->driver_name);
-		free(e->path);
+		for (size_t j = 0; j < e->n_values; j++)
+			free((char *)e->values[j].str);
+		free(e->values);
 		for (size_t j = 0; j < e->n_allow; j++)
 			free(e->allow[j]);
 		free(e->allow);
@@ -904,6 +1032,7 @@ void config_free(struct nbdv_config *cfg)
 	free(cfg->user);
 	free(cfg->group);
 	free(cfg->audit_log);
+	free(cfg->driver_dir);
 	for (size_t i = 0; i < cfg->n_identities; i++)
 		free(cfg->identities[i].identity);
 	free(cfg->identities);
@@ -919,6 +1048,27 @@ void config_free(struct nbdv_config *cfg)
 	free(cfg->default_export);
 	free(cfg->file);
 	free(cfg);
+}
+
+const char *config_export_path(const struct nbdv_export_cfg *e, size_t n)
+{
+	for (size_t i = 0; i < e->n_values; i++) {
+		if (e->drv->keys[i].type == NBDV_KEY_PATH && e->values[i].set && n-- == 0)
+			return e->values[i].str;
+	}
+	return NULL;
+}
+
+bool config_same_driver_values(const struct nbdv_export_cfg *a, const struct nbdv_export_cfg *b)
+{
+	if (a->drv != b->drv || a->n_values != b->n_values)
+		return false;
+	for (size_t i = 0; i < a->n_values; i++) {
+		const char *x = a->values[i].str, *y = b->values[i].str;
+		if (a->values[i].set != b->values[i].set || (x && strcmp(x, y) != 0))
+			return false;
+	}
+	return true;
 }
 
 const struct nbdv_export_cfg *config_find_export(const struct nbdv_config *cfg, const char *name,

@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "nbdvault/driver.h"
+
 #include "compiler.h"
 
 #define NBDV_DEFAULT_CONFIG		"/etc/nbdvault/nbdvault.yaml"
@@ -66,19 +68,20 @@ struct nbdv_export_cfg {
 	char *description;	       /* optional, NULL if absent */
 	char *driver_name;	       /* `driver:` as written */
 	const struct nbdv_driver *drv; /* resolved driver table */
-	char *path;		       /* file driver: backing path */
-	uint64_t size;		       /* `size:` in bytes (0 if absent) */
-	bool size_given;	       /* whether `size:` was present */
-	bool readonly;		       /* `readonly:` */
-	bool resizable;		       /* `resizable:` NBD_CMD_RESIZE allowed */
-	bool on_remove_close;	       /* `on-remove: close`: a reload removing it closes
-					* its sessions (default finish) */
-	uint64_t max_size;	       /* `max-size:` largest RESIZE (0: no limit) */
-	uint64_t bandwidth;	       /* `bandwidth:` bytes/s for all its sessions (0: none) */
-	uint64_t iops;		       /* `iops:` requests/s for all its sessions (0: none) */
-	bool tls_required;	       /* `tls: require` (matters in optional mode) */
-	char **allow;		       /* `allow:` identities ("cn:", "dn:", "psk:"), or NULL */
-	size_t n_allow;		       /* entries in allow */
+	struct nbdv_value *values;     /* the driver's keys, values[i] for drv->keys[i] */
+	size_t n_values;
+	uint64_t size;	      /* `size:` in bytes (0 if absent) */
+	bool size_given;      /* whether `size:` was present */
+	bool readonly;	      /* `readonly:` */
+	bool resizable;	      /* `resizable:` NBD_CMD_RESIZE allowed */
+	bool on_remove_close; /* `on-remove: close`: a reload removing it closes
+			       * its sessions (default finish) */
+	uint64_t max_size;    /* `max-size:` largest RESIZE (0: no limit) */
+	uint64_t bandwidth;   /* `bandwidth:` bytes/s for all its sessions (0: none) */
+	uint64_t iops;	      /* `iops:` requests/s for all its sessions (0: none) */
+	bool tls_required;    /* `tls: require` (matters in optional mode) */
+	char **allow;	      /* `allow:` identities ("cn:", "dn:", "psk:"), or NULL */
+	size_t n_allow;	      /* entries in allow */
 };
 
 struct nbdv_config {
@@ -104,6 +107,7 @@ struct nbdv_config {
 	struct nbdv_tls_cfg tls;  /* `tls:` */
 	struct nbdv_listen_cfg *metrics; /* `metrics:` listener, or NULL (off) */
 	char *audit_log;		 /* `audit-log:` path, "stderr", or NULL (off) */
+	char *driver_dir;		 /* `driver-dir:` where NAME.so drivers are, or NULL */
 	const char *pidfile;		 /* --pidfile (not from the file): removed at exit */
 	char *user;			 /* `user:` to run as once listening, or NULL */
 	char *group;			 /* `group:` (default: the user's group), or NULL */
@@ -125,6 +129,11 @@ void config_free(struct nbdv_config *cfg);
 /* Find an export by name (the empty name maps to default-export); NULL if none. */
 const struct nbdv_export_cfg *config_find_export(const struct nbdv_config *cfg, const char *name,
 						 size_t namelen);
+
+/* The @n-th (from 0) file path among @e's driver values (keys of type PATH), or NULL. */
+const char *config_export_path(const struct nbdv_export_cfg *e, size_t n);
+/* Whether @a and @b name the same driver with the same values for its keys. */
+bool config_same_driver_values(const struct nbdv_export_cfg *a, const struct nbdv_export_cfg *b);
 
 /*
  * Parse a size such as "512", "64K", "10G" or "1TiB" (K/M/G/T/P binary).  Returns 0 and

@@ -3,12 +3,16 @@
  */
 #include "build-config.h"
 
+#include <ctype.h>
+#include <dlfcn.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "buf.h"
 #include "driver_registry.h"
@@ -29,8 +33,7 @@ static const struct nbdv_driver *const drivers[] = {
 const struct nbdv_driver *driver_lookup(const char *name)
 {
 	for (size_t i = 0; i < ARRAY_SIZE(drivers); i++) {
-		if (drivers[i]->api_version == NBDV_DRIVER_API_VERSION &&
-		    strcmp(drivers[i]->name, name) == 0)
+		if (strcmp(drivers[i]->name, name) == 0)
 			return drivers[i];
 	}
 	return NULL;
@@ -53,6 +56,123 @@ const struct nbdv_driver *const *driver_all(size_t *n)
 {
 	*n = ARRAY_SIZE(drivers);
 	return drivers;
+}
+
+/* Drivers loaded from shared objects; never unloaded (instances and reloads use them). */
+struct loaded_driver {
+	char *file;		       /* the path it was loaded from */
+	const struct nbdv_driver *drv; /* its table */
+	struct loaded_driver *next;
+};
+
+static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct loaded_driver *loaded;
+static bool loading_closed;
+
+void driver_loading_close(void)
+{
+	pthread_mutex_lock(&load_lock);
+	loading_closed = true;
+	pthread_mutex_unlock(&load_lock);
+}
+
+/* A table that would crash the server is refused like a bad version. */
+static const char *table_problem(const struct nbdv_driver *drv)
+{
+	if (!drv->name || !drv->name[0] || !drv->description)
+		return "no name or description";
+	if (!drv->create || !drv->destroy || !drv->caps || !drv->get_size)
+		return "create, destroy, caps and get_size are required";
+	for (const struct nbdv_key *k = drv->keys; k && k->name; k++) {
+		if (k->type < NBDV_KEY_STRING || k->type > NBDV_KEY_SIZE)
+			return "a key has an unknown type";
+		if (!k->help)
+			return "a key has no help line";
+	}
+	return NULL;
+}
+
+static bool plain_name(const char *name)
+{
+	if (!name[0] || name[0] == '.')
+		return false;
+	for (const char *p = name; *p; p++)
+		if (!isalnum((unsigned char)*p) && !strchr("-_.", *p))
+			return false;
+	return true;
+}
+
+const struct nbdv_driver *driver_find(const char *name, const char *dir, char *err, size_t errlen)
+{
+	const struct nbdv_driver *drv = driver_lookup(name), *found = NULL;
+	struct loaded_driver *l;
+	char file[4096];
+	const char *why;
+	void *h;
+
+	if (drv)
+		return drv;
+	if (strchr(name, '/')) {
+		snprintf(file, sizeof(file), "%s", name);
+	} else if (!plain_name(name)) {
+		snprintf(err, errlen, "unknown driver '%.64s' (built in: %s)", name,
+			 driver_names());
+		return NULL;
+	} else {
+		snprintf(file, sizeof(file), "%s/%s.so", dir ? dir : NBDV_DRIVER_DIR, name);
+	}
+	pthread_mutex_lock(&load_lock);
+	for (l = loaded; l; l = l->next)
+		if (strcmp(l->file, file) == 0)
+			break;
+	if (l) {
+		found = l->drv;
+		goto out;
+	}
+	if (loading_closed) {
+		snprintf(err, errlen, "driver %s was not loaded at start: needs a restart", file);
+		goto out;
+	}
+	if (access(file, F_OK) != 0 && strchr(name, '/')) {
+		snprintf(err, errlen, "cannot load driver %s: %s", file, strerror(errno));
+		goto out;
+	}
+	if (access(file, F_OK) != 0) {
+		snprintf(err, errlen, "no driver '%.64s': not built in (%s), and %s: %s", name,
+			 driver_names(), file, strerror(errno));
+		goto out;
+	}
+	h = dlopen(file, RTLD_NOW | RTLD_LOCAL);
+	if (!h) {
+		snprintf(err, errlen, "cannot load driver %s: %s", file, dlerror());
+		goto out;
+	}
+	drv = dlsym(h, NBDV_DRIVER_SYMBOL);
+	if (!drv) {
+		snprintf(err, errlen, "driver %s has no symbol %s: not an nbdvault driver", file,
+			 NBDV_DRIVER_SYMBOL);
+	} else if (drv->api_version != NBDV_DRIVER_API_VERSION) {
+		snprintf(err, errlen,
+			 "driver %s has ABI version %d, this nbdvault needs version %d: rebuild "
+			 "it against this nbdvault's driver.h",
+			 file, drv->api_version, NBDV_DRIVER_API_VERSION);
+	} else if ((why = table_problem(drv))) {
+		snprintf(err, errlen, "driver %s: invalid table: %s", file, why);
+	} else if ((l = calloc(1, sizeof(*l))) && (l->file = strdup(file))) {
+		l->drv = drv;
+		l->next = loaded;
+		loaded = l;
+		found = drv;
+		log_debug("driver %s loaded from %s (%s)", drv->name, file, drv->description);
+		goto out;
+	} else {
+		free(l);
+		snprintf(err, errlen, "driver %s: out of memory", file);
+	}
+	dlclose(h);
+out:
+	pthread_mutex_unlock(&load_lock);
+	return found;
 }
 
 int extents_init(struct nbdv_extents *ext, uint64_t off, uint64_t len, uint32_t max)
@@ -135,10 +255,23 @@ int driver_open(const struct nbdv_driver *drv, const struct nbdv_export_params *
 	dev->caps = drv->caps(dev->inst);
 	if (p->readonly)
 		dev->caps &= ~WRITE_CAPS;
+	if ((dev->caps & NBDV_CAP_ASYNC) &&
+	    (!drv->submit || (dev->caps & NBDV_CAP_BLOCKING) ||
+	     ((dev->caps & NBDV_CAP_WRITE) &&
+	      (dev->caps & (NBDV_CAP_FUA | NBDV_CAP_ZERO)) != (NBDV_CAP_FUA | NBDV_CAP_ZERO)))) {
+		/* The contract in driver.h: nothing is emulated for asynchronous drivers. */
+		log_err("driver %s: an asynchronous driver needs submit(), is not also blocking, "
+			"and when writable has native FUA and zero",
+			drv->name);
+		drv->destroy(dev->inst);
+		dev->inst = NULL;
+		return -EINVAL;
+	}
 	dev->size = drv->get_size(dev->inst);
 	dev->gate = NULL;
 	/* Writers first: a resize waiting for calls in progress holds back new ones. */
-	dev->resizable = p->resizable && drv->resize && !p->readonly;
+	dev->resizable = p->resizable && drv->resize && !p->readonly &&
+			 !(dev->caps & NBDV_CAP_ASYNC); /* (resize() of async drivers: not yet) */
 	if (dev->resizable) {
 		pthread_rwlockattr_t a;
 		pthread_rwlockattr_init(&a);
@@ -198,11 +331,135 @@ static bool in_range(const struct nbdv_dev *d, uint64_t len, uint64_t off)
 	return off <= d->size && len <= d->size - off;
 }
 
+void nbdv_io_complete(struct nbdv_io *io, int result)
+{
+	struct nbdv_aio *a = (struct nbdv_aio *)io;
+
+	/* A driver must describe at least the first byte; guard against one that does not. */
+	if (result == 0 && io->op == NBDV_OP_BLOCK_STATUS && io->extents->n == 0 &&
+	    nbdv_extents_add(io->extents, io->length, 0) < 0)
+		result = -ENOMEM;
+	a->done(a, result);
+}
+
+void driver_submit(const struct nbdv_dev *d, struct nbdv_aio *a)
+{
+	struct nbdv_io *io = &a->io;
+	uint32_t need = 0;
+	int r;
+
+	if (io->op != NBDV_OP_FLUSH && !in_range(d, io->length, io->offset)) {
+		a->done(a, -EINVAL);
+		return;
+	}
+	switch (io->op) {
+	case NBDV_OP_WRITE:
+	case NBDV_OP_ZERO:
+		if (!(d->caps & NBDV_CAP_WRITE)) {
+			a->done(a, -EINVAL);
+			return;
+		}
+		break;
+	case NBDV_OP_TRIM:
+		if (!(d->caps & NBDV_CAP_WRITE)) {
+			a->done(a, -EINVAL);
+			return;
+		}
+		need = NBDV_CAP_TRIM;
+		break;
+	case NBDV_OP_FLUSH:
+		need = NBDV_CAP_FLUSH;
+		break;
+	case NBDV_OP_CACHE:
+		need = NBDV_CAP_CACHE;
+		break;
+	case NBDV_OP_BLOCK_STATUS:
+		need = NBDV_CAP_EXTENTS;
+		break;
+	}
+	if (need && !(d->caps & need)) {
+		/* Advisory or describable without the driver: answered here. */
+		r = 0;
+		if (io->op == NBDV_OP_BLOCK_STATUS &&
+		    nbdv_extents_add(io->extents, io->length, 0) < 0)
+			r = -ENOMEM;
+		a->done(a, r);
+		return;
+	}
+	r = d->inst->drv->submit(d->inst, io);
+	if (r < 0)
+		a->done(a, r);
+}
+
+/* One asynchronous operation waited for: the blocking wrappers below on async drivers. */
+struct sync_call {
+	struct nbdv_aio aio;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	bool finished;
+	int result;
+};
+
+static void sync_done(struct nbdv_aio *a, int result)
+{
+	struct sync_call *sc = (struct sync_call *)a;
+
+	pthread_mutex_lock(&sc->lock);
+	sc->result = result;
+	sc->finished = true;
+	pthread_cond_signal(&sc->cond);
+	pthread_mutex_unlock(&sc->lock);
+}
+
+static int call_async(const struct nbdv_dev *d, int op, void *buf, uint64_t len, uint64_t off,
+		      uint32_t flags, struct nbdv_extents *ext)
+{
+	struct sync_call sc = {
+	    .aio = {.io = {.op = op,
+			   .flags = flags,
+			   .offset = off,
+			   .length = len,
+			   .buf = buf,
+			   .extents = ext},
+		    .done = sync_done},
+	};
+	int r;
+
+	pthread_mutex_init(&sc.lock, NULL);
+	pthread_cond_init(&sc.cond, NULL);
+	driver_submit(d, &sc.aio);
+	pthread_mutex_lock(&sc.lock);
+	while (!sc.finished)
+		pthread_cond_wait(&sc.cond, &sc.lock);
+	r = sc.result;
+	pthread_mutex_unlock(&sc.lock);
+	pthread_cond_destroy(&sc.cond);
+	pthread_mutex_destroy(&sc.lock);
+	return r;
+}
+
+#define ASYNC(d) ((d)->caps & NBDV_CAP_ASYNC)
+
+static int drv_pread(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off)
+{
+	if (ASYNC(d))
+		return call_async(d, NBDV_OP_READ, buf, len, off, 0, NULL);
+	return d->inst->drv->pread(d->inst, buf, len, off, 0);
+}
+
+static int drv_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint64_t off,
+		      uint32_t flags)
+{
+	if (ASYNC(d))
+		return call_async(d, NBDV_OP_WRITE, (void *)buf, len, off, flags, NULL);
+	return d->inst->drv->pwrite(d->inst, buf, len, off, flags);
+}
+
 int driver_pread(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off)
 {
 	if (!in_range(d, len, off))
 		return -EINVAL;
-	return d->inst->drv->pread(d->inst, buf, len, off, 0);
+	return drv_pread(d, buf, len, off);
 }
 
 int driver_pread_nowait(const struct nbdv_dev *d, void *buf, uint64_t len, uint64_t off)
@@ -285,8 +542,7 @@ int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint6
 		if (t0 >= atomic_load_explicit(&g->closed_until, RELAXED))
 			t0 = 0; /* gate open: nothing to learn */
 	}
-	r = emulate_fua(d, d->inst->drv->pwrite(d->inst, buf, len, off, native_flags(d, flags)),
-			flags);
+	r = emulate_fua(d, drv_pwrite(d, buf, len, off, native_flags(d, flags)), flags);
 	if (t0 && r == 0)
 		gate_evidence(g, t0, nbdv_now_ns(), len);
 	return r;
@@ -345,6 +601,8 @@ int driver_flush(const struct nbdv_dev *d)
 {
 	if (!(d->caps & NBDV_CAP_FLUSH))
 		return 0;
+	if (ASYNC(d))
+		return call_async(d, NBDV_OP_FLUSH, NULL, 0, 0, 0, NULL);
 	return d->inst->drv->flush(d->inst, 0);
 }
 
@@ -355,6 +613,8 @@ int driver_trim(const struct nbdv_dev *d, uint64_t len, uint64_t off, uint32_t f
 	/* Trim is advisory: without driver support it is a successful no-op. */
 	if (!(d->caps & NBDV_CAP_TRIM))
 		return emulate_fua(d, 0, flags);
+	if (ASYNC(d))
+		return call_async(d, NBDV_OP_TRIM, NULL, len, off, flags, NULL);
 	return emulate_fua(d, d->inst->drv->trim(d->inst, len, off, native_flags(d, flags)), flags);
 }
 
@@ -366,6 +626,8 @@ int driver_zero(const struct nbdv_dev *d, uint64_t len, uint64_t off, uint32_t f
 
 	if (!in_range(d, len, off) || !(d->caps & NBDV_CAP_WRITE))
 		return -EINVAL;
+	if (ASYNC(d))
+		return call_async(d, NBDV_OP_ZERO, NULL, len, off, flags, NULL);
 	if (d->caps & NBDV_CAP_ZERO)
 		return emulate_fua(d, d->inst->drv->zero(d->inst, len, off, native_flags(d, flags)),
 				   flags);
@@ -373,7 +635,7 @@ int driver_zero(const struct nbdv_dev *d, uint64_t len, uint64_t off, uint32_t f
 		return -ENOTSUP;
 	while (len && r == 0) {
 		uint64_t n = NBDV_MIN(len, (uint64_t)sizeof(zero_block));
-		r = d->inst->drv->pwrite(d->inst, zero_block, n, off, 0);
+		r = drv_pwrite(d, zero_block, n, off, 0);
 		off += n;
 		len -= n;
 	}
@@ -389,6 +651,8 @@ int driver_block_status(const struct nbdv_dev *d, uint64_t len, uint64_t off, ui
 		return -EINVAL;
 	if (!(d->caps & NBDV_CAP_EXTENTS))
 		return nbdv_extents_add(ext, len, 0) < 0 ? -ENOMEM : 0;
+	if (ASYNC(d))
+		return call_async(d, NBDV_OP_BLOCK_STATUS, NULL, len, off, flags, ext);
 	r = d->inst->drv->block_status(d->inst, len, off, flags, ext);
 	if (r < 0)
 		return r;
@@ -404,5 +668,7 @@ int driver_cache(const struct nbdv_dev *d, uint64_t len, uint64_t off)
 		return -EINVAL;
 	if (!(d->caps & NBDV_CAP_CACHE))
 		return 0;
+	if (ASYNC(d))
+		return call_async(d, NBDV_OP_CACHE, NULL, len, off, 0, NULL);
 	return d->inst->drv->cache(d->inst, len, off, 0);
 }

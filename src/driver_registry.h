@@ -15,8 +15,18 @@
 #include "compiler.h"
 #include "nbdvault/driver.h"
 
-/* The driver table registered under @name, or NULL. */
+/* The built-in driver named @name, or NULL. */
 const struct nbdv_driver *driver_lookup(const char *name);
+/*
+ * The driver an export's `driver: NAME` means: a built-in one, else NAME.so in @dir
+ * (NULL: the default driver directory), or the file NAME when it contains a '/'.  A
+ * shared object is loaded once (dlopen) and kept; its symbol, ABI version and table are
+ * checked.  NULL with one line in @err when there is no such driver or it is refused.
+ */
+const struct nbdv_driver *driver_find(const char *name, const char *dir, char *err, size_t errlen);
+/* From now on driver_find() loads nothing new (called once serving: the sandbox is
+ * closing, and a reload must not run new code); drivers already loaded stay usable. */
+void driver_loading_close(void);
 /* "file, memory": the registered names, for error messages. */
 const char *driver_names(void);
 /* Registered drivers, for the conformance test; *n receives the count. */
@@ -87,6 +97,22 @@ struct nbdv_stall_gate {
 #define NBDV_REOPEN_FACTOR    50
 #define NBDV_STALL_BACKOFF_NS (10 * 1000 * 1000ULL)
 #define NBDV_STALL_MAX_NS     (30 * 1000 * 1000 * 1000ULL)
+
+struct nbdv_dev;
+
+/* One asynchronous driver operation: the driver sees io, the server done(). */
+struct nbdv_aio {
+	struct nbdv_io io;			      /* first: nbdv_io_complete() casts */
+	void (*done)(struct nbdv_aio *a, int result); /* any thread, exactly once */
+};
+
+/*
+ * Start @a on an NBDV_CAP_ASYNC device; a->done() always follows (possibly before
+ * this returns, on this thread): the driver's result, or the wrapper's for a request
+ * outside the export, a write to a read-only export, or an operation the driver does
+ * not implement (advisory ones succeed; block status reports data).
+ */
+void driver_submit(const struct nbdv_dev *d, struct nbdv_aio *a);
 
 /* An export's driver instance with its cached capabilities and size. */
 struct nbdv_dev {

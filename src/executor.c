@@ -206,6 +206,17 @@ void executor_free(struct nbdv_executor *ex)
 	free(ex);
 }
 
+void executor_begin(struct nbdv_exec_port *port, struct nbdv_job *job)
+{
+	job->port = port;
+	port->outstanding++;
+}
+
+void executor_post(struct nbdv_job *job)
+{
+	post_done(job);
+}
+
 void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port,
 		     struct nbdv_exec_queue *q, struct nbdv_job *job, bool blocking)
 {

@@ -70,5 +70,12 @@ void executor_port_fini(struct nbdv_exec_port *p);
  * job must stay valid until done().  @q may be NULL: the executor's own queue. */
 void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port,
 		     struct nbdv_exec_queue *q, struct nbdv_job *job, bool blocking);
+/*
+ * A job whose work another thread does (an asynchronous driver's): executor_begin()
+ * on the reactor counts it as outstanding on @port; executor_post(), from any thread,
+ * later queues its done() there like an I/O thread's completion.
+ */
+void executor_begin(struct nbdv_exec_port *port, struct nbdv_job *job);
+void executor_post(struct nbdv_job *job);
 
 #endif /* NBDV_EXECUTOR_H */

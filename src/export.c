@@ -81,7 +81,7 @@ static struct nbdv_export_params params_of(const struct nbdv_export_cfg *c)
 {
 	struct nbdv_export_params p = {
 	    .name = c->name,
-	    .path = c->path,
+	    .values = c->values,
 	    .size = c->size,
 	    .size_given = c->size_given,
 	    .readonly = c->readonly,

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "driver_registry.h"
 #include "nbdvault/driver.h"
 #include "log.h"
 #include "server.h"
@@ -28,13 +29,15 @@ static void usage(FILE *f)
 		"      --pidfile FILE  write the server's process id there (removed at exit)\n"
 		"      --reload        send SIGHUP to the server named by --pidfile (default\n"
 		"                      %s): it re-reads its configuration and credentials\n"
+		"      --driver-help NAME  print the export keys of driver NAME (built in, or\n"
+		"                      NAME.so in %s, or a path) and exit\n"
 		"  -v, --verbose       log debug messages\n"
 		"  -V, --version       print the version and exit\n"
 		"  -h, --help          print this help and exit\n"
 		"\n"
 		"SIGINT or SIGTERM stops accepting, finishes requests in flight, flushes every\n"
 		"export and exits 0.  See nbdvault(8) and docs/configuration.md.\n",
-		NBDV_DEFAULT_CONFIG, NBDV_DEFAULT_PIDFILE);
+		NBDV_DEFAULT_CONFIG, NBDV_DEFAULT_PIDFILE, NBDV_DRIVER_DIR);
 }
 
 static void print_exports(const struct nbdv_config *cfg)
@@ -49,8 +52,9 @@ static void print_exports(const struct nbdv_config *cfg)
 	for (size_t i = 0; i < cfg->n_exports; i++) {
 		const struct nbdv_export_cfg *e = &cfg->exports[i];
 		printf("export %s: driver=%s", e->name, e->driver_name);
-		if (e->path)
-			printf(" path=%s", e->path);
+		for (size_t j = 0; j < e->n_values; j++)
+			if (e->values[j].given)
+				printf(" %s=%s", e->drv->keys[j].name, e->values[j].str);
 		if (e->size_given)
 			printf(" size=%llu", (unsigned long long)e->size);
 		printf("%s%s", e->readonly ? " readonly" : "",
@@ -61,6 +65,33 @@ static void print_exports(const struct nbdv_config *cfg)
 			printf(" description=\"%s\"", e->description);
 		printf("\n");
 	}
+}
+
+/* --driver-help NAME: the driver's keys (built in, NAME.so in the default directory, or
+ * a path). */
+static int driver_help(const char *name)
+{
+	static const char *const types[] = {"", "string", "path", "boolean", "integer", "size"};
+	const struct nbdv_driver *drv;
+	char err[512];
+
+	drv = driver_find(name, NULL, err, sizeof(err));
+	if (!drv) {
+		fprintf(stderr, "nbdvault: %s\n", err);
+		return 1;
+	}
+	printf("driver %s: %s\n", drv->name, drv->description);
+	printf("  size: %s\n", (drv->needs & NBDV_NEEDS_SIZE) ? "required" : "optional");
+	if (!drv->keys || !drv->keys[0].name)
+		printf("  (no keys of its own)\n");
+	for (const struct nbdv_key *k = drv->keys; k && k->name; k++) {
+		printf("  %s (%s, %s", k->name, types[k->type],
+		       k->required ? "required" : "optional");
+		if (k->default_value)
+			printf(", default %s", k->default_value);
+		printf("): %s\n", k->help);
+	}
+	return 0;
 }
 
 static int write_pidfile(const char *path)
@@ -98,12 +129,13 @@ static int send_reload(const char *path)
 
 int main(int argc, char **argv)
 {
-	enum { OPT_CHECK = 256, OPT_PIDFILE, OPT_RELOAD };
+	enum { OPT_CHECK = 256, OPT_PIDFILE, OPT_RELOAD, OPT_DRIVER_HELP };
 	static const struct option longopts[] = {
 	    {"config", required_argument, NULL, 'c'},
 	    {"check-config", no_argument, NULL, OPT_CHECK},
 	    {"pidfile", required_argument, NULL, OPT_PIDFILE},
 	    {"reload", no_argument, NULL, OPT_RELOAD},
+	    {"driver-help", required_argument, NULL, OPT_DRIVER_HELP},
 	    {"verbose", no_argument, NULL, 'v'},
 	    {"version", no_argument, NULL, 'V'},
 	    {"help", no_argument, NULL, 'h'},
@@ -131,6 +163,8 @@ int main(int argc, char **argv)
 		case OPT_RELOAD:
 			reload = true;
 			break;
+		case OPT_DRIVER_HELP:
+			return driver_help(optarg);
 		case 'v':
 			log_set_level(LOG_LVL_DEBUG);
 			break;

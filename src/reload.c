@@ -99,7 +99,7 @@ static const char *restart_only(const struct nbdv_config *a, const struct nbdv_c
 /* Whether export @b keeps @a's storage (so its driver instance can stay). */
 static bool same_storage(const struct nbdv_export_cfg *a, const struct nbdv_export_cfg *b)
 {
-	return a->drv == b->drv && same_str(a->path, b->path) && a->size == b->size &&
+	return config_same_driver_values(a, b) && a->size == b->size &&
 	       a->size_given == b->size_given && a->readonly == b->readonly &&
 	       a->resizable == b->resizable && a->max_size == b->max_size;
 }
@@ -131,10 +131,12 @@ static bool sandbox_allows(const struct nbdv_config *start, const char *path)
 		return true;
 	if (!dir_of(path, want))
 		return false;
-	for (size_t i = 0; i < start->n_exports; i++)
-		if (start->exports[i].path && dir_of(start->exports[i].path, have) &&
-		    strcmp(want, have) == 0)
-			return true;
+	for (size_t i = 0; i < start->n_exports; i++) {
+		const char *p;
+		for (size_t j = 0; (p = config_export_path(&start->exports[i], j)); j++)
+			if (dir_of(p, have) && strcmp(want, have) == 0)
+				return true;
+	}
 	for (size_t i = 0; i < start->n_sandbox_paths; i++)
 		if (realpath(start->sandbox_paths[i], have) && beneath(want, have))
 			return true;
@@ -161,16 +163,21 @@ static const char *check_exports(struct nbdv_server *srv, const struct nbdv_conf
 		struct nbdv_export *e = by_name(srv, ne->name);
 
 		if (e && !same_storage(e->cfg, ne)) {
-			snprintf(buf, len, "export %.100s's driver, path, size or mode", ne->name);
+			snprintf(buf, len, "export %.100s's driver, its keys, size or mode",
+				 ne->name);
 			return buf;
 		}
 		if (!e) {
 			added++;
-			if (ne->path && !sandbox_allows(srv->cfg, ne->path)) {
+			const char *path;
+
+			for (size_t j = 0; (path = config_export_path(ne, j)); j++) {
+				if (sandbox_allows(srv->cfg, path))
+					continue;
 				snprintf(buf, len,
 					 "export %.100s's path %.200s is outside what the sandbox "
 					 "allowed at start (add its directory to sandbox-paths)",
-					 ne->name, ne->path);
+					 ne->name, path);
 				return buf;
 			}
 		}

@@ -263,8 +263,10 @@ static int enter_landlock(const struct nbdv_config *cfg)
 	}
 	for (size_t i = 0; i < cfg->n_exports; i++) {
 		const struct nbdv_export_cfg *e = &cfg->exports[i];
-		if (e->path)
-			allow_export(&rs, e->path, e->readonly ? FS_READ : rw);
+		const char *path;
+
+		for (size_t j = 0; (path = config_export_path(e, j)); j++)
+			allow_export(&rs, path, e->readonly ? FS_READ : rw);
 	}
 	if (cfg->tls.certificates)
 		allow(&rs, cfg->tls.certificates, FS_READ);

@@ -24,6 +24,7 @@
 #include "audit.h"
 #include "config.h"
 #include "conn.h"
+#include "driver_registry.h"
 #include "executor.h"
 #include "export.h"
 #include "log.h"
@@ -798,6 +799,8 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 		return -1;
 	/* Bound and keys read: give up root, then close the sandbox, while this is still
 	 * the only thread (Landlock binds the calling thread and its future children). */
+	/* Drivers are loaded while reading the config, before this: none after it. */
+	driver_loading_close();
 	if (sandbox_drop_user(&ids) < 0 || sandbox_enter(cfg) < 0)
 		return -1;
 	block_signals(&old);

@@ -70,6 +70,7 @@ struct nbdv_req {
 	uint64_t t0;		    /* CLOCK_MONOTONIC ns at the header (metrics only) */
 	bool err_at_known;	    /* READ: err happened at err_at, data before it is good */
 	uint64_t err_at;	    /* (the first failing byte, block-aligned) */
+	struct nbdv_aio aio;	    /* asynchronous drivers: the operation submitted */
 	/* Not cleared when recycled: */
 	struct nbdv_extent read_ext[MAX_READ_CHUNKS]; /* storage for a sparse READ's layout */
 };
@@ -765,6 +766,78 @@ static int pread_inline(struct nbdv_conn *c, struct nbdv_req *r)
 	return err;
 }
 
+/* An asynchronous driver finished @a (any thread): the reply is sent on the reactor. */
+static void req_async_done(struct nbdv_aio *a, int result)
+{
+	struct nbdv_req *r = container_of(a, struct nbdv_req, aio);
+
+	r->err = result;
+	executor_post(&r->job);
+}
+
+/*
+ * Start @r on an asynchronous driver: no I/O thread is involved, so queue depth is
+ * bounded only by the connection's budgets (max-inflight-bytes), as for other drivers.
+ * Reads are plain (no sparse layout) and a failed read has no ERROR_OFFSET.
+ */
+static void submit_async(struct nbdv_conn *c, struct nbdv_req *r)
+{
+	struct nbdv_io *io = &r->aio.io;
+	uint32_t f = (r->flags & NBD_CMD_FLAG_FUA) ? NBDV_F_FUA : 0;
+
+	memset(io, 0, sizeof(*io));
+	r->sparse = false;
+	io->offset = r->offset;
+	io->length = r->count;
+	switch (r->type) {
+	case NBD_CMD_READ:
+		io->op = NBDV_OP_READ;
+		io->buf = r->buf;
+		break;
+	case NBD_CMD_WRITE:
+		io->op = NBDV_OP_WRITE;
+		io->buf = r->buf;
+		io->flags = f;
+		break;
+	case NBD_CMD_FLUSH:
+		io->op = NBDV_OP_FLUSH;
+		io->length = 0;
+		io->offset = 0;
+		break;
+	case NBD_CMD_TRIM:
+		io->op = NBDV_OP_TRIM;
+		io->flags = f;
+		break;
+	case NBD_CMD_WRITE_ZEROES:
+		io->op = NBDV_OP_ZERO;
+		io->flags = f | ((r->flags & NBD_CMD_FLAG_NO_HOLE) ? 0 : NBDV_F_MAY_TRIM) |
+			    ((r->flags & NBD_CMD_FLAG_FAST_ZERO) ? NBDV_F_FAST : 0);
+		break;
+	case NBD_CMD_CACHE:
+		io->op = NBDV_OP_CACHE;
+		break;
+	case NBD_CMD_BLOCK_STATUS:
+		io->op = NBDV_OP_BLOCK_STATUS;
+		io->flags = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? NBDV_F_REQ_ONE : 0;
+		io->extents = &r->ext;
+		r->err = extents_init(&r->ext, r->offset, r->count,
+				      (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_STATUS_EXTENTS);
+		if (r->err < 0) {
+			submit_done_inline(c, r);
+			return;
+		}
+		break;
+	default:
+		r->err = -EINVAL;
+		submit_done_inline(c, r);
+		return;
+	}
+	r->job.done = req_done;
+	r->aio.done = req_async_done;
+	executor_begin(&c->r->port, &r->job);
+	driver_submit(r->dev, &r->aio);
+}
+
 static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	const char *why = NULL;
@@ -855,6 +928,10 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 			submit_done_inline(c, r);
 			return;
 		}
+	}
+	if ((c->dev->caps & NBDV_CAP_ASYNC) && r->type != NBD_CMD_RESIZE) {
+		submit_async(c, r);
+		return;
 	}
 	/* Blocking drivers go to the I/O threads; the others run here, copies included.  (Large
 	 * copies used to go to the I/O threads to overlap with socket I/O on a single reactor;

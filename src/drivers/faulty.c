@@ -94,7 +94,7 @@ static int faulty_create(const struct nbdv_export_params *p, struct nbdv_drv_ins
 		return r;
 	}
 	f->mem->drv = &nbdv_driver_memory;
-	if (p->path && !(f->control = strdup(p->path))) {
+	if (p->values[0].str && !(f->control = strdup(p->values[0].str))) {
 		nbdv_driver_memory.destroy(f->mem);
 		free(f);
 		return -ENOMEM;
@@ -194,10 +194,18 @@ static int faulty_probe(const struct nbdv_export_params *p, uint64_t *size, uint
 	return r;
 }
 
+static const struct nbdv_key faulty_keys[] = {
+    {"path", NBDV_KEY_PATH, 0, NULL,
+     "control file read before every call: 'EIO [OFFSET LENGTH]' or 'delay SECONDS'"},
+    {NULL, 0, 0, NULL, NULL},
+};
+
 const struct nbdv_driver nbdv_driver_faulty = {
     .api_version = NBDV_DRIVER_API_VERSION,
     .name = "faulty",
     .description = "memory disk that fails or stalls on demand (testing)",
+    .keys = faulty_keys,
+    .needs = NBDV_NEEDS_SIZE,
     .create = faulty_create,
     .destroy = faulty_destroy,
     .caps = faulty_caps,

@@ -40,6 +40,9 @@
 #ifndef __NR_cachestat
 #define __NR_cachestat 451
 #endif
+/* The `path:` key (file_keys[0]). */
+#define PATH_OF(p) ((p)->values[0].str)
+
 struct cachestat_range_v1 {
 	uint64_t off, len;
 };
@@ -73,23 +76,23 @@ static int file_create(const struct nbdv_export_params *p, struct nbdv_drv_insta
 	struct stat st;
 	int fd, r;
 
-	fd = open(p->path, (p->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	fd = open(PATH_OF(p), (p->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
 	if (fd < 0 && errno == ENOENT && p->size_given && !p->readonly) {
-		fd = open(p->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+		fd = open(PATH_OF(p), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
 		if (fd >= 0 && ftruncate(fd, (off_t)p->size) < 0) {
 			r = -errno;
-			log_err("export %s: cannot size new file %s: %s", p->name, p->path,
+			log_err("export %s: cannot size new file %s: %s", p->name, PATH_OF(p),
 				strerror(errno));
 			close(fd);
-			unlink(p->path);
+			unlink(PATH_OF(p));
 			return r;
 		}
 		if (fd >= 0)
-			log_info("export %s: created sparse file %s", p->name, p->path);
+			log_info("export %s: created sparse file %s", p->name, PATH_OF(p));
 	}
 	if (fd < 0) {
 		r = -errno;
-		log_err("export %s: cannot open %s: %s", p->name, p->path, strerror(errno));
+		log_err("export %s: cannot open %s: %s", p->name, PATH_OF(p), strerror(errno));
 		return r;
 	}
 	f = calloc(1, sizeof(*f) + strlen(p->name) + 1);
@@ -112,11 +115,11 @@ static int file_create(const struct nbdv_export_params *p, struct nbdv_drv_insta
 		if (p->size_given && p->size != f->size)
 			log_warn("export %s: %s exists with size %llu, not the configured %llu; "
 				 "serving the file's size",
-				 p->name, p->path, (unsigned long long)f->size,
+				 p->name, PATH_OF(p), (unsigned long long)f->size,
 				 (unsigned long long)p->size);
 	} else {
 		log_err("export %s: %s is neither a regular file nor a block device", p->name,
-			p->path);
+			PATH_OF(p));
 		errno = EINVAL;
 		goto err_errno;
 	}
@@ -158,7 +161,7 @@ static int file_probe(const struct nbdv_export_params *p, uint64_t *size, uint32
 	struct stat st;
 
 	*caps = caps_for(p->readonly);
-	if (stat(p->path, &st) < 0) {
+	if (stat(PATH_OF(p), &st) < 0) {
 		if (errno == ENOENT && p->size_given && !p->readonly) {
 			*size = p->size; /* created with this size at GO */
 			return 0;
@@ -170,7 +173,7 @@ static int file_probe(const struct nbdv_export_params *p, uint64_t *size, uint32
 		return 0;
 	}
 	if (S_ISBLK(st.st_mode)) {
-		int fd = open(p->path, O_RDONLY | O_CLOEXEC);
+		int fd = open(PATH_OF(p), O_RDONLY | O_CLOEXEC);
 		int r = fd < 0 || ioctl(fd, BLKGETSIZE64, size) < 0 ? -errno : 0;
 		if (fd >= 0)
 			close(fd);
@@ -501,10 +504,17 @@ static int file_cache(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off
 	return -r;
 }
 
+static const struct nbdv_key file_keys[] = {
+    {"path", NBDV_KEY_PATH, 1, NULL,
+     "file or block device to serve (a missing file is created sparse when size is given)"},
+    {NULL, 0, 0, NULL, NULL},
+};
+
 const struct nbdv_driver nbdv_driver_file = {
     .api_version = NBDV_DRIVER_API_VERSION,
     .name = "file",
     .description = "regular file (sparse-aware) or block device",
+    .keys = file_keys,
     .create = file_create,
     .destroy = file_destroy,
     .caps = file_caps,

@@ -322,6 +322,7 @@ const struct nbdv_driver nbdv_driver_memory = {
     .api_version = NBDV_DRIVER_API_VERSION,
     .name = "memory",
     .description = "sparse RAM disk; contents are lost when the server stops",
+    .needs = NBDV_NEEDS_SIZE,
     .create = mem_create,
     .destroy = mem_destroy,
     .caps = mem_caps,

@@ -139,7 +139,7 @@ class ReloadTest(unittest.TestCase):
         with self.assertRaises(nbd.Error):
             self.connect("z")  # not half applied
         self.rewrite(export("a").replace("16M", "32M"))
-        self.reload("export a's driver, path, size or mode changed, which needs a restart")
+        self.reload("export a's driver, its keys, size or mode changed, which needs a restart")
         self.assertEqual(len(h.pread(512, 0)), 512)
         nbdv.disconnect(h)
 

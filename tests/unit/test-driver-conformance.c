@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "config.h"
 #include "driver_registry.h"
 #include "protocol.h"
 
@@ -23,6 +24,41 @@
 #define CH   65536ULL
 
 static char tmpdir[] = "/tmp/nbdvault-conformance-XXXXXX";
+
+/* key=value arguments for a loaded driver's keys (argv after --load FILE). */
+static char **kv_args;
+static int n_kv;
+static struct nbdv_value values[32];
+
+/*
+ * The values a config would give @drv's keys: its defaults, @path for a key named
+ * "path", and key=value arguments from the command line.
+ */
+static const struct nbdv_value *values_for(const struct nbdv_driver *drv, const char *path)
+{
+	size_t i = 0;
+
+	memset(values, 0, sizeof(values));
+	for (const struct nbdv_key *k = drv->keys; k && k->name; k++, i++) {
+		const char *v = k->default_value;
+		size_t n = strlen(k->name);
+
+		CHECK(i < ARRAY_SIZE(values) - 1);
+		if (strcmp(k->name, "path") == 0)
+			v = path;
+		for (int a = 0; a < n_kv; a++)
+			if (strncmp(kv_args[a], k->name, n) == 0 && kv_args[a][n] == '=')
+				v = kv_args[a] + n + 1;
+		if (!v)
+			continue;
+		values[i].set = values[i].given = true;
+		values[i].str = v;
+		values[i].flag = strcmp(v, "true") == 0;
+		if (k->type == NBDV_KEY_SIZE || k->type == NBDV_KEY_UINT)
+			CHECK(config_parse_size(v, &values[i].num) == 0);
+	}
+	return values;
+}
 
 static void fill(uint8_t *b, size_t n, uint8_t seed)
 {
@@ -69,11 +105,11 @@ static void conformance(const struct nbdv_driver *drv)
 	struct nbdv_extent e;
 	struct nbdv_dev d;
 	char path[256];
+	bool is_file = strcmp(drv->name, "file") == 0;
 	int r;
 
 	snprintf(path, sizeof(path), "%s/%s.img", tmpdir, drv->name);
-	if (strcmp(drv->name, "file") == 0)
-		p.path = path;
+	p.values = values_for(drv, is_file ? path : NULL);
 	CHECK(drv->api_version == NBDV_DRIVER_API_VERSION && drv->description);
 	if (drv->probe) {
 		/* probe() predicts create() without creating anything. */
@@ -81,7 +117,7 @@ static void conformance(const struct nbdv_driver *drv)
 		uint32_t pcaps = 0;
 		CHECK(drv->probe(&p, &psize, &pcaps) == 0);
 		CHECK(psize == SIZE);
-		CHECK(!p.path || access(p.path, F_OK) != 0);
+		CHECK(!is_file || access(path, F_OK) != 0);
 		CHECK_MSG(driver_open(drv, &p, &d) == 0, "%s: open", drv->name);
 		CHECK(pcaps == d.caps);
 		driver_close(&d);
@@ -144,7 +180,7 @@ static void conformance(const struct nbdv_driver *drv)
 	CHECK(driver_pread(&d, buf, 4096, 5 * CH) == 0);
 	CHECK(r == 0 ? memcmp(buf, pat2, 4096) == 0 : is_zero(buf, 4096));
 	CHECK(r == -EAGAIN || d.gate); /* only drivers that offer it, and with a gate */
-	if (strcmp(drv->name, "file") == 0) {
+	if (is_file) {
 		/* Part of a page may need a read first: never inline. */
 		CHECK(driver_pwrite_nowait(&d, pat2, 1000, 5 * CH + 4096) == -EAGAIN);
 		CHECK(driver_pread(&d, buf, 1000, 5 * CH + 4096) == 0 && is_zero(buf, 1000));
@@ -180,7 +216,7 @@ static void conformance(const struct nbdv_driver *drv)
 	driver_close(&d);
 
 	/* Reopen: what was written is still there (file), and read-only drops writes. */
-	if (strcmp(drv->name, "file") == 0) {
+	if (is_file) {
 		struct stat st;
 		p.readonly = true;
 		CHECK(driver_open(drv, &p, &d) == 0);
@@ -199,7 +235,10 @@ static void conformance(const struct nbdv_driver *drv)
 	}
 	free(buf);
 	free(pat);
-	printf("driver %s: conformant\n", drv->name);
+	printf("driver %s: conformant (%s mode)\n", drv->name,
+	       (d.caps & NBDV_CAP_ASYNC)      ? "async"
+	       : (d.caps & NBDV_CAP_BLOCKING) ? "blocking"
+					      : "inline");
 }
 
 /*
@@ -213,13 +252,21 @@ static void resize_checks(const struct nbdv_driver *drv)
 	uint8_t *buf = malloc(2 * CH), *pat = malloc(CH);
 	struct nbdv_dev d;
 	char path[256];
+	bool is_file = strcmp(drv->name, "file") == 0;
 
 	if (!drv->resize)
 		return;
 	snprintf(path, sizeof(path), "%s/%s-resize.img", tmpdir, drv->name);
-	if (strcmp(drv->name, "file") == 0)
-		p.path = path;
+	p.values = values_for(drv, is_file ? path : NULL);
 	CHECK_MSG(driver_open(drv, &p, &d) == 0, "%s: open", drv->name);
+	if (d.caps & NBDV_CAP_ASYNC) {
+		/* resize() of asynchronous drivers is not supported yet: never resizable. */
+		CHECK(!d.resizable && driver_resize(&d, SIZE) == -ENOTSUP);
+		driver_close(&d);
+		free(buf);
+		free(pat);
+		return;
+	}
 	CHECK(d.resizable);
 	fill(pat, CH, 9);
 	CHECK(driver_pwrite(&d, pat, CH, SIZE - CH, 0) == 0);
@@ -246,7 +293,7 @@ static void resize_checks(const struct nbdv_driver *drv)
 	CHECK(driver_open(drv, &p, &d) == 0 && !d.resizable);
 	CHECK(driver_resize(&d, SIZE) == -ENOTSUP);
 	driver_close(&d);
-	if (p.path)
+	if (is_file)
 		unlink(path);
 	free(buf);
 	free(pat);
@@ -361,9 +408,9 @@ static void reopen_early(struct nbdv_dev *d, const char *control, const uint8_t 
 static void stall_gate(void)
 {
 	char control[256];
-	struct nbdv_export_params p = {
-	    .name = "gate", .path = control, .size = SIZE, .size_given = true};
 	const struct nbdv_driver *drv = driver_lookup("faulty");
+	struct nbdv_export_params p = {
+	    .name = "gate", .values = values_for(drv, control), .size = SIZE, .size_given = true};
 	static uint8_t big[256 * 1024];
 	uint8_t pat[4096], buf[4096];
 	struct nbdv_dev d;
@@ -453,12 +500,29 @@ static void stall_gate(void)
 	printf("stall gate: ok\n");
 }
 
-int main(void)
+/*
+ * test-driver-conformance                      every built-in driver, and the stall gate
+ * test-driver-conformance --load FILE [K=V...] the driver in shared object FILE, with
+ *                                               K=V for its keys (e.g. mode=async)
+ */
+int main(int argc, char **argv)
 {
 	size_t n;
 	const struct nbdv_driver *const *all = driver_all(&n);
 
 	CHECK(mkdtemp(tmpdir) != NULL);
+	if (argc >= 3 && strcmp(argv[1], "--load") == 0) {
+		char err[512];
+		const struct nbdv_driver *drv = driver_find(argv[2], NULL, err, sizeof(err));
+
+		CHECK_MSG(drv != NULL, "%s", err);
+		kv_args = argv + 3;
+		n_kv = argc - 3;
+		conformance(drv);
+		resize_checks(drv);
+		rmdir(tmpdir);
+		CHECKS_DONE("test-driver-conformance");
+	}
 	CHECK(n >= 2);
 	for (size_t i = 0; i < n; i++) {
 		conformance(all[i]);
