@@ -385,6 +385,7 @@ static int driver_value(struct parse_ctx *ctx, const yaml_node_t *n, const char 
 	case NBDV_KEY_STRING:
 		break;
 	case NBDV_KEY_PATH:
+	case NBDV_KEY_FILE:
 		if (!text[0])
 			r = -1;
 		break;
@@ -1050,10 +1051,10 @@ void config_free(struct nbdv_config *cfg)
 	free(cfg);
 }
 
-const char *config_export_path(const struct nbdv_export_cfg *e, size_t n)
+const char *config_export_path(const struct nbdv_export_cfg *e, int type, size_t n)
 {
 	for (size_t i = 0; i < e->n_values; i++) {
-		if (e->drv->keys[i].type == NBDV_KEY_PATH && e->values[i].set && n-- == 0)
+		if (e->drv->keys[i].type == type && e->values[i].set && n-- == 0)
 			return e->values[i].str;
 	}
 	return NULL;

@@ -130,8 +130,9 @@ void config_free(struct nbdv_config *cfg);
 const struct nbdv_export_cfg *config_find_export(const struct nbdv_config *cfg, const char *name,
 						 size_t namelen);
 
-/* The @n-th (from 0) file path among @e's driver values (keys of type PATH), or NULL. */
-const char *config_export_path(const struct nbdv_export_cfg *e, size_t n);
+/* The @n-th (from 0) path among @e's driver values of key type @type (NBDV_KEY_PATH:
+ * storage, NBDV_KEY_FILE: read-only files), or NULL. */
+const char *config_export_path(const struct nbdv_export_cfg *e, int type, size_t n);
 /* Whether @a and @b name the same driver with the same values for its keys. */
 bool config_same_driver_values(const struct nbdv_export_cfg *a, const struct nbdv_export_cfg *b);
 

@@ -84,7 +84,7 @@ static const char *table_problem(const struct nbdv_driver *drv)
 	if (!drv->create || !drv->destroy || !drv->caps || !drv->get_size)
 		return "create, destroy, caps and get_size are required";
 	for (const struct nbdv_key *k = drv->keys; k && k->name; k++) {
-		if (k->type < NBDV_KEY_STRING || k->type > NBDV_KEY_SIZE)
+		if (k->type < NBDV_KEY_STRING || k->type > NBDV_KEY_FILE)
 			return "a key has an unknown type";
 		if (!k->help)
 			return "a key has no help line";

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "nbdvault/driver.h"
 
 static enum nbdv_log_level max_level = LOG_LVL_INFO;
 
@@ -45,19 +46,16 @@ bool log_enabled(enum nbdv_log_level lvl)
 	return lvl <= max_level;
 }
 
-void log_msg(enum nbdv_log_level lvl, const char *fmt, ...)
+static void log_va(enum nbdv_log_level lvl, const char *fmt, va_list ap)
 {
 	static const char *const names[] = {"error", "warning", "info", "debug"};
 	static const int prio[] = {3, 4, 6, 7}; /* LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG */
 	char line[1024];
 	int saved = errno;
-	va_list ap;
 
 	if (!log_enabled(lvl))
 		goto out;
-	va_start(ap, fmt);
 	vsnprintf(line, sizeof(line), fmt, ap);
-	va_end(ap);
 	/* One write per line so that lines from threads do not interleave. */
 	if (to_journal())
 		fprintf(stderr, "<%d>%s: %s\n", prio[lvl], names[lvl], line);
@@ -65,6 +63,29 @@ void log_msg(enum nbdv_log_level lvl, const char *fmt, ...)
 		fprintf(stderr, "nbdvault: %s: %s\n", names[lvl], line);
 out:
 	errno = saved;
+}
+
+void log_msg(enum nbdv_log_level lvl, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	log_va(lvl, fmt, ap);
+	va_end(ap);
+}
+
+/* The ABI's logging call, for loadable drivers (levels as syslog's). */
+void nbdv_log(int level, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	log_va(level <= NBDV_LOG_ERR	? LOG_LVL_ERR
+	       : level <= NBDV_LOG_WARN ? LOG_LVL_WARN
+	       : level <= NBDV_LOG_INFO ? LOG_LVL_INFO
+					: LOG_LVL_DEBUG,
+	       fmt, ap);
+	va_end(ap);
 }
 
 const char *log_printable(const char *s, size_t len, char *out, size_t outlen)

@@ -71,7 +71,8 @@ static void print_exports(const struct nbdv_config *cfg)
  * a path). */
 static int driver_help(const char *name)
 {
-	static const char *const types[] = {"", "string", "path", "boolean", "integer", "size"};
+	static const char *const types[] = {"",	       "string", "path", "boolean",
+					    "integer", "size",	 "file"};
 	const struct nbdv_driver *drv;
 	char err[512];
 

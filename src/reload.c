@@ -133,12 +133,22 @@ static bool sandbox_allows(const struct nbdv_config *start, const char *path)
 		return false;
 	for (size_t i = 0; i < start->n_exports; i++) {
 		const char *p;
-		for (size_t j = 0; (p = config_export_path(&start->exports[i], j)); j++)
-			if (dir_of(p, have) && strcmp(want, have) == 0)
-				return true;
+		for (int t = NBDV_KEY_PATH; t <= NBDV_KEY_FILE; t += NBDV_KEY_FILE - NBDV_KEY_PATH)
+			for (size_t j = 0; (p = config_export_path(&start->exports[i], t, j)); j++)
+				if (dir_of(p, have) && strcmp(want, have) == 0)
+					return true;
 	}
 	for (size_t i = 0; i < start->n_sandbox_paths; i++)
 		if (realpath(start->sandbox_paths[i], have) && beneath(want, have))
+			return true;
+	return false;
+}
+
+/* Whether the sandbox started with network clients allowed (see sandbox_enter). */
+static bool network_at_start(const struct nbdv_config *start)
+{
+	for (size_t i = 0; i < start->n_exports; i++)
+		if (start->exports[i].drv->needs & NBDV_NEEDS_NETWORK)
 			return true;
 	return false;
 }
@@ -168,17 +178,30 @@ static const char *check_exports(struct nbdv_server *srv, const struct nbdv_conf
 			return buf;
 		}
 		if (!e) {
-			added++;
 			const char *path;
 
-			for (size_t j = 0; (path = config_export_path(ne, j)); j++) {
-				if (sandbox_allows(srv->cfg, path))
-					continue;
-				snprintf(buf, len,
-					 "export %.100s's path %.200s is outside what the sandbox "
-					 "allowed at start (add its directory to sandbox-paths)",
-					 ne->name, path);
+			added++;
+			if ((ne->drv->needs & NBDV_NEEDS_NETWORK) && srv->cfg->sandbox &&
+			    !network_at_start(srv->cfg)) {
+				snprintf(
+				    buf, len,
+				    "export %.100s's driver %s needs network access, which the "
+				    "sandbox did not allow at start",
+				    ne->name, ne->drv->name);
 				return buf;
+			}
+			for (int t = NBDV_KEY_PATH; t <= NBDV_KEY_FILE;
+			     t += NBDV_KEY_FILE - NBDV_KEY_PATH) {
+				for (size_t j = 0; (path = config_export_path(ne, t, j)); j++) {
+					if (sandbox_allows(srv->cfg, path))
+						continue;
+					snprintf(buf, len,
+						 "export %.100s's path %.200s is outside what the "
+						 "sandbox allowed at start (add its directory to "
+						 "sandbox-paths)",
+						 ne->name, path);
+					return buf;
+				}
 			}
 		}
 	}

@@ -265,8 +265,10 @@ static int enter_landlock(const struct nbdv_config *cfg)
 		const struct nbdv_export_cfg *e = &cfg->exports[i];
 		const char *path;
 
-		for (size_t j = 0; (path = config_export_path(e, j)); j++)
+		for (size_t j = 0; (path = config_export_path(e, NBDV_KEY_PATH, j)); j++)
 			allow_export(&rs, path, e->readonly ? FS_READ : rw);
+		for (size_t j = 0; (path = config_export_path(e, NBDV_KEY_FILE, j)); j++)
+			allow_dir_of(&rs, path, FS_READ);
 	}
 	if (cfg->tls.certificates)
 		allow(&rs, cfg->tls.certificates, FS_READ);
@@ -424,6 +426,36 @@ static const char *const allowed_calls[] = {
     "exit_group",
 };
 
+/* Added when an export's driver says NBDV_NEEDS_NETWORK (a storage cluster's client
+ * library, librados: it reconnects to storage daemons and runs its own event loops). */
+static const char *const network_calls[] = {
+    "socket",
+    "connect",
+    "epoll_create",
+    "timerfd_create",
+    "timerfd_settime",
+    "timerfd_gettime",
+    "getcpu",
+    "sched_setaffinity",
+    "setpriority",
+    "getpriority",
+    "ioprio_set",
+    "ioprio_get",
+    "pipe",
+    "getppid",
+    "sched_getparam",
+    "sched_getscheduler",
+    "set_tid_address",
+    "fstatfs",
+    "statfs",
+    "readlink",
+    "readlinkat",
+    "mkdirat",
+    "getrusage",
+    "times",
+    "bind",
+};
+
 static void sigsys_handler(int sig, siginfo_t *si, void *ctx)
 {
 	char line[128];
@@ -449,7 +481,7 @@ static bool under_valgrind(void)
 	return p && strstr(p, "vgpreload");
 }
 
-static int enter_seccomp(void)
+static int enter_seccomp(bool network)
 {
 	scmp_filter_ctx ctx;
 	struct sigaction sa = {0};
@@ -464,6 +496,11 @@ static int enter_seccomp(void)
 
 	for (size_t i = 0; r == 0 && i < ARRAY_SIZE(allowed_calls); i++) {
 		int nr = seccomp_syscall_resolve_name(allowed_calls[i]);
+		if (nr != __NR_SCMP_ERROR)
+			r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0);
+	}
+	for (size_t i = 0; network && r == 0 && i < ARRAY_SIZE(network_calls); i++) {
+		int nr = seccomp_syscall_resolve_name(network_calls[i]);
 		if (nr != __NR_SCMP_ERROR)
 			r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0);
 	}
@@ -503,14 +540,17 @@ static int enter_seccomp(void)
 		log_err("sandbox: cannot install the seccomp filter: %s", strerror(-r));
 		return -1;
 	}
-	log_info("sandbox: %zu system calls allowed (seccomp)", ARRAY_SIZE(allowed_calls) + 1);
+	log_info("sandbox: %zu system calls allowed (seccomp)%s",
+		 ARRAY_SIZE(allowed_calls) + 1 + (network ? ARRAY_SIZE(network_calls) : 0),
+		 network ? ", with network clients for storage" : "");
 	return 0;
 }
 
 #else
 
-static int enter_seccomp(void)
+static int enter_seccomp(bool network)
 {
+	(void)network;
 #ifdef SANITIZED
 	log_info("sandbox: no seccomp filter in a sanitizer build");
 #else
@@ -521,13 +561,22 @@ static int enter_seccomp(void)
 
 #endif
 
+/* Whether an export's driver talks to the network after start. */
+static bool needs_network(const struct nbdv_config *cfg)
+{
+	for (size_t i = 0; i < cfg->n_exports; i++)
+		if (cfg->exports[i].drv->needs & NBDV_NEEDS_NETWORK)
+			return true;
+	return false;
+}
+
 int sandbox_enter(const struct nbdv_config *cfg)
 {
 	if (!cfg->sandbox) {
 		log_info("sandbox: off (sandbox: false)");
 		return 0;
 	}
-	if (enter_landlock(cfg) < 0 || enter_seccomp() < 0)
+	if (enter_landlock(cfg) < 0 || enter_seccomp(needs_network(cfg)) < 0)
 		return -1;
 	return 0;
 }

@@ -803,6 +803,15 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	driver_loading_close();
 	if (sandbox_drop_user(&ids) < 0 || sandbox_enter(cfg) < 0)
 		return -1;
+	/* Network storage connects now, inside the sandbox (its library's threads inherit
+	 * it), so that no reactor ever waits for a cluster at GO. */
+	for (size_t i = 0; i < srv->n_exports; i++) {
+		const struct nbdv_dev *dev;
+
+		if ((srv->exports[i].cfg->drv->needs & NBDV_NEEDS_NETWORK) &&
+		    export_open(&srv->exports[i], &dev) < 0)
+			return -1;
+	}
 	block_signals(&old);
 	srv->exec = executor_new(cfg->io_threads);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);

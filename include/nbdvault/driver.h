@@ -82,10 +82,13 @@
  */
 enum nbdv_key_type {
 	NBDV_KEY_STRING = 1, /* any string */
-	NBDV_KEY_PATH,	     /* a file path: the sandbox lets the driver open it */
+	NBDV_KEY_PATH,	     /* the export's storage file: the sandbox allows its directory,
+			      * read-write (read-only for a read-only export) */
 	NBDV_KEY_BOOL,	     /* true/false (yes/no, on/off) */
 	NBDV_KEY_UINT,	     /* decimal integer */
 	NBDV_KEY_SIZE,	     /* byte count, with optional K/M/G/T/P suffix (binary) */
+	NBDV_KEY_FILE,	     /* a file the driver only reads (configuration, key): the
+			      * sandbox allows reading its directory */
 };
 
 struct nbdv_key {
@@ -157,6 +160,13 @@ struct nbdv_io {
  * say), possibly before submit() has returned.  @io must not be touched afterwards.
  */
 void nbdv_io_complete(struct nbdv_io *io, int result);
+
+/* Log one line through the server's log (stderr, or the journal's priorities). */
+#define NBDV_LOG_ERR   3
+#define NBDV_LOG_WARN  4
+#define NBDV_LOG_INFO  6
+#define NBDV_LOG_DEBUG 7
+void nbdv_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 struct nbdv_driver;
 

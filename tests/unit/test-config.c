@@ -98,7 +98,8 @@ static void test_full(const char *dir)
 	CHECK(strcmp(cfg->exports[0].name, "disk0") == 0);
 	CHECK(strcmp(cfg->exports[0].description, "Scratch disk") == 0);
 	CHECK(cfg->exports[0].n_values == 1 && cfg->exports[0].values[0].given);
-	CHECK(strcmp(config_export_path(&cfg->exports[0], 0), "/var/tmp/disk0.img") == 0);
+	CHECK(strcmp(config_export_path(&cfg->exports[0], NBDV_KEY_PATH, 0),
+		     "/var/tmp/disk0.img") == 0);
 	CHECK(cfg->exports[0].size == 10ULL << 30 && cfg->exports[0].size_given);
 	CHECK(!cfg->exports[0].readonly);
 	CHECK(cfg->exports[0].resizable && cfg->exports[0].max_size == 1ULL << 40);

@@ -249,13 +249,15 @@ static void resize_checks(const struct nbdv_driver *drv)
 {
 	struct nbdv_export_params p = {
 	    .name = drv->name, .size = SIZE, .size_given = true, .resizable = true};
-	uint8_t *buf = malloc(2 * CH), *pat = malloc(CH);
+	uint8_t *buf, *pat;
 	struct nbdv_dev d;
 	char path[256];
 	bool is_file = strcmp(drv->name, "file") == 0;
 
 	if (!drv->resize)
 		return;
+	buf = malloc(2 * CH);
+	pat = malloc(CH);
 	snprintf(path, sizeof(path), "%s/%s-resize.img", tmpdir, drv->name);
 	p.values = values_for(drv, is_file ? path : NULL);
 	CHECK_MSG(driver_open(drv, &p, &d) == 0, "%s: open", drv->name);
