@@ -71,7 +71,6 @@ struct rbd {
 	time_t last_error_log;
 };
 
-
 static int set(rados_t c, const char *opt, const char *val)
 {
 	int r = rados_conf_set(c, opt, val);
@@ -120,8 +119,8 @@ struct op {
 
 static const char *op_name(int op)
 {
-	static const char *const names[] = {"", "read", "write", "flush", "trim", "zero",
-					    "block status", "cache"};
+	static const char *const names[] = {"",	    "read", "write",	    "flush",
+					    "trim", "zero", "block status", "cache"};
 	return op > 0 && op <= NBDV_OP_CACHE ? names[op] : "?";
 }
 
@@ -207,11 +206,9 @@ static int rbd_submit(struct nbdv_drv_instance *inst, struct nbdv_io *io)
 		break;
 	case NBDV_OP_ZERO:
 		/* Without NO_HOLE the range is deallocated; with it, written as zeroes. */
-		r = rbd_aio_write_zeroes(d->image, io->offset, io->length, c,
-					 (io->flags & NBDV_F_MAY_TRIM)
-					     ? 0
-					     : RBD_WRITE_ZEROES_FLAG_THICK_PROVISION,
-					 0);
+		r = rbd_aio_write_zeroes(
+		    d->image, io->offset, io->length, c,
+		    (io->flags & NBDV_F_MAY_TRIM) ? 0 : RBD_WRITE_ZEROES_FLAG_THICK_PROVISION, 0);
 		break;
 	default:
 		r = -EINVAL;
@@ -432,8 +429,9 @@ static int connect_cluster(struct rbd *d, const struct nbdv_value *v)
 		return -EINVAL;
 	r = rados_connect(d->cluster);
 	if (r < 0) {
-		nbdv_log(NBDV_LOG_ERR, "rbd %s: cannot connect to the cluster (%s as client.%s): %s",
-			 d->label, v[K_CONF].str, v[K_USER].str, strerror(-r));
+		nbdv_log(NBDV_LOG_ERR,
+			 "rbd %s: cannot connect to the cluster (%s as client.%s): %s", d->label,
+			 v[K_CONF].str, v[K_USER].str, strerror(-r));
 		return r;
 	}
 	r = rados_ioctx_create(d->cluster, v[K_POOL].str, &d->ioctx);
