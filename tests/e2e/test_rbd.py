@@ -43,6 +43,12 @@ class RbdTest(unittest.TestCase):
         nbdv.require("ceph-mon", "ceph-osd", "rbd", "qemu-img", "qemu-io", "nbdcopy", "nbdinfo")
         if not os.path.exists(RBD_SO):
             raise unittest.SkipTest(f"{RBD_SO} was not built (librbd-dev missing)")
+        if "thread" in os.environ.get("NBDVAULT_SANITIZE", ""):
+            # Ceph's C++ libraries are not instrumented: ThreadSanitizer sees their
+            # threads' synchronisation as races and cannot even unwind into them to
+            # suppress by library.  The server side of the asynchronous mode runs under
+            # ThreadSanitizer with examples/driver's ramdisk in async mode instead.
+            raise unittest.SkipTest("not under ThreadSanitizer (uninstrumented librbd)")
         cls.tmp = tempfile.mkdtemp(prefix="nbdvault-rbd-")
         cls.own_cluster = not os.environ.get("NBDVAULT_CEPH_DIR")
         cls.ceph = os.environ.get("NBDVAULT_CEPH_DIR") or os.path.join(cls.tmp, "ceph")
@@ -220,6 +226,37 @@ class RbdTest(unittest.TestCase):
                     time.sleep(0.5)
             nbdv.disconnect(h)
             self.assertIn("rbd rbd/" + img, srv.logtext())
+
+    def test_runs_as_an_unprivileged_user_in_the_sandbox(self):
+        """user: nobody: the cluster is reached after the privilege drop, inside the
+        sandbox, with a keyring that user can read (and nothing else of the cluster's)."""
+        import grp
+        import pwd
+        if os.geteuid() != 0:
+            self.skipTest("needs root to switch users")
+        user, group = pwd.getpwnam("nobody"), grp.getgrnam("nogroup")
+        tmp = tempfile.mkdtemp(prefix="nbdvault-rbd-user-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        keys = os.path.join(tmp, "keys")
+        os.mkdir(keys)
+        for f in ("ceph.conf", "keyring"):
+            shutil.copy(os.path.join(self.ceph, f), keys)
+        for path in (tmp, keys, f"{keys}/ceph.conf", f"{keys}/keyring"):
+            os.chown(path, user.pw_uid, group.gr_gid)
+        img = self.image()
+        exports = (f"\n  - name: r\n    driver: {RBD_SO}\n    pool: rbd\n    image: {img}\n"
+                   f"    size: 16M\n    ceph-conf: {keys}/ceph.conf\n"
+                   f"    keyring: {keys}/keyring\n")
+        with nbdv.Server(exports, extra="user: nobody\ngroup: nogroup\n", tmpdir=tmp) as srv:
+            h = self.libnbd(srv, "r")
+            h.pwrite(b"n" * 4096, 4096)
+            h.flush()
+            self.assertEqual(h.pread(4096, 4096), b"n" * 4096)
+            nbdv.disconnect(h)
+            log = srv.logtext()
+        self.assertIn(f"running as user nobody (uid {user.pw_uid})", log)
+        if "system calls allowed (seccomp)" in log:  # (none under sanitizers or valgrind)
+            self.assertIn("with network clients for storage", log)
 
     def test_two_instances_on_one_image(self):
         img = self.image()
