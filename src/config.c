@@ -944,6 +944,7 @@ static int set_defaults(struct nbdv_config *cfg)
 			return -1;
 		cfg->listen[0].port = NBDV_DEFAULT_PORT;
 		cfg->n_listen = 1;
+		cfg->listen_default = true;
 	}
 	return 0;
 }

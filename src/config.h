@@ -88,6 +88,7 @@ struct nbdv_config {
 	char *file;			/* path the snapshot was read from */
 	struct nbdv_listen_cfg *listen; /* listeners, at least one */
 	size_t n_listen;
+	bool listen_default;		 /* no `listen:` in the file: the default entry */
 	char *default_export;		 /* served for the empty name, or NULL */
 	struct nbdv_export_cfg *exports; /* exports in file order */
 	size_t n_exports;

@@ -175,9 +175,10 @@ static bool identity_acquire(struct nbdv_conn *c, const char *id)
 		if (identity_rows) {
 			row = &identity_rows[n_identity_rows++];
 			snprintf(row->name, sizeof(row->name), "%s", id);
-			identity_caps(c->srv->cfg, row);
 		}
 	}
+	if (row)
+		identity_caps(c->lim, row); /* (the newest limits the identity connected under) */
 	if (row && (!row->max_conns || row->conns < row->max_conns)) {
 		row->conns++;
 		c->identity_row = row;
@@ -302,6 +303,7 @@ struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transpo
 	}
 	c->tp = tp;
 	c->srv = srv;
+	c->lim = srv->live; /* a reload's new limits apply from the next connection on */
 	c->r = r;
 	c->fd = fd;
 	c->is_tcp = is_tcp;
@@ -315,8 +317,8 @@ struct nbdv_conn *conn_new_transport(struct nbdv_reactor *r, struct nbdv_transpo
 	ev_io_init(&c->wio, write_cb, fd, EV_WRITE);
 	/* Until it reaches transmission, a client has limits.handshake-timeout in all
 	 * (slow-loris, half-open TLS); the timer becomes the idle timer after GO. */
-	ev_timer_init(&c->timer, timer_cb, srv->cfg->handshake_timeout, 0.);
-	if (srv->cfg->handshake_timeout > 0 && fd >= 0)
+	ev_timer_init(&c->timer, timer_cb, c->lim->handshake_timeout, 0.);
+	if (c->lim->handshake_timeout > 0 && fd >= 0)
 		ev_timer_start(r->loop, &c->timer);
 	reactor_conn_add(r, c);
 	log_info("c%u: connection from %s (worker %u)", c->id, peer, r->idx);
@@ -374,7 +376,7 @@ void conn_queue(struct nbdv_conn *c, struct nbdv_outmsg *m)
 /* The process holds limits.max-memory: no connection reads new work until it drops. */
 static bool memory_full(const struct nbdv_conn *c)
 {
-	return nbdv_mem_held() >= c->srv->cfg->max_memory;
+	return nbdv_mem_held() >= c->lim->max_memory;
 }
 
 /*
@@ -385,8 +387,8 @@ static bool throttled(const struct nbdv_conn *c)
 {
 	if (c->phase == CONN_OPTIONS)
 		return held(c) >= NBDV_PREAUTH_BUDGET || memory_full(c);
-	return c->inflight >= NBDV_MAX_INFLIGHT_REQS ||
-	       held(c) >= c->srv->cfg->max_inflight_bytes || memory_full(c) || c->rate_paused;
+	return c->inflight >= NBDV_MAX_INFLIGHT_REQS || held(c) >= c->lim->max_inflight_bytes ||
+	       memory_full(c) || c->rate_paused;
 }
 
 /* Start or stop the read watcher to match what the connection can take now. */
@@ -521,7 +523,7 @@ static void tls_step(struct nbdv_conn *c)
 	c->tls_up = true;
 	tls_peer_info(c->tp, &c->peer);
 	metrics_handshake(c->peer.resumed ? "resumed" : "ok");
-	if (identity_limited(c->srv->cfg) && (c->peer.psk_user || c->peer.dn)) {
+	if (identity_limited(c->lim) && (c->peer.psk_user || c->peer.dn)) {
 		char id[320];
 		tls_peer_identity(&c->peer, id, sizeof(id));
 		if (!identity_acquire(c, id)) {
@@ -674,8 +676,8 @@ static size_t avail(const struct nbdv_conn *c)
 static void start_idle_timer(struct nbdv_conn *c)
 {
 	ev_timer_stop(c->r->loop, &c->timer);
-	if (c->srv->cfg->idle_timeout > 0) {
-		ev_timer_set(&c->timer, 0., c->srv->cfg->idle_timeout);
+	if (c->lim->idle_timeout > 0) {
+		ev_timer_set(&c->timer, 0., c->lim->idle_timeout);
 		ev_timer_again(c->r->loop, &c->timer);
 	}
 }
@@ -872,7 +874,7 @@ static void process_input(struct nbdv_conn *c)
 /* Activity in transmission pushes the idle deadline back (ev.pod's ev_timer_again). */
 static void touch_idle_timer(struct nbdv_conn *c)
 {
-	if (c->phase == CONN_TRANSMISSION && c->srv->cfg->idle_timeout > 0)
+	if (c->phase == CONN_TRANSMISSION && c->lim->idle_timeout > 0)
 		ev_timer_again(c->r->loop, &c->timer);
 }
 
@@ -985,14 +987,14 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	c->depth++;
 	if (c->phase == CONN_OPTIONS || c->phase == CONN_TLS_HANDSHAKE) {
 		log_info("c%u: handshake not finished within %g s, closing", c->id,
-			 c->srv->cfg->handshake_timeout);
+			 c->lim->handshake_timeout);
 		conn_reason(c, "handshake timeout");
 		conn_abort(c);
 	} else if (c->phase == CONN_TRANSMISSION) {
 		if (c->inflight || c->outq.head) {
 			ev_timer_again(loop, &c->timer); /* busy on our side, not idle */
 		} else {
-			log_info("c%u: idle for %g s, closing", c->id, c->srv->cfg->idle_timeout);
+			log_info("c%u: idle for %g s, closing", c->id, c->lim->idle_timeout);
 			conn_reason(c, "idle timeout");
 			conn_close_graceful(c);
 		}

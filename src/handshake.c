@@ -338,7 +338,7 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 		    .info = htobe16(NBD_INFO_BLOCK_SIZE),
 		    .minimum = htobe32(1),
 		    .preferred = htobe32(4096),
-		    .maximum = htobe32(c->srv->cfg->max_request),
+		    .maximum = htobe32(c->lim->max_request),
 		};
 		if (opt_reply(c, opt, NBD_REP_INFO, &bs, sizeof(bs)) < 0)
 			return HS_CLOSE;

@@ -2,10 +2,14 @@
  * nbdvault - SIGHUP: re-read the configuration and apply what can change live.
  *
  * The whole file is loaded and validated first; an invalid file changes nothing.  What
- * cannot change under running connections (listeners, threads, user, sandbox, TLS
- * settings, limits, audit log, metrics, an export's storage) makes the reload fail
- * with a line naming it: "needs a restart", never half applied.  Otherwise:
+ * cannot change under running connections (threads, user, sandbox, TLS settings, audit
+ * log, metrics, an export's storage; a new listener while the sandbox is on) makes the
+ * reload fail with a line naming it: "needs a restart", never half applied.  Otherwise:
  *
+ *   - listeners: entries removed stop listening, entries added are bound (before
+ *     anything else is applied: a bind that fails refuses the reload);
+ *   - limits apply to connections accepted from then on (each connection keeps the
+ *     snapshot it was accepted under);
  *   - exports added appear at once (in the room exports_new() left);
  *   - exports removed refuse new opens; their sessions finish, or with on-remove: close
  *     are closed after their requests in flight are answered;
@@ -42,29 +46,10 @@ static bool same_listen(const struct nbdv_listen_cfg *a, const struct nbdv_liste
 	       same_str(a->unix_path, b->unix_path);
 }
 
-static bool same_identity_limits(const struct nbdv_config *a, const struct nbdv_config *b)
-{
-	if (a->n_identities != b->n_identities ||
-	    a->identity_default.bandwidth != b->identity_default.bandwidth ||
-	    a->identity_default.iops != b->identity_default.iops)
-		return false;
-	for (size_t i = 0; i < a->n_identities; i++) {
-		const struct nbdv_identity_limits *x = &a->identities[i], *y = &b->identities[i];
-		if (!same_str(x->identity, y->identity) || x->bandwidth != y->bandwidth ||
-		    x->iops != y->iops || x->max_connections != y->max_connections)
-			return false;
-	}
-	return true;
-}
-
 /* The first setting that differs and can only change with a restart, or NULL. */
 static const char *restart_only(const struct nbdv_config *a, const struct nbdv_config *b)
 {
-	if (a->n_listen != b->n_listen)
-		return "listen";
-	for (size_t i = 0; i < a->n_listen; i++)
-		if (!same_listen(&a->listen[i], &b->listen[i]))
-			return "listen";
+	/* listen: entries added and removed live (server_listeners_prepare). */
 	if (a->workers != b->workers)
 		return "workers";
 	if (a->io_threads != b->io_threads)
@@ -88,11 +73,8 @@ static const char *restart_only(const struct nbdv_config *a, const struct nbdv_c
 	    !same_str(a->tls.psk_file, b->tls.psk_file) ||
 	    !same_str(a->tls.priority, b->tls.priority))
 		return "tls";
-	if (a->max_request != b->max_request || a->max_inflight_bytes != b->max_inflight_bytes ||
-	    a->max_memory != b->max_memory || a->max_connections != b->max_connections ||
-	    a->handshake_timeout != b->handshake_timeout || a->idle_timeout != b->idle_timeout ||
-	    a->max_conns_per_identity != b->max_conns_per_identity || !same_identity_limits(a, b))
-		return "limits";
+	/* limits: apply to connections accepted from now on (each keeps the snapshot it
+	 * was accepted under: conn.lim). */
 	return NULL;
 }
 
@@ -239,6 +221,12 @@ int server_reload(struct nbdv_server *srv)
 		return -1;
 	}
 	srv->retired = retired;
+	why = server_listeners_prepare(srv, next, err, sizeof(err));
+	if (why) {
+		log_err("SIGHUP: %s, which needs a restart: configuration not reloaded", why);
+		config_free(next);
+		return -1;
+	}
 	/* Exports in the new file: keep (with the new policy), revive or add. */
 	for (size_t i = 0; i < next->n_exports; i++) {
 		struct nbdv_export *e = by_name(srv, next->exports[i].name);
@@ -270,6 +258,7 @@ int server_reload(struct nbdv_server *srv)
 	}
 	if (srv->live != srv->cfg)
 		srv->retired[srv->n_retired++] = srv->live;
+	server_listeners_commit(srv, next);
 	srv->live = next;
 	log_info("SIGHUP: configuration reloaded: %u export(s) added, %u removed, %u kept", added,
 		 removed, kept);

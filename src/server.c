@@ -159,11 +159,11 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 		}
 		return;
 	}
-	if (total_conns(srv) >= srv->cfg->max_connections) {
+	if (total_conns(srv) >= srv->live->max_connections) {
 		/* Over limits.max-connections: close at once, and say so at most once a second. */
 		if (ev_now(loop) - srv->last_cap_log >= 1.0) {
 			log_warn("refusing connections: limits.max-connections (%u) reached",
-				 srv->cfg->max_connections);
+				 srv->live->max_connections);
 			srv->last_cap_log = ev_now(loop);
 		}
 		close(fd);
@@ -205,7 +205,8 @@ static int clear_stale_unix(const char *path)
 	return unlink(path) < 0 ? -errno : 0;
 }
 
-static int add_listener(struct nbdv_server *srv, int fd, bool is_tcp, const char *unix_path)
+static int add_listener(struct nbdv_server *srv, int fd, bool is_tcp, const char *unix_path,
+			const char *address, uint16_t port)
 {
 	struct nbdv_listener *l = &srv->listeners[srv->n_listeners++];
 
@@ -213,12 +214,15 @@ static int add_listener(struct nbdv_server *srv, int fd, bool is_tcp, const char
 	l->is_tcp = is_tcp;
 	l->srv = srv;
 	l->unix_path = unix_path ? strdup(unix_path) : NULL;
+	l->address = address ? strdup(address) : NULL;
+	l->port = port;
 	ev_io_init(&l->io, accept_cb, fd, EV_READ);
 	ev_io_start(main_loop(srv), &l->io);
 	return 0;
 }
 
-static int listen_unix(struct nbdv_server *srv, const char *path)
+/* A listening unix socket at @path, or -1 (logged). */
+static int bind_unix(const char *path)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	int fd;
@@ -239,17 +243,19 @@ static int listen_unix(struct nbdv_server *srv, const char *path)
 		return -1;
 	}
 	log_info("listening on unix socket %s", path);
-	return add_listener(srv, fd, false, path);
+	return fd;
 }
 
-static int listen_tcp(struct nbdv_server *srv, const char *address, uint16_t port)
+/* A listening TCP socket for @address and @port (one per entry: a dual-stack "::"
+ * covers IPv4 too), or -1 (logged). */
+static int bind_tcp(const char *address, uint16_t port)
 {
 	struct addrinfo hints = {.ai_family = AF_UNSPEC,
 				 .ai_socktype = SOCK_STREAM,
 				 .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
 	struct addrinfo *res, *ai;
 	char portstr[8];
-	int r, n = 0;
+	int r, fd = -1;
 
 	snprintf(portstr, sizeof(portstr), "%u", port);
 	r = getaddrinfo(address, portstr, &hints, &res);
@@ -257,12 +263,12 @@ static int listen_tcp(struct nbdv_server *srv, const char *address, uint16_t por
 		log_err("listen: cannot resolve %s: %s", address, gai_strerror(r));
 		return -1;
 	}
-	for (ai = res; ai; ai = ai->ai_next) {
+	for (ai = res; ai && fd < 0; ai = ai->ai_next) {
 		int one = 1, zero = 0;
 		char name[128];
-		int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-				ai->ai_protocol);
 
+		fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+			    ai->ai_protocol);
 		if (fd < 0)
 			continue;
 		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
@@ -278,17 +284,134 @@ static int listen_tcp(struct nbdv_server *srv, const char *address, uint16_t por
 			return -1;
 		}
 		log_info("listening on %s", name);
-		add_listener(srv, fd, true, NULL);
-		n++;
-		/* One socket per listen entry: a dual-stack "::" already covers IPv4. */
-		break;
 	}
 	freeaddrinfo(res);
-	if (n == 0) {
+	if (fd < 0)
 		log_err("listen: no usable address for %s", address);
+	return fd;
+}
+
+/* Bind one `listen:` entry; -1 on failure (logged). */
+static int bind_entry(const struct nbdv_listen_cfg *l)
+{
+	return l->unix_path ? bind_unix(l->unix_path) : bind_tcp(l->address, l->port);
+}
+
+static int listen_entry(struct nbdv_server *srv, const struct nbdv_listen_cfg *l)
+{
+	int fd = bind_entry(l);
+
+	if (fd < 0)
 		return -1;
+	return add_listener(srv, fd, !l->unix_path, l->unix_path, l->address, l->port);
+}
+
+static bool serves_entry(const struct nbdv_listener *l, const struct nbdv_listen_cfg *e)
+{
+	if (l->fd < 0)
+		return false;
+	if (e->unix_path)
+		return l->unix_path && strcmp(l->unix_path, e->unix_path) == 0;
+	return l->address && strcmp(l->address, e->address) == 0 && l->port == e->port;
+}
+
+static bool in_config(const struct nbdv_config *cfg, const struct nbdv_listener *l)
+{
+	for (size_t i = 0; i < cfg->n_listen; i++)
+		if (serves_entry(l, &cfg->listen[i]))
+			return true;
+	return false;
+}
+
+/* Sockets server_listeners_prepare() bound for entries of the next config. */
+static struct {
+	int fd;
+	const struct nbdv_listen_cfg *entry;
+} prepared[NBDV_RELOAD_LISTENERS];
+static size_t n_prepared;
+
+const char *server_listeners_prepare(struct nbdv_server *srv, const struct nbdv_config *next,
+				     char *buf, size_t len)
+{
+	size_t add = 0;
+
+	n_prepared = 0;
+	if (!srv->listen_from_config) {
+		if (next->n_listen != srv->live->n_listen)
+			log_info(
+			    "SIGHUP: listen: not used (the sockets systemd passed are served)");
+		return NULL;
 	}
-	return 0;
+	for (size_t i = 0; i < next->n_listen; i++) {
+		bool have = false;
+		for (size_t k = 0; k < srv->n_listeners && !have; k++)
+			have = serves_entry(&srv->listeners[k], &next->listen[i]);
+		add += !have && !next->listen_default;
+	}
+	if (add && srv->cfg->sandbox) {
+		snprintf(buf, len,
+			 "listen (a new listener needs socket() and bind(), which the sandbox "
+			 "forbids once serving; removing listeners works live)");
+		return buf;
+	}
+	if (srv->n_listeners + add > srv->max_listeners) {
+		snprintf(buf, len, "listen (more than %d listeners added since start)",
+			 NBDV_RELOAD_LISTENERS);
+		return buf;
+	}
+	for (size_t i = 0; i < next->n_listen && !next->listen_default; i++) {
+		bool have = false;
+		int fd;
+
+		for (size_t k = 0; k < srv->n_listeners && !have; k++)
+			have = serves_entry(&srv->listeners[k], &next->listen[i]);
+		if (have)
+			continue;
+		fd = bind_entry(&next->listen[i]);
+		if (fd < 0) {
+			server_listeners_abort(srv);
+			snprintf(buf, len, "listen (a new entry could not be bound: see above)");
+			return buf;
+		}
+		prepared[n_prepared].fd = fd;
+		prepared[n_prepared++].entry = &next->listen[i];
+	}
+	return NULL;
+}
+
+void server_listeners_abort(struct nbdv_server *srv)
+{
+	(void)srv;
+	for (size_t i = 0; i < n_prepared; i++) {
+		close(prepared[i].fd);
+		if (prepared[i].entry->unix_path)
+			unlink(prepared[i].entry->unix_path);
+	}
+	n_prepared = 0;
+}
+
+void server_listeners_commit(struct nbdv_server *srv, const struct nbdv_config *next)
+{
+	if (!srv->listen_from_config)
+		return;
+	for (size_t i = 0; i < srv->n_listeners; i++) {
+		struct nbdv_listener *l = &srv->listeners[i];
+
+		if (l->fd < 0 || (!l->address && !l->unix_path) || in_config(next, l))
+			continue;
+		ev_io_stop(main_loop(srv), &l->io);
+		close(l->fd);
+		l->fd = -1;
+		if (l->unix_path)
+			unlink(l->unix_path);
+		log_info("SIGHUP: stopped listening on %s%s%s", l->unix_path ? "unix socket " : "",
+			 l->unix_path ? l->unix_path : l->address, l->unix_path ? "" : " (TCP)");
+	}
+	for (size_t i = 0; i < n_prepared; i++) {
+		const struct nbdv_listen_cfg *e = prepared[i].entry;
+		add_listener(srv, prepared[i].fd, !e->unix_path, e->unix_path, e->address, e->port);
+	}
+	n_prepared = 0;
 }
 
 void reactor_conn_add(struct nbdv_reactor *r, struct nbdv_conn *c)
@@ -725,6 +848,7 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	unsigned n_workers = cfg->workers ? cfg->workers : default_workers();
 	struct nbdv_ids ids;
 	int passed[64], n_passed, r;
+	bool with_config;
 	size_t n_exp;
 	sigset_t old;
 
@@ -765,32 +889,35 @@ int server_init(struct nbdv_server *srv, struct nbdv_config *cfg)
 	}
 	if (sandbox_resolve_user(cfg, &ids) < 0)
 		return -1;
-	n_passed = systemd_listen_fds(passed, (int)ARRAY_SIZE(passed));
+	n_passed = systemd_listen_fds(passed, (int)ARRAY_SIZE(passed), &with_config);
+	/* Socket activation replaces `listen:`, unless a socket is named with-config. */
+	srv->listen_from_config = !n_passed || with_config;
 	srv->live = cfg;
 	srv->exports = exports_new(cfg, &n_exp);
 	srv->n_exports = n_exp;
-	srv->listeners =
-	    calloc(n_passed ? (size_t)n_passed : cfg->n_listen, sizeof(*srv->listeners));
+	srv->max_listeners = (size_t)n_passed + cfg->n_listen + NBDV_RELOAD_LISTENERS;
+	srv->listeners = calloc(srv->max_listeners, sizeof(*srv->listeners));
 	if (!srv->exports || !srv->listeners) {
 		log_err("out of memory at start-up");
 		return -1;
 	}
 	if (n_passed) {
-		/* Socket activation: the sockets systemd bound replace the config's. */
 		for (int i = 0; i < n_passed; i++) {
 			struct sockaddr_storage ss;
 			socklen_t sl = sizeof(ss);
 			bool tcp = getsockname(passed[i], (struct sockaddr *)&ss, &sl) == 0 &&
 				   ss.ss_family != AF_UNIX;
-			add_listener(srv, passed[i], tcp, NULL);
-			log_info("listening on %s socket %d passed by systemd (listen: not used)",
-				 tcp ? "a TCP" : "a unix", passed[i]);
+			add_listener(srv, passed[i], tcp, NULL, NULL, 0);
+			log_info("listening on %s socket %d passed by systemd%s",
+				 tcp ? "a TCP" : "a unix", passed[i],
+				 srv->listen_from_config ? "" : " (listen: not used)");
 		}
 	}
-	for (size_t i = 0; !n_passed && i < cfg->n_listen; i++) {
-		const struct nbdv_listen_cfg *l = &cfg->listen[i];
-		r = l->unix_path ? listen_unix(srv, l->unix_path)
-				 : listen_tcp(srv, l->address, l->port);
+	for (size_t i = 0; srv->listen_from_config && i < cfg->n_listen; i++) {
+		/* (Beside passed sockets only what the file names, not the default.) */
+		if (n_passed && cfg->listen_default)
+			break;
+		r = listen_entry(srv, &cfg->listen[i]);
 		if (r < 0)
 			return -1;
 	}
@@ -928,8 +1055,10 @@ void server_fini(struct nbdv_server *srv)
 	srv->reactors = NULL;
 	metrics_stop(); /* reads the exports: before they go */
 	exports_free(srv->exports, srv->n_exports);
-	for (size_t i = 0; srv->listeners && i < srv->n_listeners; i++)
+	for (size_t i = 0; srv->listeners && i < srv->n_listeners; i++) {
 		free(srv->listeners[i].unix_path);
+		free(srv->listeners[i].address);
+	}
 	free(srv->listeners);
 	if (srv->tls) {
 		tls_unref(srv->tls);

@@ -31,11 +31,16 @@ struct nbdv_export;
 struct nbdv_tls;
 struct nbdv_handoff;
 
+/* Listeners a reload may add beyond those bound at start. */
+#define NBDV_RELOAD_LISTENERS 16
+
 struct nbdv_listener {
 	ev_io io;		 /* readable = a connection to accept */
 	int fd;			 /* listening socket */
 	bool is_tcp;		 /* TCP (set TCP_NODELAY on accepted sockets) */
 	char *unix_path;	 /* unix socket path to remove at exit, or NULL */
+	char *address;		 /* the `listen:` entry it serves (address, port), or NULL */
+	uint16_t port;		 /*  (passed by systemd, or unix: NULL address) */
 	struct nbdv_server *srv; /* owner */
 };
 
@@ -71,8 +76,10 @@ struct nbdv_server {
 	struct nbdv_export *exports; /* run-time exports, owned (room for reloads) */
 	_Atomic size_t n_exports;
 	struct nbdv_executor *exec;	 /* I/O thread pool for blocking drivers */
-	struct nbdv_listener *listeners; /* owned */
-	size_t n_listeners;
+	struct nbdv_listener *listeners; /* owned; room for NBDV_RELOAD_LISTENERS more */
+	size_t n_listeners;		 /* used slots (a removed listener keeps its slot, fd -1) */
+	size_t max_listeners;
+	bool listen_from_config;       /* `listen:` is served (not replaced by systemd's) */
 	struct nbdv_reactor *reactors; /* n_reactors, [0] is the main loop */
 	unsigned n_reactors;
 	unsigned n_conns;	   /* live connections on every reactor (atomic) */
@@ -99,6 +106,17 @@ void server_fini(struct nbdv_server *srv);
  * ownership of @cfg.  Undo with server_fini().
  */
 int server_init_embedded(struct nbdv_server *srv, struct nbdv_config *cfg) NBDV_WUR;
+
+/*
+ * The listeners of a reload to @next (src/server.c): bind the entries it adds (refused
+ * with the sandbox on: no socket() once serving), then, once the reload is certain,
+ * server_listeners_commit() starts them and closes the entries it dropped.  Returns
+ * NULL, or why the reload must be refused (nothing changed; the message is in @buf).
+ */
+const char *server_listeners_prepare(struct nbdv_server *srv, const struct nbdv_config *next,
+				     char *buf, size_t len);
+void server_listeners_commit(struct nbdv_server *srv, const struct nbdv_config *next);
+void server_listeners_abort(struct nbdv_server *srv);
 
 /* SIGHUP: re-read the config file and apply what can change live (src/reload.c).
  * Returns 0, or -1 when the file is invalid or needs a restart (nothing changed). */

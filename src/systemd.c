@@ -27,13 +27,19 @@
 
 static int notify_fd = -1;
 
-int systemd_listen_fds(int *fds, int max)
+int systemd_listen_fds(int *fds, int max, bool *with_config)
 {
 	const char *pid = getenv("LISTEN_PID"), *n = getenv("LISTEN_FDS");
+	const char *names = getenv("LISTEN_FDNAMES");
+	size_t len = strlen(NBDV_FDNAME_WITH_CONFIG);
 	char *end;
 	long count;
 	int got = 0;
 
+	*with_config = false;
+	for (const char *p = names; p && *p; p = strchr(p, ':') ? strchr(p, ':') + 1 : "")
+		if (strncmp(p, NBDV_FDNAME_WITH_CONFIG, len) == 0 && (p[len] == ':' || !p[len]))
+			*with_config = true;
 	if (!pid || !n || strtol(pid, &end, 10) != (long)getpid() || *end)
 		return 0;
 	errno = 0;

@@ -701,7 +701,7 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 										   : NBD_EINVAL;
 	}
 	if ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) &&
-	    r->count > c->srv->cfg->max_request) {
+	    r->count > c->lim->max_request) {
 		*why = "request larger than the maximum block size";
 		return NBD_EINVAL;
 	}
@@ -1024,18 +1024,18 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 		/* Caps of the identity and of the export: this request is let through; the
 		 * connection's next one waits its turn. */
 		uint64_t bytes =
-		    r->type == NBD_CMD_READ ? NBDV_MIN(r->count, c->srv->cfg->max_request) : plen;
+		    r->type == NBD_CMD_READ ? NBDV_MIN(r->count, c->lim->max_request) : plen;
 		uint64_t by_identity = conn_identity_charge(c, bytes);
 		uint64_t by_export = export_charge(c->exp, bytes);
 		uint64_t wait = NBDV_MAX(by_identity, by_export); /* (a macro: no calls in it) */
 		if (wait)
 			conn_pause_reading(c, wait);
 	}
-	if (plen > c->srv->cfg->max_request) {
+	if (plen > c->lim->max_request) {
 		/* The payload is never allocated; skipping it could take forever, so answer
 		 * and hang up. */
 		log_info("c%u: %s payload of %llu bytes exceeds the %u-byte limit, closing", c->id,
-			 nbd_cmd_name(r->type), (unsigned long long)plen, c->srv->cfg->max_request);
+			 nbd_cmd_name(r->type), (unsigned long long)plen, c->lim->max_request);
 		queue_error(c, r, NBD_EINVAL, "request larger than the maximum block size");
 		transmission_req_free(r);
 		return TX_CLOSE;

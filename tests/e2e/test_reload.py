@@ -134,14 +134,99 @@ class ReloadTest(unittest.TestCase):
             f.write("  - name: [broken\n")
         self.reload("SIGHUP: configuration not reloaded")
         self.assertIn("nbdvault.yaml:", self.srv.logtext().splitlines()[-1])
-        self.rewrite(export("a") + export("z"), head=self.head + "limits:\n  max-request: 1M\n")
-        self.reload("limits changed, which needs a restart")
+        self.rewrite(export("a") + export("z"), head=self.head + "workers: 1\n")
+        self.reload("workers changed, which needs a restart")
         with self.assertRaises(nbd.Error):
             self.connect("z")  # not half applied
         self.rewrite(export("a").replace("16M", "32M"))
         self.reload("export a's driver, its keys, size or mode changed, which needs a restart")
         self.assertEqual(len(h.pread(512, 0)), 512)
         nbdv.disconnect(h)
+
+    def test_changed_limits_apply_to_new_connections(self):
+        old = self.connect("a")
+        self.assertEqual(old.get_block_size(nbd.SIZE_MAXIMUM), 32 << 20)
+        self.rewrite(export("a"), head=self.head + "limits:\n  max-request: 1M\n"
+                     "  max-connections-per-identity: 1\n")
+        self.reload("SIGHUP: configuration reloaded")
+        new = self.connect("a")
+        self.assertEqual(new.get_block_size(nbd.SIZE_MAXIMUM), 1 << 20)
+        # The connection from before keeps the limits it was accepted under.
+        self.assertEqual(len(old.pread(2 << 20, 0)), 2 << 20)
+        # A new identity cap: a second session of alice is refused.
+        s1 = self.connect("a", "alice")
+        with self.assertRaises(nbd.Error):
+            self.connect("a", "alice")
+        for h in (old, new, s1):
+            nbdv.disconnect(h)
+
+    def test_listeners_added_and_removed(self):
+        srv = nbdv.Server("\n" + export("a"), extra="sandbox: false\n").start()
+        self.addCleanup(srv.__exit__, None, None, None)
+        sock2 = os.path.join(srv.dir, "sock2")
+        port = nbdv.free_port()
+
+        def write(listen):
+            with open(srv.config, "w") as f:
+                f.write("sandbox: false\nlisten:\n" + listen + "exports:\n" + export("a"))
+
+        def reload(expect):
+            before = srv.logtext().count(expect)
+            srv.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10 * nbdv.SLOW
+            while srv.logtext().count(expect) == before:
+                self.assertLess(time.monotonic(), deadline, srv.logtext()[-3000:])
+                time.sleep(0.02)
+
+        def reads(uri):
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            n = len(h.pread(512, 0))
+            nbdv.disconnect(h)
+            return n
+
+        old = nbd.NBD()
+        old.connect_uri(srv.uri("a"))
+        write(f"  - unix: {srv.sock}\n  - unix: {sock2}\n"
+              f"  - address: 127.0.0.1\n    port: {port}\n")
+        reload("SIGHUP: configuration reloaded")
+        self.assertEqual(reads(f"nbd+unix:///a?socket={sock2}"), 512)
+        self.assertEqual(reads(f"nbd://127.0.0.1:{port}/a"), 512)
+        # Removed: the first socket stops listening (its file goes); sessions stay.
+        write(f"  - unix: {sock2}\n  - address: 127.0.0.1\n    port: {port}\n")
+        reload(f"SIGHUP: stopped listening on unix socket {srv.sock}")
+        self.assertFalse(os.path.exists(srv.sock))
+        with self.assertRaises(nbd.Error):
+            reads(srv.uri("a"))
+        self.assertEqual(len(old.pread(512, 0)), 512)
+        nbdv.disconnect(old)
+        # An entry that cannot be bound refuses the whole reload (nothing changed).
+        taken = nbdv.free_port()
+        import socket
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", taken))
+        blocker.listen()
+        self.addCleanup(blocker.close)
+        write(f"  - unix: {sock2}\n  - address: 127.0.0.1\n    port: {taken}\n")
+        reload("listen (a new entry could not be bound: see above), which needs a restart")
+        self.assertEqual(reads(f"nbd://127.0.0.1:{port}/a"), 512)
+        # Back to the original socket, so that the server stops as usual.
+        write(f"  - unix: {srv.sock}\n")
+        reload(f"SIGHUP: stopped listening on unix socket {sock2}")
+        self.assertEqual(reads(srv.uri("a")), 512)
+        self.assertFalse(os.path.exists(sock2))
+
+    def test_new_listener_with_the_sandbox_on_needs_a_restart(self):
+        sock2 = os.path.join(self.srv.dir, "sock2")
+        with open(self.srv.config, "w") as f:
+            f.write(f"listen:\n  - unix: {self.srv.sock}\n  - unix: {sock2}\n" + self.head +
+                    "exports:\n" + export("a") + export("z"))
+        self.reload("listen (a new listener needs socket() and bind(), which the sandbox "
+                    "forbids once serving; removing listeners works live), which needs a "
+                    "restart")
+        self.assertFalse(os.path.exists(sock2))
+        with self.assertRaises(nbd.Error):
+            self.connect("z")  # not half applied
 
     def test_reload_command_through_the_pidfile(self):
         pidfile = os.path.join(self.tmp, "nbdvault.pid")

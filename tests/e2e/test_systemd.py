@@ -84,6 +84,38 @@ class SystemdTest(unittest.TestCase):
         self.assertEqual(p.wait(30 * nbdv.SLOW), 0, logtext())
         self.assertTrue(os.path.exists(sock))  # systemd's socket: not ours to remove
 
+    def test_passed_socket_named_with_config_adds_the_config_listeners(self):
+        nbdv.require("systemd-socket-activate")
+        sock, own = os.path.join(self.tmp, "sock"), os.path.join(self.tmp, "own")
+        log = open(os.path.join(self.tmp, "log"), "ab")
+        cmd = (["systemd-socket-activate", "-l", sock, "--fdname=with-config"] +
+               nbdv.WRAPPER + [nbdv.NBDVAULT, "--config",
+                               self.config(f"listen:\n  - unix: {own}\n")])
+        p = subprocess.Popen(cmd, stdout=log, stderr=log)
+        log.close()
+        self.addCleanup(lambda: p.poll() is None and p.kill())
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        # The first connection (on the passed socket) starts the server, which then also
+        # listens on the config's entry.
+        for path in (sock, own):
+            deadline = time.monotonic() + 20 * nbdv.SLOW
+            while True:
+                try:
+                    h = nbd.NBD()
+                    h.connect_uri(f"nbd+unix:///mem?socket={path}")
+                    break
+                except nbd.Error:
+                    self.assertLess(time.monotonic(), deadline, path)
+                    time.sleep(0.05)
+            self.assertEqual(len(h.pread(4096, 0)), 4096)
+            nbdv.disconnect(h)
+        p.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait(30 * nbdv.SLOW), 0)
+        self.assertFalse(os.path.exists(own))  # ours: removed at exit
+
     def test_journal_gets_syslog_priorities(self):
         srv = nbdv.Server()
         self.addCleanup(shutil.rmtree, srv.dir, True)
