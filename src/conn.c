@@ -220,6 +220,7 @@ void conn_pause_reading(struct nbdv_conn *c, uint64_t ns)
 	if (c->fd < 0)
 		return; /* harness-driven connections have no timers */
 	c->rate_paused = true;
+	c->throttled_ns += ns;
 	ev_timer_stop(c->r->loop, &c->rate_timer);
 	ev_timer_set(&c->rate_timer, (double)ns / 1e9, 0.);
 	ev_timer_start(c->r->loop, &c->rate_timer);
@@ -640,11 +641,12 @@ bool conn_release(struct nbdv_conn *c)
 				       c->read_bytes + c->write_bytes);
 	}
 	if (audit_enabled())
-		audit_event("close", c->id, "uuuds", "bytes_read",
+		audit_event("close", c->id, "uuudds", "bytes_read",
 			    (unsigned long long)c->read_bytes, "bytes_written",
 			    (unsigned long long)c->write_bytes, "requests",
 			    (unsigned long long)c->requests, "duration_s",
-			    (double)(nbdv_now_ns() - c->started_ns) / 1e9, "reason",
+			    (double)(nbdv_now_ns() - c->started_ns) / 1e9, "throttled_s",
+			    (double)c->throttled_ns / 1e9, "reason",
 			    c->close_reason ? c->close_reason : "closed");
 	if (c->exp)
 		__atomic_sub_fetch(&c->exp->sessions, 1, __ATOMIC_RELAXED);

@@ -68,6 +68,7 @@ enum conn_rx {
 struct nbdv_conn {
 	struct nbdv_server *srv;       /* server (config, exports, credentials) */
 	const struct nbdv_config *lim; /* limits: the live config when it was accepted */
+	uint64_t throttled_ns;	       /* reading held back by bandwidth/IOPS caps, in all */
 	struct nbdv_reactor *r;	       /* the reactor it lives on, for its whole life */
 	struct nbdv_conn *prev, *next; /* reactor's list of connections */
 	struct nbdv_conn *dirty_next;  /* reactor's list of connections with output to send */

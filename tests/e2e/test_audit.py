@@ -113,6 +113,7 @@ class AuditTest(unittest.TestCase):
         self.assertEqual((close["bytes_written"], close["bytes_read"]), (8192, 4096))
         self.assertGreaterEqual(close["requests"], 3)  # write, read, disconnect
         self.assertGreater(close["duration_s"], 0)
+        self.assertEqual(close["throttled_s"], 0.0)  # no caps configured here
 
     def test_flooder_cannot_fill_the_log(self):
         r = nbdv.Raw(port=self.srv.port)

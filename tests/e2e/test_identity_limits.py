@@ -31,7 +31,9 @@ class IdentityLimitsTest(unittest.TestCase):
             subprocess.run(["psktool", "-u", user, "-p", self.psk], check=True,
                            capture_output=True)
         self.mport = nbdv.free_port()
+        self.audit = os.path.join(self.tmp, "audit.log")
         extra = (f"metrics:\n  address: 127.0.0.1\n  port: {self.mport}\n"
+                 f"audit-log: {self.audit}\n"
                  f"tls:\n  mode: require\n  psk-file: {self.psk}\n"
                  "limits:\n  identity-iops: 200\n  identities:\n"
                  "    psk:alice: {{bandwidth: 4M}}\n    psk:bob: {{bandwidth: 8M}}\n")
@@ -76,6 +78,18 @@ class IdentityLimitsTest(unittest.TestCase):
         line = next(l for l in text.splitlines()
                     if l.startswith('nbdvault_identity_throttled_seconds_total{identity="psk:alice"}'))
         self.assertGreater(float(line.split()[-1]), 1.0, line)
+        # And in the audit log: each connection's close says how long it was held back.
+        import json
+        deadline = time.monotonic() + 10
+        while True:
+            with open(self.audit) as f:
+                events = [json.loads(line) for line in f]
+            closes = [e for e in events if e["event"] == "close" and e["requests"]]
+            if len(closes) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertGreaterEqual(len(closes), 2, events)
+        self.assertTrue(all(e["throttled_s"] > 1.0 for e in closes), closes)
 
     def test_export_cap_shared_by_its_sessions(self):
         # Two of carol's connections on an export capped at 2 MiB/s share that cap.
