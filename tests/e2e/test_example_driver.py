@@ -131,6 +131,33 @@ class ExampleDriverTest(unittest.TestCase):
             log = srv.logtext()
         self.assertIn("export async: opened (ramdisk", log)
 
+    def test_reload_uses_loaded_drivers_and_refuses_new_ones(self):
+        import signal
+        import time
+        exports = "\n  - name: a\n    driver: ramdisk\n    size: 8M\n"
+        with nbdv.Server(exports, extra=f"driver-dir: {self.out}\n") as srv:
+            def reload(text, expect):
+                with open(srv.config, "w") as f:
+                    f.write(f"listen:\n  - unix: {srv.sock}\ndriver-dir: {self.out}\n"
+                            "exports:" + text)
+                before = srv.logtext().count(expect)
+                srv.proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 10 * nbdv.SLOW
+                while srv.logtext().count(expect) == before:
+                    self.assertLess(time.monotonic(), deadline, srv.logtext()[-2000:])
+                    time.sleep(0.02)
+            # Another export of a driver loaded at start: added live.
+            reload(exports + "  - name: b\n    driver: ramdisk\n    size: 8M\n    mode: async\n",
+                   "SIGHUP: configuration reloaded: 1 export(s) added")
+            p = run("nbdinfo", "--size", srv.uri("b"))
+            self.assertEqual(p.stdout.strip(), str(8 << 20), p.stderr)
+            # A driver that was not loaded at start: a restart, nothing changed.
+            so = self.build("needspool2", NEEDS_POOL)
+            reload(exports + f"  - name: c\n    driver: {so}\n    pool: p\n",
+                   f"driver {so} was not loaded at start: needs a restart")
+            self.assertNotEqual(run("nbdinfo", "--size", srv.uri("c")).returncode, 0)
+            self.assertEqual(run("nbdinfo", "--size", srv.uri("b")).returncode, 0)
+
     def bad_start(self, exports, extra=""):
         """Start a server expected to refuse its config: (stderr line, config path)."""
         srv = nbdv.Server(exports, extra=extra)
