@@ -193,7 +193,8 @@ def write_report(results, reps, quick, nbdvault, copy_bytes, secs):
         f.write(f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `bench/rbd.py"
                 f"{' --quick' if quick else ''}` on this project's 2-core VM: one 1 GiB image "
                 f"on a throwaway single-node Ceph 16.2 (memstore OSD, `tests/ceph/cluster`), "
-                f"served by nbdvault `{nbdvault}` (rbd.so, cache off) and by {q} "
+                f"served by nbdvault `{os.path.relpath(nbdvault, ROOT)}` (rbd.so, cache off) and by "
+                f"{q.replace(ROOT + '/', '').replace(os.path.normpath(ROOT) + '/', '')} "
                 f"(`--image-opts driver=rbd`, `-e 8`), one at a time, on 127.0.0.1 TCP. "
                 f"nbdcopy {copy_bytes >> 20} MiB with 4 connections; 4 KiB random I/O with "
                 f"bench/nbdload for {secs} s. {reps} run(s) each, alternating; median "
@@ -214,7 +215,7 @@ def write_report(results, reps, quick, nbdvault, copy_bytes, secs):
                 ratio = statistics.median(x[0] for x in a) / statistics.median(x[0] for x in b)
                 f.write(f"| {'TLS 1.3' if tls else 'plain'} | {name} | {cell(a)} | {cell(b)} | "
                         f"{ratio:.2f}x |\n")
-    print("wrote", out)
+    print("wrote", os.path.relpath(out, ROOT))
 
 
 if __name__ == "__main__":

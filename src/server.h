@@ -137,4 +137,24 @@ void reactor_memory_wait(struct nbdv_reactor *r);
 /* Write every dirty connection's output now (the flusher's work; also for harnesses). */
 void reactor_flush_dirty(struct nbdv_reactor *r);
 
+/* --- shared by the server's own files (server.c, listen.c, reactor.c) --- */
+
+/* An accepted socket on its way to another reactor. */
+struct nbdv_handoff {
+	struct nbdv_handoff *next;
+	int fd;
+	bool is_tcp;
+	char peer[128];
+};
+
+static inline unsigned load_u(const unsigned *p)
+{
+	return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline struct ev_loop *main_loop(const struct nbdv_server *srv)
+{
+	return srv->reactors[0].loop;
+}
+
 #endif /* NBDV_SERVER_H */
