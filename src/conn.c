@@ -478,8 +478,17 @@ static void maybe_close_drained(struct nbdv_conn *c)
 void conn_shutdown(struct nbdv_conn *c)
 {
 	conn_reason(c, "server shutdown");
-	if (c->phase == CONN_OPTIONS || c->phase == CONN_TLS_HANDSHAKE) {
+	if (c->phase == CONN_TLS_HANDSHAKE || (c->phase == CONN_OPTIONS && c->fd < 0)) {
 		conn_abort(c);
+		return;
+	}
+	if (c->phase == CONN_OPTIONS) {
+		/* The spec's NBD_REP_ERR_SHUTDOWN: the next option gets it (handshake_option),
+		 * then the connection closes; one that sends none soon is closed. */
+		c->draining = true;
+		ev_timer_stop(c->r->loop, &c->timer);
+		ev_timer_set(&c->timer, NBDV_SHUTDOWN_OPTION_GRACE, 0.);
+		ev_timer_start(c->r->loop, &c->timer);
 		return;
 	}
 	/* Keep reading so that requests already sent get an answer (ESHUTDOWN for new
@@ -987,7 +996,11 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	struct nbdv_conn *c = container_of(w, struct nbdv_conn, timer);
 
 	c->depth++;
-	if (c->phase == CONN_OPTIONS || c->phase == CONN_TLS_HANDSHAKE) {
+	if (c->phase == CONN_OPTIONS && c->draining) {
+		log_info("c%u: no option within %g s of the shutdown, closing", c->id,
+			 NBDV_SHUTDOWN_OPTION_GRACE);
+		conn_abort(c);
+	} else if (c->phase == CONN_OPTIONS || c->phase == CONN_TLS_HANDSHAKE) {
 		log_info("c%u: handshake not finished within %g s, closing", c->id,
 			 c->lim->handshake_timeout);
 		conn_reason(c, "handshake timeout");

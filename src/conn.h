@@ -41,6 +41,9 @@
 /* Memory a connection may hold before it has chosen an export (and, in tls: require
  * mode, before TLS): option replies queued for a client that does not read them. */
 #define NBDV_PREAUTH_BUDGET (64 * 1024)
+/* Seconds a connection in the option phase has at shutdown to send the option that
+ * gets NBD_REP_ERR_SHUTDOWN before it is closed. */
+#define NBDV_SHUTDOWN_OPTION_GRACE 1.0
 
 struct nbdv_server;
 struct nbdv_reactor;
@@ -107,7 +110,8 @@ struct nbdv_conn {
 	uint64_t told_size;		   /* largest export size this client was told (RESIZE) */
 	struct nbdv_req *cur_req;	   /* WRITE whose payload is being received */
 	bool header_reads;		   /* last request was a big WRITE: read headers alone */
-	bool draining;			   /* server shutting down: close when idle */
+	bool draining;			   /* server shutting down: close when idle (options:
+					    * after NBD_REP_ERR_SHUTDOWN) */
 	bool yielded;			   /* its turn ended with requests left in the buffer */
 	unsigned turn_left;		   /* requests it may still take this turn */
 	uint64_t turn_end;		   /* CLOCK_MONOTONIC ns when this turn ends */

@@ -496,6 +496,11 @@ enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t
 				uint32_t len)
 {
 	log_debug("c%u: option %s, %u bytes", c->id, nbd_opt_name(opt), len);
+	if (c->draining && opt != NBD_OPT_ABORT) {
+		/* Shutting down: the spec's answer to any option, then close. */
+		(void)opt_error(c, opt, NBD_REP_ERR_SHUTDOWN, "the server is shutting down");
+		return HS_CLOSE;
+	}
 	if (c->srv->cfg->tls.mode == TLS_REQUIRE && !c->tls_up && opt != NBD_OPT_STARTTLS &&
 	    opt != NBD_OPT_ABORT) {
 		/* FORCEDTLS: nothing is processed in plaintext (CVE-2019-14850 class). */

@@ -188,7 +188,7 @@ static int clear_stale_unix(const char *path)
 }
 
 int listeners_add(struct nbdv_server *srv, int fd, bool is_tcp, const char *unix_path,
-			const char *address, uint16_t port)
+		  const char *address, uint16_t port)
 {
 	struct nbdv_listener *l = &srv->listeners[srv->n_listeners++];
 
@@ -391,7 +391,8 @@ void server_listeners_commit(struct nbdv_server *srv, const struct nbdv_config *
 	}
 	for (size_t i = 0; i < n_prepared; i++) {
 		const struct nbdv_listen_cfg *e = prepared[i].entry;
-		listeners_add(srv, prepared[i].fd, !e->unix_path, e->unix_path, e->address, e->port);
+		listeners_add(srv, prepared[i].fd, !e->unix_path, e->unix_path, e->address,
+			      e->port);
 	}
 	n_prepared = 0;
 }

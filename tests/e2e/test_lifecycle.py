@@ -104,6 +104,32 @@ class LifecycleTest(unittest.TestCase):
             self.assertEqual(srv.stop(), 0)
             self.assertIn("shutting down", srv.logtext())
 
+    def test_option_during_shutdown_gets_rep_err_shutdown(self):
+        """The spec's NBD_REP_ERR_SHUTDOWN: an option sent while the server shuts down
+        is answered with it, then the connection closes."""
+        import time
+        with nbdv.Server() as srv:
+            r = nbdv.Raw(srv.sock)
+            r.greet()
+            self.assertEqual(r.opt(nbdv.OPT_LIST)[-1][0], nbdv.REP_ACK)
+            srv.proc.send_signal(signal.SIGTERM)
+            # Until the reactor has begun the drain LIST is answered as usual.
+            deadline = time.monotonic() + 10 * nbdv.SLOW
+            while True:
+                r.send_opt(nbdv.OPT_LIST)
+                replies = []
+                while not replies or replies[-1][1] == nbdv.REP_SERVER:
+                    replies.append(r.read_reply())
+                opt, rtype, msg = replies[-1]
+                if rtype != nbdv.REP_ACK:
+                    break
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.05)
+            self.assertEqual((opt, rtype), (nbdv.OPT_LIST, nbdv.REP_ERR | 7))
+            self.assertIn(b"shutting down", msg)
+            self.assertTrue(r.closed_by_server())
+            self.assertEqual(srv.stop(), 0)
+
     def test_sigint_exits_0_and_new_connections_refused(self):
         with nbdv.Server() as srv:
             r = nbdv.Raw(srv.sock)
