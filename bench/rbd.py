@@ -2,7 +2,8 @@
 """bench/rbd.py: an RBD image served by nbdvault's rbd driver against qemu-nbd 10.0
 serving the same image through qemu's own rbd driver (issue 14, acceptance 4).
 
-    bench/rbd.py [--quick] [NBDVAULT]   (default: build-release/nbdvault, then build/)
+    bench/rbd.py [--quick] [--reps N] [--only REGEX] [NBDVAULT]
+                                        (default: build-release/nbdvault, then build/)
 
 A throwaway Ceph cluster (tests/ceph/cluster: one mon, one memstore OSD, so the OSD's
 storage is RAM and the cluster's own work is what both servers share) holds one 1 GiB
@@ -136,9 +137,19 @@ def workloads(copy_bytes, src, secs):
 
 
 def main():
-    args = [a for a in sys.argv[1:] if a != "--quick"]
-    quick = "--quick" in sys.argv
+    import argparse
+    import re
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--only", help="regular expression: the workloads (and rows) to run")
+    ap.add_argument("nbdvault", nargs="?")
+    opt = ap.parse_args()
+    quick = opt.quick
+    args = [opt.nbdvault] if opt.nbdvault else []
     reps, secs, copy_bytes = (1, 1, 256 << 20) if quick else (3, 3, 1 << 30)
+    reps = opt.reps or reps
+    only = re.compile(opt.only) if opt.only else None
     nbdvault = args[0] if args else next(
         p for p in (os.path.join(ROOT, "build-release", "nbdvault"),
                     os.path.join(ROOT, "build", "nbdvault")) if os.path.exists(p))
@@ -167,6 +178,9 @@ def main():
         results = {}
         for tls in (False, True):
             for name, fn in workloads(copy_bytes, src, secs):
+                row = f"{'TLS' if tls else 'plain'} {name}"
+                if only and not only.search(row):
+                    continue
                 for rep in range(reps):
                     order = ("nbdvault", "qemu-nbd") if rep % 2 == 0 else ("qemu-nbd", "nbdvault")
                     for kind in order:
@@ -178,20 +192,22 @@ def main():
                         results.setdefault((tls, name, kind), []).append(r)
                         print(f"{'TLS' if tls else 'plain'} {name} {kind}: {r[0]:.0f} "
                               f"(server {r[1]:.1f} s, client {r[2]:.1f} s CPU)", flush=True)
-        write_report(results, reps, quick, nbdvault, copy_bytes, secs)
+        write_report(results, reps, quick, nbdvault, copy_bytes, secs, opt.only)
     finally:
         subprocess.run([CLUSTER, "stop", ceph], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_report(results, reps, quick, nbdvault, copy_bytes, secs):
-    out = os.path.join(ROOT, "bench", "results", "rbd.md" if not quick else "rbd-quick.md")
+def write_report(results, reps, quick, nbdvault, copy_bytes, secs, only=None):
+    name = "rbd-quick.md" if quick else "rbd-ab.md" if only else "rbd.md"
+    out = os.path.join(ROOT, "bench", "results", name)
     q = subprocess.run([os.path.join(Q10, "bin", "qemu-nbd"), "--version"], capture_output=True,
                        text=True).stdout.split("\n")[0]
     with open(out, "w") as f:
         f.write("# RBD: nbdvault's rbd driver against qemu-nbd 10.0's\n\n")
         f.write(f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `bench/rbd.py"
-                f"{' --quick' if quick else ''}` on this project's 2-core VM: one 1 GiB image "
+                f"{' --quick' if quick else ''}{f' --reps {reps}' if only else ''}"
+                f"{f' --only {only!r}' if only else ''}` on this project's 2-core VM: one 1 GiB image "
                 f"on a throwaway single-node Ceph 16.2 (memstore OSD, `tests/ceph/cluster`), "
                 f"served by nbdvault `{os.path.relpath(nbdvault, ROOT)}` (rbd.so, cache off) and by "
                 f"{q.replace(ROOT + '/', '').replace(os.path.normpath(ROOT) + '/', '')} "
@@ -204,6 +220,8 @@ def write_report(results, reps, quick, nbdvault, copy_bytes, secs):
                 "CPU s (srv/cli) | ratio |\n| --- | --- | --- | --- | --- | --- | --- |\n")
         for tls in (False, True):
             for name, _ in workloads(copy_bytes, "", secs):
+                if (tls, name, "nbdvault") not in results:
+                    continue
                 a = results[(tls, name, "nbdvault")]
                 b = results[(tls, name, "qemu-nbd")]
 
