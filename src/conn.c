@@ -694,25 +694,6 @@ static void start_idle_timer(struct nbdv_conn *c)
 }
 
 /*
- * Hand one option to the handshake in a buffer of exactly its size, so that a parser
- * reading past the option's end is caught by AddressSanitizer (tests, fuzzing) instead
- * of silently reading the next bytes of the input buffer.  Options are rare; the copy
- * costs nothing that matters.
- */
-static int option_in_own_buffer(struct nbdv_conn *c, const uint8_t *p)
-{
-	uint8_t *copy = malloc(c->optlen ? c->optlen : 1);
-	int r;
-
-	if (!copy)
-		return HS_CLOSE;
-	memcpy(copy, p, c->optlen);
-	r = handshake_option(c, c->opt, copy, c->optlen);
-	free(copy);
-	return r;
-}
-
-/*
  * READ data sent with sendfile() leaves the server faster than a client on the same
  * machine takes it in.  Unsent bytes then wait in the socket and are pushed out by the
  * client's own ACKs, on the client's CPU: nbdcopy with 4 connections read 30% slower
@@ -766,72 +747,47 @@ static void process_input(struct nbdv_conn *c)
 
 		if (c->phase != CONN_OPTIONS && c->phase != CONN_TRANSMISSION)
 			return;
-		switch (c->rx) {
-		case RX_CLIENT_FLAGS: {
-			uint32_t flags;
-			if (avail(c) < 4)
-				return;
-			memcpy(&flags, p, 4);
-			c->istart += 4;
-			if (handshake_client_flags(c, be32toh(flags)) == HS_CLOSE) {
-				conn_abort(c);
-				return;
-			}
-			c->rx = RX_OPT_HEADER;
-			break;
-		}
-		case RX_OPT_HEADER: {
-			struct nbd_option o;
-			if (throttled(c)) {
+		if (c->phase == CONN_OPTIONS) {
+			size_t used;
+
+			if (c->rx == RX_OPT_HEADER && throttled(c)) {
 				update_reading(c);
 				return;
 			}
-			if (avail(c) < sizeof(o))
+			r = handshake_input(c, p, avail(c), &used);
+			c->istart += used;
+			switch (r) {
+			case HS_NEED_MORE:
 				return;
-			memcpy(&o, p, sizeof(o));
-			c->istart += sizeof(o);
-			if (be64toh(o.version) != NBD_IHAVEOPT) {
-				log_info("c%u: bad option magic, closing", c->id);
+			case HS_CONTINUE:
+				continue;
+			case HS_ABORT:
 				conn_abort(c);
 				return;
-			}
-			c->opt = be32toh(o.option);
-			c->optlen = be32toh(o.optlen);
-			if (c->optlen > NBDV_MAX_OPTION) {
-				/* Bounded before anything is allocated or skipped. */
-				handshake_option_too_big(c, c->opt, c->optlen);
+			case HS_CLOSE:
 				conn_close_graceful(c);
 				return;
-			}
-			c->rx = RX_OPT_DATA;
-			break;
-		}
-		case RX_OPT_DATA:
-			if (avail(c) < c->optlen)
-				return;
-			c->istart += c->optlen;
-			r = option_in_own_buffer(c, p);
-			if (r == HS_CLOSE) {
-				conn_reason(c, "option phase ended (ABORT or refusal)");
-				conn_close_graceful(c);
-				return;
-			}
-			if (r == HS_STARTTLS) {
+			case HS_STARTTLS:
 				/* Whatever the client sent after STARTTLS, before it could have
 				 * seen the ACK, is never parsed (spec "TLS support"). */
 				c->istart = c->iend = 0;
 				c->phase = CONN_TLS_HANDSHAKE;
-				c->rx = RX_OPT_HEADER;
 				ev_io_stop(c->r->loop, &c->rio);
 				return;
-			}
-			if (r == HS_TRANSMISSION) {
+			case HS_TRANSMISSION:
+				c->phase = CONN_TRANSMISSION;
+				c->rx = RX_REQ_HEADER;
 				start_idle_timer(c);
 				ibuf_release_pages(c);
 				limit_unsent(c);
+				continue;
 			}
-			c->rx = r == HS_TRANSMISSION ? RX_REQ_HEADER : RX_OPT_HEADER;
-			break;
+		}
+		switch (c->rx) {
+		case RX_CLIENT_FLAGS:
+		case RX_OPT_HEADER:
+		case RX_OPT_DATA:
+			return; /* (option-phase framing: handshake_input above) */
 		case RX_REQ_HEADER:
 			if (throttled(c)) {
 				update_reading(c);
@@ -867,13 +823,11 @@ static void process_input(struct nbdv_conn *c)
 			}
 			break;
 		case RX_REQ_PAYLOAD: {
-			uint32_t missing;
-			uint8_t *dst = transmission_payload_ptr(c->cur_req, &missing);
-			uint32_t n = (uint32_t)NBDV_MIN((size_t)missing, avail(c));
+			size_t used;
 
-			memcpy(dst, p, n);
-			c->istart += n;
-			if (transmission_payload_got(c, n) == 0)
+			r = transmission_payload_from(c, p, avail(c), &used);
+			c->istart += used;
+			if (r == 0)
 				return;
 			c->rx = RX_REQ_HEADER;
 			break;

@@ -1066,6 +1066,16 @@ uint8_t *transmission_payload_ptr(struct nbdv_req *r, uint32_t *missing)
 	return r->buf + r->got;
 }
 
+int transmission_payload_from(struct nbdv_conn *c, const uint8_t *p, size_t len, size_t *used)
+{
+	struct nbdv_req *r = c->cur_req;
+	uint32_t n = (uint32_t)NBDV_MIN((size_t)transmission_payload_missing(r), len);
+
+	memcpy(r->buf + r->got, p, n);
+	*used = n;
+	return transmission_payload_got(c, n);
+}
+
 int transmission_payload_got(struct nbdv_conn *c, uint32_t n)
 {
 	struct nbdv_req *r = c->cur_req;

@@ -18,7 +18,7 @@ struct nbdv_req;
 
 enum tx_result {
 	TX_OK = 0,	     /* request dispatched or answered */
-	TX_NEED_PAYLOAD = 1, /* WRITE: receive c->cur_req's payload, then transmission_payload() */
+	TX_NEED_PAYLOAD = 1, /* WRITE: its payload follows (transmission_payload_from/_got) */
 	TX_DISC = 2,	     /* NBD_CMD_DISC: close once in-flight requests are done */
 	TX_CLOSE = -1,	     /* protocol violation: close now */
 };
@@ -33,6 +33,9 @@ uint8_t *transmission_payload_ptr(struct nbdv_req *r, uint32_t *missing);
 uint32_t transmission_payload_missing(const struct nbdv_req *r);
 /* @n more payload bytes arrived; dispatches the request when complete (returns 1). */
 int transmission_payload_got(struct nbdv_conn *c, uint32_t n);
+/* Take what is missing of c->cur_req's payload from the @len buffered bytes at @p;
+ * *used receives how many.  Dispatches the request when complete (returns 1). */
+int transmission_payload_from(struct nbdv_conn *c, const uint8_t *p, size_t len, size_t *used);
 /* Free a request that will never be dispatched (connection closing). */
 void transmission_req_free(struct nbdv_req *r);
 /* Free the calling thread's cache of request structs (at exit). */
