@@ -119,6 +119,11 @@ class RawTest(unittest.TestCase):
         replies = r.opt(nbdv.OPT_LIST_META_CONTEXT, empty)
         self.assertEqual([(t, p[4:]) for t, p in replies],
                          [(nbdv.REP_META_CONTEXT, q), (nbdv.REP_ACK, b"")])
+        # A valid query that matches nothing: a lone ACK, for LIST and SET.
+        for other in (b"x-other:thing", b"base:nothing"):
+            data = struct.pack(">I", 3) + b"mem" + struct.pack(">II", 1, len(other)) + other
+            for opt in (nbdv.OPT_LIST_META_CONTEXT, nbdv.OPT_SET_META_CONTEXT):
+                self.assertEqual([t for t, _ in r.opt(opt, data)], [nbdv.REP_ACK], other)
 
     def test_abort(self):
         r = self.raw()
