@@ -270,8 +270,7 @@ int driver_open(const struct nbdv_driver *drv, const struct nbdv_export_params *
 	dev->size = drv->get_size(dev->inst);
 	dev->gate = NULL;
 	/* Writers first: a resize waiting for calls in progress holds back new ones. */
-	dev->resizable = p->resizable && drv->resize && !p->readonly &&
-			 !(dev->caps & NBDV_CAP_ASYNC); /* (resize() of async drivers: not yet) */
+	dev->resizable = p->resizable && drv->resize && !p->readonly;
 	if (dev->resizable) {
 		pthread_rwlockattr_t a;
 		pthread_rwlockattr_init(&a);

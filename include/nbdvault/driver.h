@@ -233,7 +233,9 @@ struct nbdv_driver {
 	int (*cached_fd)(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off, bool no_holes);
 	/*
 	 * Optional: change the size to @size (NBD_CMD_RESIZE), growing with zeroes or
-	 * dropping what lies beyond.  No other call of this instance runs meanwhile.  0, or
+	 * dropping what lies beyond.  For inline and blocking drivers no other call of this
+	 * instance runs meanwhile; an asynchronous driver may have operations in flight
+	 * and must order them itself.  Called from an I/O thread, it may block.  0, or
 	 * -EPERM (cannot, e.g. a block device), -ENOSPC (no room), another -errno.
 	 */
 	int (*resize)(struct nbdv_drv_instance *inst, uint64_t size);

@@ -521,6 +521,20 @@ static int rbd_create_inst(const struct nbdv_export_params *p, struct nbdv_drv_i
 	return 0;
 }
 
+/* NBD_CMD_RESIZE: librbd orders it against the operations in flight. */
+static int rbd_resize_inst(struct nbdv_drv_instance *inst, uint64_t size)
+{
+	struct rbd *d = (struct rbd *)inst;
+	int r = rbd_resize(d->image, size);
+
+	if (r < 0)
+		return map_error(d, "resize", r);
+	__atomic_store_n(&d->size, size, __ATOMIC_RELAXED);
+	nbdv_log(NBDV_LOG_INFO, "rbd %s: resized to %llu bytes", d->label,
+		 (unsigned long long)size);
+	return 0;
+}
+
 static uint32_t rbd_caps(struct nbdv_drv_instance *inst)
 {
 	struct rbd *d = (struct rbd *)inst;
@@ -534,7 +548,7 @@ static uint32_t rbd_caps(struct nbdv_drv_instance *inst)
 
 static uint64_t rbd_get_size_inst(struct nbdv_drv_instance *inst)
 {
-	return ((struct rbd *)inst)->size;
+	return __atomic_load_n(&((struct rbd *)inst)->size, __ATOMIC_RELAXED);
 }
 
 const struct nbdv_driver nbdvault_driver = {
@@ -548,4 +562,5 @@ const struct nbdv_driver nbdvault_driver = {
     .caps = rbd_caps,
     .get_size = rbd_get_size_inst,
     .submit = rbd_submit,
+    .resize = rbd_resize_inst,
 };

@@ -258,6 +258,34 @@ class RbdTest(unittest.TestCase):
         if "system calls allowed (seccomp)" in log:  # (none under sanitizers or valgrind)
             self.assertIn("with network clients for storage", log)
 
+    def test_resize_grows_and_shrinks_the_image(self):
+        img = self.image()
+        with self.server(self.export("r", img, "    size: 16M\n    resizable: true\n")) as srv:
+            r = nbdv.Raw(srv.sock)
+            self.addCleanup(r.close)
+            r.greet()
+            r.go(b"r")
+            self.assertTrue(r.tflags & (1 << 9))  # NBD_FLAG_SEND_RESIZE
+            h = self.libnbd(srv, "r")
+            h.pwrite(b"g" * 4096, 15 * MiB)
+            r.request(8, 48 * MiB, 0, cookie=7)  # NBD_CMD_RESIZE to 48 MiB
+            self.assertEqual(r.simple_reply()[:2], (0, 7))
+            info = json.loads(self.rbd("info", f"rbd/{img}", "--format", "json").stdout)
+            self.assertEqual(info["size"], 48 * MiB)
+            h2 = self.libnbd(srv, "r")
+            self.assertEqual(h2.get_size(), 48 * MiB)
+            self.assertEqual(h2.pread(4096, 15 * MiB), b"g" * 4096)
+            self.assertEqual(h2.pread(4096, 40 * MiB), bytes(4096))
+            nbdv.disconnect(h2)
+            nbdv.disconnect(h)
+            # Shrink (no other connection open): beyond the new end, ENOSPC.
+            r.request(8, 8 * MiB, 0, cookie=8)
+            self.assertEqual(r.simple_reply()[:2], (0, 8))
+            r.request(nbdv.CMD_READ, 12 * MiB, 4096, cookie=9)
+            self.assertEqual(r.simple_reply(4096)[:2], (28, 9))  # ENOSPC
+            info = json.loads(self.rbd("info", f"rbd/{img}", "--format", "json").stdout)
+            self.assertEqual(info["size"], 8 * MiB)
+
     def test_two_instances_on_one_image(self):
         img = self.image()
         self.rbd("create", "--size", "32M", f"rbd/{img}")

@@ -261,14 +261,6 @@ static void resize_checks(const struct nbdv_driver *drv)
 	snprintf(path, sizeof(path), "%s/%s-resize.img", tmpdir, drv->name);
 	p.values = values_for(drv, is_file ? path : NULL);
 	CHECK_MSG(driver_open(drv, &p, &d) == 0, "%s: open", drv->name);
-	if (d.caps & NBDV_CAP_ASYNC) {
-		/* resize() of asynchronous drivers is not supported yet: never resizable. */
-		CHECK(!d.resizable && driver_resize(&d, SIZE) == -ENOTSUP);
-		driver_close(&d);
-		free(buf);
-		free(pat);
-		return;
-	}
 	CHECK(d.resizable);
 	fill(pat, CH, 9);
 	CHECK(driver_pwrite(&d, pat, CH, SIZE - CH, 0) == 0);
