@@ -184,6 +184,23 @@ class RawTest(unittest.TestCase):
         self.assertTrue(r.closed_by_server())
         self.assertLess(nbdv.rss_kib(pid) - before, 64 * 1024, "the payload was allocated")
 
+    def test_block_status_beyond_the_end_is_einval(self):
+        """Spec, NBD_CMD_BLOCK_STATUS: a range past the end SHOULD get EINVAL, as an
+        error chunk (the reply is structured)."""
+        r = self.raw()
+        r.greet()
+        r.go(structured=True, meta=True)
+        r.request(nbdv.CMD_BLOCK_STATUS, r.size - 512, 1024, cookie=21)
+        reply = r.any_reply()
+        self.assertEqual((reply[3], r.error_of(reply)), (21, nbdv.EINVAL))
+        self.assertTrue(reply[2] & 0x8000 and reply[1] & 1)  # an error chunk, DONE
+        # Up to the last byte is fine: at least one descriptor, none past the end.
+        r.request(nbdv.CMD_BLOCK_STATUS, r.size - 512, 512, cookie=22)
+        kind, flags, rtype, cookie, payload = r.any_reply()
+        self.assertEqual((rtype, cookie), (5, 22))  # NBD_REPLY_TYPE_BLOCK_STATUS
+        lengths = [struct.unpack(">I", payload[i:i + 4])[0] for i in range(4, len(payload), 8)]
+        self.assertTrue(lengths and sum(lengths) <= 512 and all(lengths))
+
     def test_oversized_read(self):
         r = self.raw()
         r.greet()
