@@ -278,6 +278,22 @@ class RawTest(unittest.TestCase):
         r.request(nbdv.CMD_DISC)
         self.assertTrue(r.closed_by_server())
 
+    def test_empty_name_is_the_default_export(self):
+        with nbdv.Server(extra="default-export: mem\n") as srv:
+            r = nbdv.Raw(srv.sock)
+            r.greet()
+            r.send_opt(nbdv.OPT_EXPORT_NAME, b"")
+            size, _ = struct.unpack(">QH", r.recvn(10))
+            self.assertEqual(size, 64 << 20)
+            r.close()
+            r = nbdv.Raw(srv.sock)
+            r.greet()
+            r.go(b"")
+            self.assertEqual(r.size, 64 << 20)
+            r.request(nbdv.CMD_READ, 0, 512, cookie=1)
+            self.assertEqual(r.simple_reply(512), (0, 1, bytes(512)))
+            r.close()
+
     def test_export_name_no_zeroes(self):
         for flags, extra in ((3, 0), (1, 124)):
             r = self.raw()
