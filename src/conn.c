@@ -240,7 +240,7 @@ static void identity_release(struct nbdv_conn *c)
 
 void conn_recheck(struct nbdv_conn *c)
 {
-	const struct nbdv_export *e = c->exp;
+	const struct nbdv_export *e = c->sess.exp;
 	char id[320];
 
 	if (c->phase != CONN_TRANSMISSION || !e)
@@ -256,7 +256,7 @@ void conn_recheck(struct nbdv_conn *c)
 	}
 	if (handshake_export_allowed(c, e))
 		return;
-	tls_peer_identity(&c->peer, id, sizeof(id));
+	tls_peer_identity(&c->sess.peer, id, sizeof(id));
 	log_info("c%u: %s is no longer allowed on export %s after a reload, closing", c->id,
 		 c->tls_up ? id : "a plaintext client", e->cfg->name);
 	conn_audit_refusal(c, "reload", e->cfg->name, "no longer allowed after a reload");
@@ -274,7 +274,8 @@ void conn_audit_refusal(struct nbdv_conn *c, const char *option, const char *exp
 			const char *why)
 {
 	char id[320];
-	const char *who = c->tls_up ? tls_peer_identity(&c->peer, id, sizeof(id)) : "none (no TLS)";
+	const char *who =
+	    c->tls_up ? tls_peer_identity(&c->sess.peer, id, sizeof(id)) : "none (no TLS)";
 
 	metrics_identity_refused(who);
 	if (!audit_enabled() || c->audit_refusals > AUDIT_REFUSALS)
@@ -531,11 +532,11 @@ static void tls_step(struct nbdv_conn *c)
 		return;
 	}
 	c->tls_up = true;
-	tls_peer_info(c->tp, &c->peer);
-	metrics_handshake(c->peer.resumed ? "resumed" : "ok");
-	if (identity_limited(c->lim) && (c->peer.psk_user || c->peer.dn)) {
+	tls_peer_info(c->tp, &c->sess.peer);
+	metrics_handshake(c->sess.peer.resumed ? "resumed" : "ok");
+	if (identity_limited(c->lim) && (c->sess.peer.psk_user || c->sess.peer.dn)) {
 		char id[320];
-		tls_peer_identity(&c->peer, id, sizeof(id));
+		tls_peer_identity(&c->sess.peer, id, sizeof(id));
 		if (!identity_acquire(c, id)) {
 			log_info("c%u: %s is at its connection cap "
 				 "(limits.max-connections-per-identity), closing",
@@ -549,22 +550,24 @@ static void tls_step(struct nbdv_conn *c)
 	}
 	if (audit_enabled() || nbdv_metrics_on) {
 		char id[320];
-		metrics_identity_connected(tls_peer_identity(&c->peer, id, sizeof(id)));
+		metrics_identity_connected(tls_peer_identity(&c->sess.peer, id, sizeof(id)));
 		audit_event("tls", c->id, "sssssb", "identity",
-			    tls_peer_identity(&c->peer, id, sizeof(id)), "cn",
-			    c->peer.cn ? c->peer.cn : "", "auth", c->peer.psk_user ? "psk" : "x509",
-			    "version", c->peer.protocol, "cipher", c->peer.cipher, "resumed",
-			    c->peer.resumed);
+			    tls_peer_identity(&c->sess.peer, id, sizeof(id)), "cn",
+			    c->sess.peer.cn ? c->sess.peer.cn : "", "auth",
+			    c->sess.peer.psk_user ? "psk" : "x509", "version",
+			    c->sess.peer.protocol, "cipher", c->sess.peer.cipher, "resumed",
+			    c->sess.peer.resumed);
 	}
 	log_info("c%u: TLS up%s: %s, %s, client %s%s%s%s", c->id,
-		 c->peer.resumed ? " (resumed)" : "", c->peer.protocol, c->peer.cipher,
-		 c->peer.psk_user ? "psk:"
-		 : c->peer.dn	  ? "dn:"
-				  : "anonymous",
-		 c->peer.psk_user ? c->peer.psk_user
-		 : c->peer.dn	  ? c->peer.dn
-				  : "",
-		 c->peer.cn ? " cn:" : "", c->peer.cn ? c->peer.cn : "");
+		 c->sess.peer.resumed ? " (resumed)" : "", c->sess.peer.protocol,
+		 c->sess.peer.cipher,
+		 c->sess.peer.psk_user ? "psk:"
+		 : c->sess.peer.dn     ? "dn:"
+				       : "anonymous",
+		 c->sess.peer.psk_user ? c->sess.peer.psk_user
+		 : c->sess.peer.dn     ? c->sess.peer.dn
+				       : "",
+		 c->sess.peer.cn ? " cn:" : "", c->sess.peer.cn ? c->sess.peer.cn : "");
 	c->phase = CONN_OPTIONS;
 	ev_io_stop(c->r->loop, &c->wio);
 	update_reading(c);
@@ -646,7 +649,7 @@ bool conn_release(struct nbdv_conn *c)
 	identity_release(c);
 	if (c->tls_up && nbdv_metrics_on) {
 		char id[320];
-		metrics_identity_bytes(tls_peer_identity(&c->peer, id, sizeof(id)),
+		metrics_identity_bytes(tls_peer_identity(&c->sess.peer, id, sizeof(id)),
 				       c->read_bytes + c->write_bytes);
 	}
 	if (audit_enabled())
@@ -657,8 +660,8 @@ bool conn_release(struct nbdv_conn *c)
 			    (double)(nbdv_now_ns() - c->started_ns) / 1e9, "throttled_s",
 			    (double)c->throttled_ns / 1e9, "reason",
 			    c->close_reason ? c->close_reason : "closed");
-	if (c->exp)
-		__atomic_sub_fetch(&c->exp->sessions, 1, __ATOMIC_RELAXED);
+	if (c->sess.exp)
+		__atomic_sub_fetch(&c->sess.exp->sessions, 1, __ATOMIC_RELAXED);
 	if (c->sendfile_bytes)
 		log_info("c%u: closed (%llu bytes of READ data sent from the page cache)", c->id,
 			 (unsigned long long)c->sendfile_bytes);
@@ -668,7 +671,7 @@ bool conn_release(struct nbdv_conn *c)
 	else
 		log_info("c%u: closed", c->id);
 	c->tp->ops->free(c->tp);
-	tls_peer_clear(&c->peer);
+	tls_peer_clear(&c->sess.peer);
 	ibuf_free(c->ibuf);
 	/* A connection that held much (a flood of small replies) leaves free chunks all
 	 * over the heap; hand them back to the system rather than keep them resident. */
@@ -706,7 +709,7 @@ static void limit_unsent(struct nbdv_conn *c)
 {
 	int lowat = 32 * 1024;
 
-	if (c->is_tcp && c->tp->ops->sendfile && driver_sends_from_cache(c->dev) &&
+	if (c->is_tcp && c->tp->ops->sendfile && driver_sends_from_cache(c->sess.dev) &&
 	    setsockopt(c->fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat)) < 0)
 		log_debug("c%u: TCP_NOTSENT_LOWAT: %s", c->id, strerror(errno));
 }

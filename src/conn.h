@@ -68,6 +68,24 @@ enum conn_rx {
 	RX_REQ_PAYLOAD,	 /* WRITE payload into cur_req */
 };
 
+/*
+ * What the handshake negotiated, and the only part of it that transmission reads:
+ * written by handshake.c (reset by STARTTLS), read-only once in transmission (except
+ * told_size, which a RESIZE raises).
+ */
+struct nbdv_session {
+	bool no_zeroes;			       /* client set NBD_FLAG_C_NO_ZEROES */
+	struct nbdv_tls_peer peer;	       /* identity from the TLS session */
+	bool structured;		       /* structured replies (or implied by extended) */
+	bool extended;			       /* extended headers: 32-byte requests, replies */
+	bool meta_alloc;		       /* base:allocation selected */
+	const struct nbdv_export *meta_export; /* export the meta context was set for */
+	struct nbdv_export *exp;	       /* chosen export (GO / EXPORT_NAME) */
+	const struct nbdv_dev *dev;	       /* its open driver instance */
+	uint16_t tflags;		       /* transmission flags sent to the client */
+	uint64_t told_size;		       /* largest size this client was told (RESIZE) */
+};
+
 struct nbdv_conn {
 	struct nbdv_server *srv;       /* server (config, exports, credentials) */
 	const struct nbdv_config *lim; /* limits: the live config when it was accepted */
@@ -91,23 +109,15 @@ struct nbdv_conn {
 	size_t istart, iend;   /* unread bytes are ibuf[istart, iend) */
 	struct nbdv_outq outq; /* replies not yet written */
 
-	/* Option phase. */
-	uint32_t opt;		   /* option being read */
-	uint32_t optlen;	   /* its payload length */
-	bool no_zeroes;		   /* client set NBD_FLAG_C_NO_ZEROES */
-	bool tls_started;	   /* TLS transport installed (handshake running or done) */
-	bool tls_up;		   /* TLS handshake completed */
-	struct nbdv_tls_peer peer; /* identity from the TLS session */
-	bool structured;	   /* structured replies negotiated (or implied by extended) */
-	bool extended;		   /* extended headers negotiated: 32-byte requests, replies */
-	bool meta_alloc;	   /* base:allocation selected */
-	const struct nbdv_export *meta_export; /* export the meta context was set for */
+	/* Option phase (framing owned by the handshake). */
+	uint32_t opt;	  /* option being read */
+	uint32_t optlen;  /* its payload length */
+	bool tls_started; /* TLS transport installed (handshake running or done) */
+	bool tls_up;	  /* TLS handshake completed */
+
+	struct nbdv_session sess; /* what the handshake negotiated */
 
 	/* Transmission phase. */
-	struct nbdv_export *exp;	   /* chosen export */
-	const struct nbdv_dev *dev;	   /* its open driver instance */
-	uint16_t tflags;		   /* transmission flags sent to the client */
-	uint64_t told_size;		   /* largest export size this client was told (RESIZE) */
 	struct nbdv_req *cur_req;	   /* WRITE whose payload is being received */
 	bool header_reads;		   /* last request was a big WRITE: read headers alone */
 	bool draining;			   /* server shutting down: close when idle (options:

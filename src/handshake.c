@@ -129,7 +129,7 @@ static enum hs_result handshake_client_flags(struct nbdv_conn *c, uint32_t flags
 		log_info("c%u: unknown client flags 0x%x, closing", c->id, flags);
 		return HS_CLOSE;
 	}
-	c->no_zeroes = flags & NBD_FLAG_C_NO_ZEROES;
+	c->sess.no_zeroes = flags & NBD_FLAG_C_NO_ZEROES;
 	return HS_CONTINUE;
 }
 
@@ -175,7 +175,7 @@ static bool identity_allowed(const struct nbdv_conn *c, const struct nbdv_export
 	if (!c->tls_up)
 		return false;
 	for (size_t i = 0; i < e->cfg->n_allow; i++) {
-		if (tls_peer_matches(&c->peer, e->cfg->allow[i]))
+		if (tls_peer_matches(&c->sess.peer, e->cfg->allow[i]))
 			return true;
 	}
 	return false;
@@ -252,15 +252,15 @@ static void audit_open_export(const struct nbdv_conn *c, const struct nbdv_expor
 
 	if (audit_enabled())
 		audit_event("export-open", c->id, "ssb", "export", e->cfg->name, "identity",
-			    c->tls_up ? tls_peer_identity(&c->peer, id, sizeof(id))
+			    c->tls_up ? tls_peer_identity(&c->sess.peer, id, sizeof(id))
 				      : "none (no TLS)",
-			    "readonly", (c->tflags & NBD_FLAG_READ_ONLY) != 0);
+			    "readonly", (c->sess.tflags & NBD_FLAG_READ_ONLY) != 0);
 }
 
 /* Transmission flags for @e on @c: the export's, plus RESIZE where it is allowed. */
 static uint16_t tflags_for(const struct nbdv_conn *c, const struct nbdv_export *e, uint32_t caps)
 {
-	uint16_t f = export_tflags(caps, c->structured, c->extended);
+	uint16_t f = export_tflags(caps, c->sess.structured, c->sess.extended);
 
 	if (e->cfg->resizable && e->cfg->drv->resize)
 		f |= NBD_FLAG_SEND_RESIZE;
@@ -349,19 +349,19 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 		return HS_CONTINUE;
 
 	/* GO: contexts chosen for another export do not carry over. */
-	if (c->meta_export != e)
-		c->meta_alloc = false;
-	c->exp = e;
-	c->dev = dev;
-	c->told_size = dev->size;
+	if (c->sess.meta_export != e)
+		c->sess.meta_alloc = false;
+	c->sess.exp = e;
+	c->sess.dev = dev;
+	c->sess.told_size = dev->size;
 	__atomic_add_fetch(&e->sessions, 1, __ATOMIC_RELAXED);
-	c->tflags = tflags_for(c, e, dev->caps);
+	c->sess.tflags = tflags_for(c, e, dev->caps);
 	audit_open_export(c, e);
 	log_info("c%u: serving export %s (%s%s)", c->id, e->cfg->name,
-		 c->extended	 ? "extended headers"
-		 : c->structured ? "structured replies"
-				 : "simple replies",
-		 c->meta_alloc ? ", base:allocation" : "");
+		 c->sess.extended     ? "extended headers"
+		 : c->sess.structured ? "structured replies"
+				      : "simple replies",
+		 c->sess.meta_alloc ? ", base:allocation" : "");
 	return HS_TRANSMISSION;
 }
 
@@ -390,19 +390,19 @@ static enum hs_result opt_export_name(struct nbdv_conn *c, const uint8_t *data, 
 		log_info("c%u: EXPORT_NAME '%s': no such export, closing", c->id, shown);
 		return HS_CLOSE;
 	}
-	c->structured = false; /* EXPORT_NAME clients get simple replies only */
-	c->meta_alloc = false;
-	c->exp = e;
-	c->dev = dev;
-	c->told_size = dev->size;
+	c->sess.structured = false; /* EXPORT_NAME clients get simple replies only */
+	c->sess.meta_alloc = false;
+	c->sess.exp = e;
+	c->sess.dev = dev;
+	c->sess.told_size = dev->size;
 	__atomic_add_fetch(&e->sessions, 1, __ATOMIC_RELAXED);
-	c->tflags = tflags_for(c, e, dev->caps);
+	c->sess.tflags = tflags_for(c, e, dev->caps);
 	r.exportsize = htobe64(dev->size);
-	r.eflags = htobe16(c->tflags);
+	r.eflags = htobe16(c->sess.tflags);
 	audit_open_export(c, e);
 	m = outmsg_new(sizeof(r) + sizeof(zeroes));
 	if (!m || outmsg_add_copy(m, &r, sizeof(r)) < 0 ||
-	    (!c->no_zeroes && outmsg_add_copy(m, zeroes, sizeof(zeroes)) < 0)) {
+	    (!c->sess.no_zeroes && outmsg_add_copy(m, zeroes, sizeof(zeroes)) < 0)) {
 		outmsg_free(m);
 		return HS_CLOSE;
 	}
@@ -432,7 +432,7 @@ static enum hs_result opt_meta_context(struct nbdv_conn *c, uint32_t opt, const 
 	enum hs_result res;
 	bool match = false;
 
-	if (!c->structured)
+	if (!c->sess.structured)
 		return opt_error(c, opt, NBD_REP_ERR_INVALID, "negotiate structured replies first");
 	if (len < 8)
 		return opt_error(c, opt, NBD_REP_ERR_INVALID, "option data too short");
@@ -484,8 +484,8 @@ static enum hs_result opt_meta_context(struct nbdv_conn *c, uint32_t opt, const 
 	}
 	if (!list) {
 		/* SET replaces the previous selection, even with an empty one. */
-		c->meta_alloc = match;
-		c->meta_export = e;
+		c->sess.meta_alloc = match;
+		c->sess.meta_export = e;
 	}
 	return opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0 ? HS_CLOSE : HS_CONTINUE;
 }
@@ -511,7 +511,7 @@ enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t
 	}
 	switch (opt) {
 	case NBD_OPT_EXPORT_NAME:
-		if (c->extended) {
+		if (c->sess.extended) {
 			/* It cannot answer in extended headers: the spec forbids it after them. */
 			log_info("c%u: EXPORT_NAME after extended headers, closing", c->id);
 			return HS_CLOSE;
@@ -533,10 +533,10 @@ enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t
 		if (opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0)
 			return HS_CLOSE;
 		/* Nothing negotiated in plaintext survives into TLS (CVE-2021-3716 class). */
-		c->extended = false;
-		c->structured = false;
-		c->meta_alloc = false;
-		c->meta_export = NULL;
+		c->sess.extended = false;
+		c->sess.structured = false;
+		c->sess.meta_alloc = false;
+		c->sess.meta_export = NULL;
 		return HS_STARTTLS;
 	case NBD_OPT_INFO:
 	case NBD_OPT_GO:
@@ -545,21 +545,21 @@ enum hs_result handshake_option(struct nbdv_conn *c, uint32_t opt, const uint8_t
 		if (len != 0)
 			return opt_error(c, opt, NBD_REP_ERR_INVALID,
 					 "STRUCTURED_REPLY takes no data");
-		if (c->extended)
+		if (c->sess.extended)
 			return opt_error(c, opt, NBD_REP_ERR_EXT_HEADER_REQD,
 					 "extended headers are already on");
-		c->structured = true;
+		c->sess.structured = true;
 		return opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0 ? HS_CLOSE : HS_CONTINUE;
 	case NBD_OPT_EXTENDED_HEADERS:
 		if (len != 0)
 			return opt_error(c, opt, NBD_REP_ERR_INVALID,
 					 "EXTENDED_HEADERS takes no data");
-		if (c->extended)
+		if (c->sess.extended)
 			return opt_error(c, opt, NBD_REP_ERR_INVALID,
 					 "extended headers are already on");
 		/* They take precedence over structured replies and imply them. */
-		c->extended = true;
-		c->structured = true;
+		c->sess.extended = true;
+		c->sess.structured = true;
 		return opt_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0 ? HS_CLOSE : HS_CONTINUE;
 	case NBD_OPT_LIST_META_CONTEXT:
 	case NBD_OPT_SET_META_CONTEXT:

@@ -209,7 +209,7 @@ static struct nbdv_outmsg *chunk_msg(const struct nbdv_conn *c, const struct nbd
 	struct nbdv_outmsg *m = outmsg_new(sizeof(x) + hlen);
 
 	if (m) {
-		if (c->extended)
+		if (c->sess.extended)
 			(void)outmsg_add_copy(m, &x, sizeof(x));
 		else
 			(void)outmsg_add_copy(m, &h, sizeof(h));
@@ -257,7 +257,7 @@ static int queue_chunk(struct nbdv_conn *c, const struct nbdv_req *r, uint16_t f
  * not exist) a NONE chunk with DONE. */
 static void queue_ok(struct nbdv_conn *c, const struct nbdv_req *r)
 {
-	if (c->extended)
+	if (c->sess.extended)
 		(void)queue_chunk(c, r, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, NULL, 0, NULL, 0,
 				  NULL);
 	else
@@ -288,7 +288,7 @@ static void queue_error_chunk(struct nbdv_conn *c, const struct nbdv_req *r, uin
 static void queue_error(struct nbdv_conn *c, const struct nbdv_req *r, uint32_t error,
 			const char *msg)
 {
-	if (c->structured)
+	if (c->sess.structured)
 		queue_error_chunk(c, r, error, msg, NULL);
 	else
 		queue_simple(c, r, error, NULL, 0);
@@ -317,9 +317,9 @@ static void reply_read_file(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	uint64_t be_off = htobe64(r->offset);
 	struct nbdv_outmsg *m =
-	    c->structured ? chunk_msg(c, r, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
-				      &be_off, sizeof(be_off), r->count)
-			  : simple_msg(r->cookie, 0);
+	    c->sess.structured ? chunk_msg(c, r, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
+					   &be_off, sizeof(be_off), r->count)
+			       : simple_msg(r->cookie, 0);
 
 	if (!m) {
 		conn_abort(c);
@@ -339,7 +339,7 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
 		reply_read_file(c, r);
 		return;
 	}
-	if (!c->structured) {
+	if (!c->sess.structured) {
 		queue_simple(c, r, 0, buf, (uint32_t)r->count);
 		return;
 	}
@@ -382,9 +382,9 @@ static void reply_read(struct nbdv_conn *c, struct nbdv_req *r)
  * with a descriptor count (BLOCK_STATUS_EXT). */
 static void reply_block_status(struct nbdv_conn *c, struct nbdv_req *r)
 {
-	size_t dsize = c->extended ? sizeof(struct nbd_block_descriptor_ext)
-				   : sizeof(struct nbd_block_descriptor);
-	size_t head = c->extended ? 8 : 4;
+	size_t dsize = c->sess.extended ? sizeof(struct nbd_block_descriptor_ext)
+					: sizeof(struct nbd_block_descriptor);
+	size_t head = c->sess.extended ? 8 : 4;
 	size_t len = head + (size_t)r->ext.n * dsize;
 	uint8_t *payload = nbdv_buf_alloc(len);
 	uint32_t id = htobe32(META_CONTEXT_ID), count = htobe32(r->ext.n);
@@ -394,7 +394,7 @@ static void reply_block_status(struct nbdv_conn *c, struct nbdv_req *r)
 		return;
 	}
 	memcpy(payload, &id, 4);
-	if (c->extended)
+	if (c->sess.extended)
 		memcpy(payload + 4, &count, 4);
 	for (uint32_t i = 0; i < r->ext.n; i++) {
 		struct nbd_block_descriptor d = {
@@ -405,11 +405,12 @@ static void reply_block_status(struct nbdv_conn *c, struct nbdv_req *r)
 		    .length = htobe64(r->ext.e[i].length),
 		    .status_flags = htobe64(r->ext.e[i].flags),
 		};
-		memcpy(payload + head + i * dsize, c->extended ? (void *)&x : (void *)&d, dsize);
+		memcpy(payload + head + i * dsize, c->sess.extended ? (void *)&x : (void *)&d,
+		       dsize);
 	}
 	(void)queue_chunk(c, r, NBD_REPLY_FLAG_DONE,
-			  c->extended ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT
-				      : NBD_REPLY_TYPE_BLOCK_STATUS,
+			  c->sess.extended ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT
+					   : NBD_REPLY_TYPE_BLOCK_STATUS,
 			  NULL, 0, payload, len, payload);
 }
 
@@ -549,7 +550,7 @@ static void count(struct nbdv_conn *c, const struct nbdv_req *r, uint32_t nbd_er
 {
 	if (!nbdv_metrics_on)
 		return;
-	metrics_request(&c->exp->metrics, r->type, nbd_err,
+	metrics_request(&c->sess.exp->metrics, r->type, nbd_err,
 			!nbd_err && r->type == NBD_CMD_READ ? r->count : 0,
 			!nbd_err && r->type == NBD_CMD_WRITE ? r->count : 0, nbdv_now_ns() - r->t0);
 }
@@ -581,10 +582,10 @@ static void req_done(struct nbdv_job *job)
 			count(c, r, 0);
 			reply_block_status(c, r);
 		} else if (r->type == NBD_CMD_RESIZE) {
-			log_info("c%u: export %s resized to %llu bytes", c->id, c->exp->cfg->name,
-				 (unsigned long long)r->offset);
-			if (r->offset > c->told_size)
-				c->told_size = r->offset;
+			log_info("c%u: export %s resized to %llu bytes", c->id,
+				 c->sess.exp->cfg->name, (unsigned long long)r->offset);
+			if (r->offset > c->sess.told_size)
+				c->sess.told_size = r->offset;
 			count(c, r, 0);
 			queue_ok(c, r);
 		} else {
@@ -606,15 +607,16 @@ static uint16_t allowed_flags(const struct nbdv_conn *c, uint16_t type)
 {
 	switch (type) {
 	case NBD_CMD_READ:
-		return c->structured ? NBD_CMD_FLAG_DF : 0;
+		return c->sess.structured ? NBD_CMD_FLAG_DF : 0;
 	case NBD_CMD_WRITE:
-		return c->extended ? NBD_CMD_FLAG_PAYLOAD_LEN : 0;
+		return c->sess.extended ? NBD_CMD_FLAG_PAYLOAD_LEN : 0;
 	case NBD_CMD_WRITE_ZEROES:
 		return NBD_CMD_FLAG_NO_HOLE |
-		       ((c->tflags & NBD_FLAG_SEND_FAST_ZERO) ? NBD_CMD_FLAG_FAST_ZERO : 0);
+		       ((c->sess.tflags & NBD_FLAG_SEND_FAST_ZERO) ? NBD_CMD_FLAG_FAST_ZERO : 0);
 	case NBD_CMD_BLOCK_STATUS:
 		return NBD_CMD_FLAG_REQ_ONE |
-		       ((c->tflags & NBD_FLAG_BLOCK_STAT_PAYLOAD) ? NBD_CMD_FLAG_PAYLOAD_LEN : 0);
+		       ((c->sess.tflags & NBD_FLAG_BLOCK_STAT_PAYLOAD) ? NBD_CMD_FLAG_PAYLOAD_LEN
+								       : 0);
 	default:
 		return 0;
 	}
@@ -623,13 +625,13 @@ static uint16_t allowed_flags(const struct nbdv_conn *c, uint16_t type)
 /* NBD_CMD_RESIZE: the new size travels in the offset field, the length is zero. */
 static uint32_t validate_resize(struct nbdv_conn *c, const struct nbdv_req *r, const char **why)
 {
-	const struct nbdv_export_cfg *e = c->exp->cfg;
+	const struct nbdv_export_cfg *e = c->sess.exp->cfg;
 
 	if (r->count) {
 		*why = "resize length must be zero";
 		return NBD_EINVAL;
 	}
-	if (c->tflags & NBD_FLAG_READ_ONLY) {
+	if (c->sess.tflags & NBD_FLAG_READ_ONLY) {
 		*why = "export is read-only";
 		return NBD_EPERM;
 	}
@@ -639,7 +641,8 @@ static uint32_t validate_resize(struct nbdv_conn *c, const struct nbdv_req *r, c
 	}
 	/* Optional in the extension, done here: a shrink under another client's feet could
 	 * cut away what it is writing. */
-	if (r->offset < c->dev->size && __atomic_load_n(&c->exp->sessions, __ATOMIC_RELAXED) > 1) {
+	if (r->offset < c->sess.dev->size &&
+	    __atomic_load_n(&c->sess.exp->sessions, __ATOMIC_RELAXED) > 1) {
 		*why = "other connections have the export open: not shrinking it";
 		return NBD_EPERM;
 	}
@@ -649,7 +652,7 @@ static uint32_t validate_resize(struct nbdv_conn *c, const struct nbdv_req *r, c
 /* 0 if @r may run, else the NBD error to answer with and *why. */
 static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const char **why)
 {
-	const struct nbdv_dev *d = c->dev;
+	const struct nbdv_dev *d = c->sess.dev;
 	bool writes =
 	    r->type == NBD_CMD_WRITE || r->type == NBD_CMD_TRIM || r->type == NBD_CMD_WRITE_ZEROES;
 	bool in_range = r->offset <= d->size && r->count <= d->size - r->offset;
@@ -664,7 +667,7 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 	case NBD_CMD_BLOCK_STATUS:
 		break;
 	case NBD_CMD_RESIZE:
-		if (c->tflags & NBD_FLAG_SEND_RESIZE)
+		if (c->sess.tflags & NBD_FLAG_SEND_RESIZE)
 			break;
 		/* not advertised, so not a command of this export */
 		__attribute__((fallthrough));
@@ -676,7 +679,7 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 		*why = "flag not valid for this command";
 		return NBD_EINVAL;
 	}
-	if (writes && (c->tflags & NBD_FLAG_READ_ONLY)) {
+	if (writes && (c->sess.tflags & NBD_FLAG_READ_ONLY)) {
 		*why = "export is read-only";
 		return NBD_EPERM;
 	}
@@ -695,7 +698,7 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 		 * anything beyond the new end but within a size this client was told is
 		 * ENOSPC (extension-resize). */
 		*why = "request extends beyond the end of the export";
-		if (r->offset <= c->told_size && r->count <= c->told_size - r->offset)
+		if (r->offset <= c->sess.told_size && r->count <= c->sess.told_size - r->offset)
 			return NBD_ENOSPC;
 		return r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC
 										   : NBD_EINVAL;
@@ -706,7 +709,7 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 		return NBD_EINVAL;
 	}
 	if (r->type == NBD_CMD_BLOCK_STATUS) {
-		if (!c->meta_alloc) {
+		if (!c->sess.meta_alloc) {
 			*why = "no metadata context was negotiated";
 			return NBD_EINVAL;
 		}
@@ -721,7 +724,8 @@ static uint32_t validate(struct nbdv_conn *c, const struct nbdv_req *r, const ch
 /* Whether holes in a READ's range should be sent as OFFSET_HOLE chunks. */
 static bool wants_holes(const struct nbdv_conn *c, const struct nbdv_req *r)
 {
-	return c->structured && !(r->flags & NBD_CMD_FLAG_DF) && (c->dev->caps & NBDV_CAP_EXTENTS);
+	return c->sess.structured && !(r->flags & NBD_CMD_FLAG_DF) &&
+	       (c->sess.dev->caps & NBDV_CAP_EXTENTS);
 }
 
 /*
@@ -760,9 +764,9 @@ static int pread_inline(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	int err;
 
-	driver_hold(c->dev);
-	err = driver_pread_nowait(c->dev, r->buf, r->count, r->offset);
-	driver_release(c->dev);
+	driver_hold(c->sess.dev);
+	err = driver_pread_nowait(c->sess.dev, r->buf, r->count, r->offset);
+	driver_release(c->sess.dev);
 	return err;
 }
 
@@ -845,7 +849,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	bool cached = false;
 
 	if (r->type == NBD_CMD_BLOCK_STATUS && (r->flags & NBD_CMD_FLAG_PAYLOAD_LEN) &&
-	    (c->tflags & NBD_FLAG_BLOCK_STAT_PAYLOAD)) {
+	    (c->sess.tflags & NBD_FLAG_BLOCK_STAT_PAYLOAD)) {
 		e = block_status_payload(r, &why);
 	} else if (r->type != NBD_CMD_WRITE && r->buf) {
 		/* A payload consumed for a command that takes none: refused below. */
@@ -871,15 +875,15 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	}
 	if (r->type == NBD_CMD_READ && r->count > SENDFILE_MIN_BYTES &&
 	    (c->tp->ops->sendfile || r->count <= CACHED_COPY_BYTES) &&
-	    (c->dev->caps & NBDV_CAP_BLOCKING)) {
+	    (c->sess.dev->caps & NBDV_CAP_BLOCKING)) {
 		/* Data wholly in the page cache (and no hole the client would rather get as
 		 * OFFSET_HOLE) goes from there to the socket: no buffer, no copy here, no
 		 * trip to the I/O threads.  Without sendfile() it is copied here (below). */
 		int fd;
 
-		driver_hold(c->dev);
-		fd = driver_cached_fd(c->dev, r->count, r->offset, wants_holes(c, r));
-		driver_release(c->dev);
+		driver_hold(c->sess.dev);
+		fd = driver_cached_fd(c->sess.dev, r->count, r->offset, wants_holes(c, r));
+		driver_release(c->sess.dev);
 		if (fd >= 0 && c->tp->ops->sendfile) {
 			r->from_file = true;
 			r->file_fd = fd;
@@ -905,7 +909,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	 * I/O threads and back costs more than the read.  (Sent as plain data: holes in a
 	 * small cached read just read as zeroes.) */
 	if (r->type == NBD_CMD_READ && r->count && (r->count <= INLINE_READ_BYTES || cached) &&
-	    (c->dev->caps & NBDV_CAP_BLOCKING) && pread_inline(c, r) == 0) {
+	    (c->sess.dev->caps & NBDV_CAP_BLOCKING) && pread_inline(c, r) == 0) {
 		r->sparse = false; /* cached: the range has no hole the client wants */
 		if (cached)
 			c->cached_copy_bytes += r->count;
@@ -916,12 +920,12 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	 * back cost 38% of server time on 4 KiB random writes.  driver_pwrite_nowait() stops
 	 * offering them here while they stall.  FUA writes wait for the disk: I/O threads. */
 	if (r->type == NBD_CMD_WRITE && r->count <= INLINE_WRITE_BYTES &&
-	    !(r->flags & NBD_CMD_FLAG_FUA) && (c->dev->caps & NBDV_CAP_BLOCKING)) {
+	    !(r->flags & NBD_CMD_FLAG_FUA) && (c->sess.dev->caps & NBDV_CAP_BLOCKING)) {
 		int err;
 
-		driver_hold(c->dev);
-		err = driver_pwrite_nowait(c->dev, r->buf, r->count, r->offset);
-		driver_release(c->dev);
+		driver_hold(c->sess.dev);
+		err = driver_pwrite_nowait(c->sess.dev, r->buf, r->count, r->offset);
+		driver_release(c->sess.dev);
 
 		if (err != -EAGAIN) {
 			r->err = err;
@@ -929,7 +933,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 			return;
 		}
 	}
-	if ((c->dev->caps & NBDV_CAP_ASYNC) && r->type != NBD_CMD_RESIZE) {
+	if ((c->sess.dev->caps & NBDV_CAP_ASYNC) && r->type != NBD_CMD_RESIZE) {
 		submit_async(c, r);
 		return;
 	}
@@ -939,19 +943,19 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	 * copy they moved: -20% per GiB for 4-connection nbdcopy writes, -10% for reads.) */
 	/* A resize waits for the export's calls in progress: never on a reactor. */
 	executor_submit(c->srv->exec, &c->r->port, &c->jobs, &r->job,
-			(c->dev->caps & NBDV_CAP_BLOCKING) || r->type == NBD_CMD_RESIZE);
+			(c->sess.dev->caps & NBDV_CAP_BLOCKING) || r->type == NBD_CMD_RESIZE);
 }
 
 size_t transmission_header_size(const struct nbdv_conn *c)
 {
-	return c->extended ? sizeof(struct nbd_extended_request) : sizeof(struct nbd_request);
+	return c->sess.extended ? sizeof(struct nbd_extended_request) : sizeof(struct nbd_request);
 }
 
 /* Fill @r from a compact or (extended headers) extended request header; false when the
  * magic is wrong for what was negotiated. */
 static bool parse_header(struct nbdv_conn *c, const uint8_t *hdr, struct nbdv_req *r)
 {
-	if (c->extended) {
+	if (c->sess.extended) {
 		struct nbd_extended_request x;
 
 		memcpy(&x, hdr, sizeof(x));
@@ -987,7 +991,7 @@ static bool parse_header(struct nbdv_conn *c, const uint8_t *hdr, struct nbdv_re
  * command it then refuses). */
 static uint64_t payload_length(const struct nbdv_conn *c, const struct nbdv_req *r)
 {
-	if (r->type == NBD_CMD_WRITE || (c->extended && (r->flags & NBD_CMD_FLAG_PAYLOAD_LEN)))
+	if (r->type == NBD_CMD_WRITE || (c->sess.extended && (r->flags & NBD_CMD_FLAG_PAYLOAD_LEN)))
 		return r->count;
 	return 0;
 }
@@ -1007,8 +1011,8 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 	}
 	r->job.run = req_run;
 	r->job.done = req_done;
-	r->dev = c->dev;
-	r->structured = c->structured;
+	r->dev = c->sess.dev;
+	r->structured = c->sess.structured;
 	log_debug("c%u: %s flags 0x%x at %llu+%llu", c->id, nbd_cmd_name(r->type), r->flags,
 		  (unsigned long long)r->offset, (unsigned long long)r->count);
 
@@ -1026,7 +1030,7 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 		uint64_t bytes =
 		    r->type == NBD_CMD_READ ? NBDV_MIN(r->count, c->lim->max_request) : plen;
 		uint64_t by_identity = conn_identity_charge(c, bytes);
-		uint64_t by_export = export_charge(c->exp, bytes);
+		uint64_t by_export = export_charge(c->sess.exp, bytes);
 		uint64_t wait = NBDV_MAX(by_identity, by_export); /* (a macro: no calls in it) */
 		if (wait)
 			conn_pause_reading(c, wait);
