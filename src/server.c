@@ -311,6 +311,37 @@ int server_run(struct nbdv_server *srv)
 	return status;
 }
 
+/*
+ * Operations of asynchronous drivers still in flight (their connection was cut at the
+ * shutdown deadline) complete into the reactors' ports: wait for them before the ports
+ * and the exports go.  False when some never completed within a minute (a storage
+ * cluster that stopped answering with no timeout set).
+ */
+static bool await_storage(struct nbdv_server *srv)
+{
+	for (unsigned waited = 0;; waited++) {
+		unsigned left = 0;
+
+		for (unsigned i = 0; srv->reactors && i < srv->n_reactors; i++) {
+			if (!srv->reactors[i].loop)
+				continue;
+			executor_port_deliver(&srv->reactors[i].port);
+			left += srv->reactors[i].port.outstanding;
+		}
+		if (!left)
+			return true;
+		if (waited == 0)
+			log_info("shutdown: waiting for %u storage operation(s) in flight", left);
+		if (waited == 600) {
+			log_err("shutdown: %u storage operation(s) still in flight after 60 s: "
+				"exiting without closing the exports",
+				left);
+			return false;
+		}
+		usleep(100 * 1000);
+	}
+}
+
 void server_fini(struct nbdv_server *srv)
 {
 	listeners_stop(srv);
@@ -331,6 +362,8 @@ void server_fini(struct nbdv_server *srv)
 		signal(SIGHUP, SIG_IGN);
 		pthread_sigmask(SIG_SETMASK, &old, NULL);
 	}
+	if (!await_storage(srv))
+		return; /* (their completions would find freed ports: leave everything) */
 	for (unsigned i = 0; srv->reactors && i < srv->n_reactors; i++)
 		reactor_teardown(&srv->reactors[i]);
 	free(srv->reactors);
