@@ -286,6 +286,19 @@ class RbdTest(unittest.TestCase):
             info = json.loads(self.rbd("info", f"rbd/{img}", "--format", "json").stdout)
             self.assertEqual(info["size"], 8 * MiB)
 
+    def test_namespace(self):
+        img = self.image()
+        ns = f"ns{os.getpid()}"
+        self.rbd("namespace", "create", f"rbd/{ns}")
+        with self.server(self.export("r", img, f"    namespace: {ns}\n    size: 8M\n")) as srv:
+            h = self.libnbd(srv, "r")
+            h.pwrite(b"n" * 4096, 0)
+            h.flush()
+            nbdv.disconnect(h)
+        # The image was created in the namespace, not in the pool's default one.
+        self.assertIn(img, self.rbd("ls", f"rbd/{ns}").stdout.split())
+        self.assertNotIn(img, self.rbd("ls", "rbd").stdout.split())
+
     def test_two_instances_on_one_image(self):
         img = self.image()
         self.rbd("create", "--size", "32M", f"rbd/{img}")
