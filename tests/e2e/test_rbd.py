@@ -278,9 +278,16 @@ class RbdTest(unittest.TestCase):
             self.assertEqual(h2.pread(4096, 40 * MiB), bytes(4096))
             nbdv.disconnect(h2)
             nbdv.disconnect(h)
-            # Shrink (no other connection open): beyond the new end, ENOSPC.
-            r.request(8, 8 * MiB, 0, cookie=8)
-            self.assertEqual(r.simple_reply()[:2], (0, 8))
+            # Shrink once no other connection is open (EPERM until the server has seen
+            # the other two close, which takes a moment under valgrind).
+            deadline = time.monotonic() + 20 * nbdv.SLOW
+            while True:
+                r.request(8, 8 * MiB, 0, cookie=8)
+                err, cookie, _ = r.simple_reply()
+                if err != 1 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            self.assertEqual((err, cookie), (0, 8))
             r.request(nbdv.CMD_READ, 12 * MiB, 4096, cookie=9)
             self.assertEqual(r.simple_reply(4096)[:2], (28, 9))  # ENOSPC
             info = json.loads(self.rbd("info", f"rbd/{img}", "--format", "json").stdout)
