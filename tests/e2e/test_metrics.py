@@ -54,6 +54,18 @@ class MetricsTest(unittest.TestCase):
                  f"  verify-clients: true\n  psk-file: {self.pki}/keys.psk\n")
         self.srv = nbdv.Server(EXPORTS, extra=extra, tcp=True).start()
         self.addCleanup(self.srv.__exit__, None, None, None)
+        # The metrics socket is bound a little after the NBD listeners the start-up
+        # check waits for (a gap valgrind makes long enough to hit).
+        import socket
+        import time
+        deadline = time.monotonic() + 10 * nbdv.SLOW
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.mport), timeout=1).close()
+                break
+            except OSError:
+                self.assertLess(time.monotonic(), deadline, "metrics never listened")
+                time.sleep(0.02)
 
     def scrape(self, path="/metrics"):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.mport}{path}", timeout=10) as r:
