@@ -1061,6 +1061,14 @@ const char *config_export_path(const struct nbdv_export_cfg *e, int type, size_t
 	return NULL;
 }
 
+bool config_needs_network(const struct nbdv_config *cfg)
+{
+	for (size_t i = 0; i < cfg->n_exports; i++)
+		if (cfg->exports[i].drv->needs & NBDV_NEEDS_NETWORK)
+			return true;
+	return false;
+}
+
 bool config_same_driver_values(const struct nbdv_export_cfg *a, const struct nbdv_export_cfg *b)
 {
 	if (a->drv != b->drv || a->n_values != b->n_values)

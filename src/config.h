@@ -134,6 +134,9 @@ const struct nbdv_export_cfg *config_find_export(const struct nbdv_config *cfg, 
 /* The @n-th (from 0) path among @e's driver values of key type @type (NBDV_KEY_PATH:
  * storage, NBDV_KEY_FILE: read-only files), or NULL. */
 const char *config_export_path(const struct nbdv_export_cfg *e, int type, size_t n);
+/* Whether an export of @cfg has a driver that talks to the network after start
+ * (NBDV_NEEDS_NETWORK): the sandbox then allows a network client's system calls. */
+bool config_needs_network(const struct nbdv_config *cfg);
 /* Whether @a and @b name the same driver with the same values for its keys. */
 bool config_same_driver_values(const struct nbdv_export_cfg *a, const struct nbdv_export_cfg *b);
 

@@ -297,6 +297,25 @@ static bool serves_entry(const struct nbdv_listener *l, const struct nbdv_listen
 	return l->address && strcmp(l->address, e->address) == 0 && l->port == e->port;
 }
 
+/* Whether a live listener already serves entry @e. */
+static bool entry_served(const struct nbdv_server *srv, const struct nbdv_listen_cfg *e)
+{
+	for (size_t k = 0; k < srv->n_listeners; k++)
+		if (serves_entry(&srv->listeners[k], e))
+			return true;
+	return false;
+}
+
+/* Stop listener @l and close its socket (a unix socket's file is removed). */
+static void listener_close(struct nbdv_server *srv, struct nbdv_listener *l)
+{
+	ev_io_stop(main_loop(srv), &l->io);
+	close(l->fd);
+	l->fd = -1;
+	if (l->unix_path)
+		unlink(l->unix_path);
+}
+
 static bool in_config(const struct nbdv_config *cfg, const struct nbdv_listener *l)
 {
 	for (size_t i = 0; i < cfg->n_listen; i++)
@@ -324,12 +343,8 @@ const char *server_listeners_prepare(struct nbdv_server *srv, const struct nbdv_
 			    "SIGHUP: listen: not used (the sockets systemd passed are served)");
 		return NULL;
 	}
-	for (size_t i = 0; i < next->n_listen; i++) {
-		bool have = false;
-		for (size_t k = 0; k < srv->n_listeners && !have; k++)
-			have = serves_entry(&srv->listeners[k], &next->listen[i]);
-		add += !have && !next->listen_default;
-	}
+	for (size_t i = 0; i < next->n_listen; i++)
+		add += !entry_served(srv, &next->listen[i]) && !next->listen_default;
 	if (add && srv->cfg->sandbox) {
 		snprintf(buf, len,
 			 "listen (a new listener needs socket() and bind(), which the sandbox "
@@ -342,12 +357,9 @@ const char *server_listeners_prepare(struct nbdv_server *srv, const struct nbdv_
 		return buf;
 	}
 	for (size_t i = 0; i < next->n_listen && !next->listen_default; i++) {
-		bool have = false;
 		int fd;
 
-		for (size_t k = 0; k < srv->n_listeners && !have; k++)
-			have = serves_entry(&srv->listeners[k], &next->listen[i]);
-		if (have)
+		if (entry_served(srv, &next->listen[i]))
 			continue;
 		fd = bind_entry(&next->listen[i]);
 		if (fd < 0) {
@@ -381,13 +393,9 @@ void server_listeners_commit(struct nbdv_server *srv, const struct nbdv_config *
 
 		if (l->fd < 0 || (!l->address && !l->unix_path) || in_config(next, l))
 			continue;
-		ev_io_stop(main_loop(srv), &l->io);
-		close(l->fd);
-		l->fd = -1;
-		if (l->unix_path)
-			unlink(l->unix_path);
 		log_info("SIGHUP: stopped listening on %s%s%s", l->unix_path ? "unix socket " : "",
 			 l->unix_path ? l->unix_path : l->address, l->unix_path ? "" : " (TCP)");
+		listener_close(srv, l);
 	}
 	for (size_t i = 0; i < n_prepared; i++) {
 		const struct nbdv_listen_cfg *e = prepared[i].entry;
@@ -403,13 +411,7 @@ void listeners_stop(struct nbdv_server *srv)
 		return;
 	ev_timer_stop(main_loop(srv), &srv->resume_timer);
 	for (size_t i = 0; i < srv->n_listeners; i++) {
-		struct nbdv_listener *l = &srv->listeners[i];
-		if (l->fd < 0)
-			continue;
-		ev_io_stop(main_loop(srv), &l->io);
-		close(l->fd);
-		l->fd = -1;
-		if (l->unix_path)
-			unlink(l->unix_path);
+		if (srv->listeners[i].fd >= 0)
+			listener_close(srv, &srv->listeners[i]);
 	}
 }

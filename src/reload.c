@@ -86,6 +86,9 @@ static bool same_storage(const struct nbdv_export_cfg *a, const struct nbdv_expo
 	       a->resizable == b->resizable && a->max_size == b->max_size;
 }
 
+/* Driver key types naming files the sandbox had to allow at start. */
+static const int path_types[] = {NBDV_KEY_PATH, NBDV_KEY_FILE};
+
 /* Whether @dir (real path) is @base or lies beneath it. */
 static bool beneath(const char *dir, const char *base)
 {
@@ -115,22 +118,14 @@ static bool sandbox_allows(const struct nbdv_config *start, const char *path)
 		return false;
 	for (size_t i = 0; i < start->n_exports; i++) {
 		const char *p;
-		for (int t = NBDV_KEY_PATH; t <= NBDV_KEY_FILE; t += NBDV_KEY_FILE - NBDV_KEY_PATH)
-			for (size_t j = 0; (p = config_export_path(&start->exports[i], t, j)); j++)
+		for (size_t t = 0; t < ARRAY_SIZE(path_types); t++)
+			for (size_t j = 0;
+			     (p = config_export_path(&start->exports[i], path_types[t], j)); j++)
 				if (dir_of(p, have) && strcmp(want, have) == 0)
 					return true;
 	}
 	for (size_t i = 0; i < start->n_sandbox_paths; i++)
 		if (realpath(start->sandbox_paths[i], have) && beneath(want, have))
-			return true;
-	return false;
-}
-
-/* Whether the sandbox started with network clients allowed (see sandbox_enter). */
-static bool network_at_start(const struct nbdv_config *start)
-{
-	for (size_t i = 0; i < start->n_exports; i++)
-		if (start->exports[i].drv->needs & NBDV_NEEDS_NETWORK)
 			return true;
 	return false;
 }
@@ -164,7 +159,7 @@ static const char *check_exports(struct nbdv_server *srv, const struct nbdv_conf
 
 			added++;
 			if ((ne->drv->needs & NBDV_NEEDS_NETWORK) && srv->cfg->sandbox &&
-			    !network_at_start(srv->cfg)) {
+			    !config_needs_network(srv->cfg)) {
 				snprintf(
 				    buf, len,
 				    "export %.100s's driver %s needs network access, which the "
@@ -172,9 +167,9 @@ static const char *check_exports(struct nbdv_server *srv, const struct nbdv_conf
 				    ne->name, ne->drv->name);
 				return buf;
 			}
-			for (int t = NBDV_KEY_PATH; t <= NBDV_KEY_FILE;
-			     t += NBDV_KEY_FILE - NBDV_KEY_PATH) {
-				for (size_t j = 0; (path = config_export_path(ne, t, j)); j++) {
+			for (size_t t = 0; t < ARRAY_SIZE(path_types); t++) {
+				for (size_t j = 0;
+				     (path = config_export_path(ne, path_types[t], j)); j++) {
 					if (sandbox_allows(srv->cfg, path))
 						continue;
 					snprintf(buf, len,

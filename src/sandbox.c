@@ -561,22 +561,13 @@ static int enter_seccomp(bool network)
 
 #endif
 
-/* Whether an export's driver talks to the network after start. */
-static bool needs_network(const struct nbdv_config *cfg)
-{
-	for (size_t i = 0; i < cfg->n_exports; i++)
-		if (cfg->exports[i].drv->needs & NBDV_NEEDS_NETWORK)
-			return true;
-	return false;
-}
-
 int sandbox_enter(const struct nbdv_config *cfg)
 {
 	if (!cfg->sandbox) {
 		log_info("sandbox: off (sandbox: false)");
 		return 0;
 	}
-	if (enter_landlock(cfg) < 0 || enter_seccomp(needs_network(cfg)) < 0)
+	if (enter_landlock(cfg) < 0 || enter_seccomp(config_needs_network(cfg)) < 0)
 		return -1;
 	return 0;
 }
