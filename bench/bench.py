@@ -29,20 +29,8 @@ STREAM = os.path.join(ROOT, "build-release", "stream")
 RESUME = os.path.join(ROOT, "build-release", "resume")
 PY = "/usr/bin/python3"
 GIB = 1 << 30
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def cpu_seconds(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TICK
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, timed  # noqa: E402
 
 
 def rss_kib(pid):
@@ -114,20 +102,6 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
-
-
-def timed(server, argv, parse):
-    """Run a client command; returns (value, server CPU s, client CPU s, wall s)."""
-    c0 = cpu_seconds(server.proc.pid)
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.monotonic()
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    wall = time.monotonic() - t0
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed: {p.stderr.strip()[:300]}")
-    client = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    return parse(p.stdout, wall), cpu_seconds(server.proc.pid) - c0, client, wall
 
 
 def w_nbdcopy_write(server, a, conns):

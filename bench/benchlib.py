@@ -1,7 +1,43 @@
-"""Helpers shared by the small bench scripts (fairness.py, exthdr.py, metrics_ab.py)."""
+"""Helpers shared by the bench scripts (bench.py, rbd.py, fairness.py, exthdr.py,
+metrics_ab.py)."""
 
+import os
+import resource
 import socket
+import subprocess
 import time
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds process @pid has used so far."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+def timed(server, argv, parse, timeout=600):
+    """Run a client command against @server (its .proc); returns (parse(stdout, wall),
+    server CPU s, client CPU s, wall s)."""
+    c0 = cpu_seconds(server.proc.pid)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    wall = time.monotonic() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed: {p.stderr.strip()[:300]}")
+    client = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return parse(p.stdout, wall), cpu_seconds(server.proc.pid) - c0, client, wall
 
 
 def wait_socket(path, proc, timeout=20):

@@ -20,7 +20,6 @@ packages unpacked into build/qemu10).
 """
 
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -32,19 +31,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 Q10 = os.path.join(ROOT, "build", "qemu10", "usr")
 CLUSTER = os.path.join(ROOT, "tests", "ceph", "cluster")
 NBDLOAD = os.path.join(ROOT, "build-release", "nbdload")
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, timed  # noqa: E402
 
 
 def wait_port(port, proc, timeout=60):
@@ -105,30 +93,19 @@ class Server:
             self.proc.wait()
 
 
-def timed(server, argv, parse):
-    c0 = cpu_seconds(server.proc.pid)
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.monotonic()
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    wall = time.monotonic() - t0
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed: {p.stderr.strip()[:300]}")
-    client = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    return parse(p.stdout, wall), cpu_seconds(server.proc.pid) - c0, client
-
-
 def workloads(copy_bytes, src, secs):
     def copy_write(s):
         return timed(s, ["nbdcopy", "--flush", src, s.uri],
-                     lambda out, wall: copy_bytes / wall / 2**20)
+                     lambda out, wall: copy_bytes / wall / 2**20, timeout=900)
 
     def copy_read(s):
-        return timed(s, ["nbdcopy", s.uri, "null:"], lambda out, wall: copy_bytes / wall / 2**20)
+        return timed(s, ["nbdcopy", s.uri, "null:"],
+                     lambda out, wall: copy_bytes / wall / 2**20, timeout=900)
 
     def load(rw, qd):
         return lambda s: timed(s, [NBDLOAD, s.uri, rw, "4096", str(qd), str(secs)],
-                               lambda out, wall: int(out.split()[0]) / float(out.split()[2]))
+                               lambda out, wall: int(out.split()[0]) / float(out.split()[2]),
+                               timeout=900)
     return [("nbdcopy write, MiB/s", copy_write), ("nbdcopy read, MiB/s", copy_read),
             ("4k randread qd1, IOPS", load("randread", 1)),
             ("4k randread qd32, IOPS", load("randread", 32)),
