@@ -454,8 +454,9 @@ static int export_driver(struct parse_ctx *ctx, const yaml_node_t *map, const ch
 static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const char *path,
 			struct nbdv_export_cfg *e)
 {
-	const yaml_node_t *name_node = NULL, *size_node = NULL;
+	const yaml_node_t *name_node = NULL, *size_node = NULL, *max_size_node = NULL;
 
+	e->min_block = 1;
 	if (want_type(ctx, map, YAML_MAPPING_NODE, path) < 0 || check_keys(ctx, map, path) < 0)
 		return -1;
 	/* The driver first: it says which further keys the export may have. */
@@ -499,6 +500,16 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 			r = get_bool(ctx, v, sub, &e->resizable);
 		} else if (strcmp(key, "max-size") == 0) {
 			r = get_size(ctx, v, sub, &e->max_size);
+			max_size_node = v;
+		} else if (strcmp(key, "minimum-block-size") == 0) {
+			uint64_t mb = 0;
+
+			r = get_size(ctx, v, sub, &mb);
+			if (r == 0 && (mb == 0 || mb > 65536 || (mb & (mb - 1))))
+				r = fail(ctx, v,
+					 "%s: must be a power of two from 1 to 64K, found %llu",
+					 sub, (unsigned long long)mb);
+			e->min_block = (uint32_t)mb;
 		} else if (strcmp(key, "tls") == 0) {
 			r = want_type(ctx, v, YAML_SCALAR_NODE, sub);
 			if (r == 0 && strcmp(scalar(v), "require") == 0)
@@ -528,7 +539,8 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 				key_list(e->drv, keys, sizeof(keys));
 				r = fail(ctx, k,
 					 "%s: unknown key '%.64s' (expected name, description, "
-					 "driver, size, readonly, resizable, max-size, bandwidth, "
+					 "driver, size, readonly, resizable, max-size, "
+					 "minimum-block-size, bandwidth, "
 					 "iops, on-remove, tls or allow%s%s%s%s)",
 					 path, key, keys[0] ? "; driver " : "",
 					 keys[0] ? e->drv->name : "", keys[0] ? " takes " : "",
@@ -563,6 +575,14 @@ static int parse_export(struct parse_ctx *ctx, const yaml_node_t *map, const cha
 			    e->drv->name);
 	if (size_node && e->size == 0)
 		return fail(ctx, size_node, "%s.size: must be greater than 0", path);
+	/* The spec wants the export's size a multiple of its minimum block size. */
+	if (size_node && e->size % e->min_block)
+		return fail(ctx, size_node, "%s.size: not a multiple of minimum-block-size (%u)",
+			    path, e->min_block);
+	if (max_size_node && e->max_size % e->min_block)
+		return fail(ctx, max_size_node,
+			    "%s.max-size: not a multiple of minimum-block-size (%u)", path,
+			    e->min_block);
 	return 0;
 }
 

@@ -77,6 +77,8 @@ struct nbdv_export_cfg {
 	bool on_remove_close; /* `on-remove: close`: a reload removing it closes
 			       * its sessions (default finish) */
 	uint64_t max_size;    /* `max-size:` largest RESIZE (0: no limit) */
+	uint32_t min_block;   /* `minimum-block-size:` advertised minimum, a power of
+			       * two 1..64 KiB (default 1); RESIZE sizes are multiples */
 	uint64_t bandwidth;   /* `bandwidth:` bytes/s for all its sessions (0: none) */
 	uint64_t iops;	      /* `iops:` requests/s for all its sessions (0: none) */
 	bool tls_required;    /* `tls: require` (matters in optional mode) */

@@ -336,8 +336,8 @@ static enum hs_result opt_info_go(struct nbdv_conn *c, uint32_t opt, const uint8
 	{
 		struct nbd_info_block_size bs = {
 		    .info = htobe16(NBD_INFO_BLOCK_SIZE),
-		    .minimum = htobe32(1),
-		    .preferred = htobe32(4096),
+		    .minimum = htobe32(e->cfg->min_block),
+		    .preferred = htobe32(NBDV_MAX(4096U, e->cfg->min_block)),
 		    .maximum = htobe32(c->lim->max_request),
 		};
 		if (opt_reply(c, opt, NBD_REP_INFO, &bs, sizeof(bs)) < 0)

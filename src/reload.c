@@ -83,7 +83,8 @@ static bool same_storage(const struct nbdv_export_cfg *a, const struct nbdv_expo
 {
 	return config_same_driver_values(a, b) && a->size == b->size &&
 	       a->size_given == b->size_given && a->readonly == b->readonly &&
-	       a->resizable == b->resizable && a->max_size == b->max_size;
+	       a->resizable == b->resizable && a->max_size == b->max_size &&
+	       a->min_block == b->min_block;
 }
 
 /* Driver key types naming files the sandbox had to allow at start. */

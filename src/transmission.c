@@ -635,6 +635,10 @@ static uint32_t validate_resize(struct nbdv_conn *c, const struct nbdv_req *r, c
 		*why = "export is read-only";
 		return NBD_EPERM;
 	}
+	if (r->offset % e->min_block) {
+		*why = "not a multiple of the minimum block size";
+		return NBD_EINVAL;
+	}
 	if (e->max_size && r->offset > e->max_size) {
 		*why = "larger than the export's max-size";
 		return NBD_ENOSPC;

@@ -30,6 +30,11 @@ EXPORTS = """
     size: 64M
     readonly: true
     resizable: true
+  - name: aligned
+    driver: memory
+    size: 64M
+    resizable: true
+    minimum-block-size: 4K
   - name: file
     driver: file
     path: {dir}/disk.img
@@ -170,6 +175,22 @@ class ResizeTest(unittest.TestCase):
         ro = self.raw(b"ro")
         self.assertEqual(self.resize(ro, 128 * M), nbdv.EPERM)
         self.assertEqual(self.libnbd_size(), 64 * M)
+
+    def test_size_not_a_multiple_of_the_minimum_block_size(self):
+        h = nbd.NBD()
+        h.connect_uri(self.srv.uri("aligned"))
+        self.assertEqual(h.get_block_size(nbd.SIZE_MINIMUM), 4096)  # advertised
+        nbdv.disconnect(h)
+        r = self.raw(b"aligned")
+        self.assertEqual(self.resize(r, 64 * M + 1000), nbdv.EINVAL)
+        self.assertEqual(self.resize(r, 64 * M + 512, cookie=2), nbdv.EINVAL)
+        self.assertEqual(self.libnbd_size("aligned"), 64 * M)  # nothing changed
+        self.assertEqual(self.resize(r, 64 * M + 8192, cookie=3), 0)
+        self.assertEqual(self.libnbd_size("aligned"), 64 * M + 8192)
+        # Byte-granular exports (the default minimum of 1) take any size.
+        m = self.raw(b"mem")
+        self.assertEqual(self.resize(m, 64 * M + 1000, cookie=4), 0)
+        self.assertEqual(self.libnbd_size(), 64 * M + 1000)
 
     def test_file_export_grows_and_shrinks_on_disk(self):
         r = self.raw(b"file")
