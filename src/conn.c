@@ -383,14 +383,15 @@ static bool memory_full(const struct nbdv_conn *c)
 
 /*
  * Back-pressure: stop reading the socket.  Before an export is chosen a client has only
- * a small budget (it may be anyone); after, limits.max-inflight-bytes of real memory.
+ * a small budget (it may be anyone); after, limits.max-inflight-bytes of real memory,
+ * and no more than NBDV_SEND_AHEAD_BYTES of replies waiting for the socket.
  */
 static bool throttled(const struct nbdv_conn *c)
 {
 	if (c->phase == CONN_OPTIONS)
 		return held(c) >= NBDV_PREAUTH_BUDGET || memory_full(c);
 	return c->inflight >= NBDV_MAX_INFLIGHT_REQS || held(c) >= c->lim->max_inflight_bytes ||
-	       memory_full(c) || c->rate_paused;
+	       memory_full(c) || c->rate_paused || c->outq.held >= NBDV_SEND_AHEAD_BYTES;
 }
 
 /* Start or stop the read watcher to match what the connection can take now. */

@@ -32,6 +32,13 @@
 #define NBDV_BIG_WRITE (64 * 1024)
 /* Back-pressure: stop reading past this many requests (or limits.max-inflight-bytes). */
 #define NBDV_MAX_INFLIGHT_REQS 512
+/* Nor take new requests while this much reply data waits to be sent.  Reading ahead of
+ * a socket that cannot take more only fills memory: by the time a reply's turn came,
+ * its data (copied from storage into the buffer) was out of the CPU caches, and
+ * encrypting or copying it again into the socket read it back from RAM.  Replies that
+ * leave soon after they are filled: TLS nbdcopy reads -20% server CPU per GiB, plain
+ * memory-export reads -45% (bench/results/analysis.md).  512 KiB beat 256 KiB and 1 MiB. */
+#define NBDV_SEND_AHEAD_BYTES (512 * 1024)
 /* One turn of a connection on its reactor: at most this many requests, or this long,
  * before the loop polls the other connections again (requests that run inline, such as
  * memory-export BLOCK_STATUS, would otherwise hold the reactor as long as the client
