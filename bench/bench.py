@@ -3,7 +3,7 @@
 
 Servers: nbdvault (memory and file export), nbdkit (memory and file plugins), qemu-nbd
 (raw file, --cache=writeback --aio=io_uring), each plain and with TLS (x509, TLS 1.3,
-the same certificate for all), on 127.0.0.1.  Workloads alternate between servers and
+the same ECDSA certificate for all but qemu-nbd 10, which gets an RSA one), on 127.0.0.1.  Workloads alternate between servers and
 repeat; the table reports the median, min..max, server and client CPU, and the ratio of
 nbdvault to the best peer on the same kind of backing.
 """
@@ -27,10 +27,14 @@ NBDVAULT = os.path.join(ROOT, "build-release", "nbdvault")
 NBDLOAD = os.path.join(ROOT, "build-release", "nbdload")
 STREAM = os.path.join(ROOT, "build-release", "stream")
 RESUME = os.path.join(ROOT, "build-release", "resume")
+# qemu-nbd 10 from bookworm-backports (tests/qemu10 unpacks it; it sets TCP_NODELAY,
+# 7.2 does not), else the system's.
+Q10 = os.path.join(ROOT, "build", "qemu10", "usr", "bin", "qemu-nbd")
+PEERS = {"nbdkit": "nbdkit", "qemu-nbd": Q10 if os.path.exists(Q10) else "qemu-nbd"}
 PY = "/usr/bin/python3"
 GIB = 1 << 30
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, timed  # noqa: E402
+from benchlib import free_port, make_pki, random_file, timed  # noqa: E402
 
 
 def rss_kib(pid):
@@ -46,12 +50,15 @@ def raise_nofile():
 
 
 class Server:
-    def __init__(self, kind, backing, tls, work, pki, tag=""):
+    def __init__(self, kind, backing, tls, work, pki, tag="", binary=None, label=None):
+        """A @kind (nbdvault, nbdkit, qemu-nbd) server on a @backing (memory, file)
+        export; @binary overrides the program (a second nbdkit version), @label the
+        name it is reported under (default KIND-BACKING)."""
         self.kind, self.backing, self.tls = kind, backing, tls
-        self.name = f"{kind}-{backing}"
+        self.name = f"{label or kind}-{backing}"
         self.port = free_port()
         self.work, self.pki = work, pki
-        img = os.path.join(work, f"{kind}-{'tls' if tls else 'plain'}{tag}.img")
+        img = os.path.join(work, f"{label or kind}-{'tls' if tls else 'plain'}{tag}.img")
         if backing == "file":
             with open(img, "wb") as f:
                 f.truncate(2 * GIB)
@@ -65,20 +72,21 @@ class Server:
                 f.write("exports:\n  - name: d\n")
                 f.write(f"    driver: file\n    path: {img}\n" if backing == "file" else
                         "    driver: memory\n    size: 2G\n")
-            argv = [NBDVAULT, "-c", cfg]
+            argv = [binary or NBDVAULT, "-c", cfg]
         elif kind == "nbdkit":
-            argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.port)]
+            argv = [binary or PEERS["nbdkit"], "-f", "-i", "127.0.0.1", "-p", str(self.port)]
             if tls:
                 argv += ["--tls=require", f"--tls-certificates={pki}"]
             argv += ["file", img] if backing == "file" else ["memory", "2G"]
         else:
-            argv = ["qemu-nbd", "-t", "-b", "127.0.0.1", "-p", str(self.port), "-e", "4096",
+            argv = [binary or PEERS["qemu-nbd"], "-t", "-b", "127.0.0.1", "-p", str(self.port), "-e", "4096",
                     "-f", "raw", "--cache=writeback", "--aio=io_uring", "-x", "d"]
             if tls:
                 argv += ["--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server,"
                          "verify-peer=off", "--tls-creds=tls0"]
             argv += [img]
         self.log = open(os.path.join(work, f"{self.name}-{tls}{tag}.log"), "wb")
+        self.argv = argv
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log,
                                      preexec_fn=raise_nofile)
         deadline = time.monotonic() + 15
@@ -279,16 +287,9 @@ def main():
     a.idle = 200 if a.quick else 1000
     raise_nofile()
     work = tempfile.mkdtemp(prefix="nbdvault-bench-", dir="/tmp")
-    pki = os.path.join(work, "pki")
-    subprocess.run([os.path.join(ROOT, "certs", "make-dev-certs"), pki], check=True,
-                   capture_output=True)
-    rsa_pki = os.path.join(work, "pki-rsa")
-    subprocess.run([os.path.join(ROOT, "certs", "make-dev-certs"), rsa_pki, "--rsa"],
-                   check=True, capture_output=True)
-    a.src = os.path.join(work, "src.img")
-    with open(a.src, "wb") as f:
-        for _ in range(a.copy_bytes >> 20):
-            f.write(os.urandom(1 << 20))
+    pki = make_pki(os.path.join(work, "pki"))
+    rsa_pki = make_pki(os.path.join(work, "pki-rsa"), rsa=True)
+    a.src = random_file(os.path.join(work, "src.img"), a.copy_bytes)
     kinds = [("nbdvault", "memory"), ("nbdvault", "file"), ("nbdkit", "memory"),
              ("nbdkit", "file"), ("qemu-nbd", "file")]
     results = {}  # (mode, workload, server) -> list of (value, srv_cpu, cli_cpu, wall)
@@ -299,7 +300,10 @@ def main():
     print(f"handshake cost done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
     for tls in (False, True):
         mode = "TLS" if tls else "plain"
-        servers = [Server(k, b, tls, work, pki) for k, b in kinds]
+        # qemu-nbd 10 refuses an ECDSA server certificate: its key usage (critical, as
+        # certtool writes it) lacks key encipherment.  It gets the RSA one.
+        servers = [Server(k, b, tls, work, rsa_pki if k == "qemu-nbd" else pki)
+                   for k, b in kinds]
         try:
             for wname, unit, fn in workloads(a.quick):
                 for rep in range(a.reps):
@@ -329,7 +333,7 @@ def versions():
     return {
         "nbdvault": v([NBDVAULT, "--version"]),
         "nbdkit": v(["nbdkit", "--version"]),
-        "qemu-nbd": v(["qemu-nbd", "--version"]),
+        "qemu-nbd": v([PEERS["qemu-nbd"], "--version"]),
         "libnbd": v(["nbdcopy", "--version"]),
         "fio": v(["fio", "--version"]),
         "gnutls": v(["certtool", "--version"]),

@@ -8,6 +8,23 @@ import subprocess
 import time
 
 TICK = os.sysconf("SC_CLK_TCK")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_pki(path, rsa=False):
+    """A throwaway CA, server and client certificates in @path (certs/make-dev-certs):
+    ECDSA P-256, or RSA 3072 with @rsa."""
+    subprocess.run([os.path.join(ROOT, "certs", "make-dev-certs"), path] +
+                   (["--rsa"] if rsa else []), check=True, capture_output=True)
+    return path
+
+
+def random_file(path, nbytes):
+    """@path filled with @nbytes of random data (a whole number of MiB)."""
+    with open(path, "wb") as f:
+        for _ in range(nbytes >> 20):
+            f.write(os.urandom(1 << 20))
+    return path
 
 
 def free_port():

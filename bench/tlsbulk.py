@@ -1,0 +1,165 @@
+#!/usr/bin/python3
+"""bench/tlsbulk.py: bulk copies over TLS, the backup / `qemu-img convert` workload
+(issue 17), nbdvault against every peer at hand, in one run.
+
+    bench/tlsbulk.py [--reps N] [--nbdkit-new PATH] [--quick] [NBDVAULT]
+
+nbdcopy 1 GiB write then read, 1 and 4 connections, memory and file exports, TLS 1.3
+(same RSA certificate for all).  Peers: Debian 12's nbdkit 1.32, a newer nbdkit when
+--nbdkit-new names its binary (bench/newer-nbdkit builds 1.42 from Debian trixie's
+source package), qemu-nbd 10.0 (file only; tests/qemu10 unpacks it) else the system's.
+Servers alternate within each cell and the order reverses every repetition.  The bare
+GnuTLS loopback stream (bench/stream) is measured in the same run, between the cells.
+
+Writes bench/results/tls-bulk.md: MiB/s median (min..max) and server / client CPU
+seconds per GiB (medians), nbdvault's ratio to the best peer on the same backing (~
+where the ranges overlap), and TLS reads as a share of the bare stream.  Asserts
+nothing.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+from benchlib import make_pki, random_file  # noqa: E402
+
+ROOT = bench.ROOT
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="1 repetition, 256 MiB copies")
+    ap.add_argument("--nbdkit-new", help="a newer nbdkit binary to add as a peer")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "tls-bulk.md"))
+    ap.add_argument("nbdvault", nargs="?", default=bench.NBDVAULT)
+    a = ap.parse_args()
+    if a.quick:
+        a.reps = 1
+    a.copy_bytes = (256 if a.quick else 1024) << 20
+    bench.raise_nofile()
+    work = tempfile.mkdtemp(prefix="nbdvault-tlsbulk-", dir="/tmp")
+    try:
+        # RSA: qemu-nbd 10 refuses certtool's ECDSA server certificates (their critical
+        # key usage lacks key encipherment); the key type only matters to handshakes.
+        pki = make_pki(os.path.join(work, "pki"), rsa=True)
+        a.src = random_file(os.path.join(work, "src.img"), a.copy_bytes)
+        peers = [("nbdkit", None, "nbdkit")]
+        if a.nbdkit_new:
+            peers.append(("nbdkit", a.nbdkit_new, "nbdkit-new"))
+        servers = {}
+        for backing in ("memory", "file"):
+            servers[backing] = [bench.Server("nbdvault", backing, True, work, pki,
+                                             binary=a.nbdvault)]
+            servers[backing] += [bench.Server(k, backing, True, work, pki, binary=b, label=l)
+                                 for k, b, l in peers]
+            if backing == "file":
+                servers[backing].append(bench.Server("qemu-nbd", "file", True, work, pki))
+        cells = [(op, conns, backing) for op in ("write", "read") for conns in (1, 4)
+                 for backing in ("memory", "file")]
+        results, stream = {}, []
+        started = time.monotonic()
+        try:
+            for op, conns, backing in cells:
+                fn = bench.w_nbdcopy_write if op == "write" else bench.w_nbdcopy_read
+                for rep in range(a.reps):
+                    order = servers[backing] if rep % 2 == 0 else servers[backing][::-1]
+                    for s in order:
+                        results.setdefault((op, conns, backing, s.name), []).append(
+                            fn(s, a, conns))
+                # The ceiling, measured between the cells so that it sees the same machine.
+                p = subprocess.run([bench.STREAM, "tls", str(a.copy_bytes), pki],
+                                   capture_output=True, text=True, timeout=300, check=True)
+                f = p.stdout.split()
+                stream.append((float(f[0]), float(f[1]), float(f[2]), f[3]))
+                print(f"{op} {conns} conn {backing} done ({time.monotonic() - started:.0f} s)",
+                      file=sys.stderr, flush=True)
+        finally:
+            versions = {s.name.rsplit("-", 1)[0]: version(s.argv[0])
+                        for ss in servers.values() for s in ss}
+            for ss in servers.values():
+                for s in ss:
+                    s.stop()
+        report(a, cells, servers, results, stream, versions)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def version(binary):
+    p = subprocess.run([binary, "--version"], capture_output=True, text=True)
+    return (p.stdout or p.stderr).splitlines()[0].strip()
+
+
+def fmt(v):
+    return f"{v:,.0f}"
+
+
+def report(a, cells, servers, results, stream, versions):
+    gib = a.copy_bytes / (1 << 30)
+    names = []
+    for ss in servers.values():
+        for s in ss:
+            base = s.name.rsplit("-", 1)[0]
+            if base not in names:
+                names.append(base)
+    sm = statistics.median(x[0] for x in stream)
+    lines = [
+        "# TLS bulk copies: nbdvault and its peers",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `bench/tlsbulk.py` on "
+        f"this project's 2-core VM: nbdcopy {a.copy_bytes >> 20} MiB, write then read, "
+        f"{a.reps} repetitions per cell, servers alternating (order reversed every "
+        "repetition), TLS 1.3 with one RSA 3072 certificate for all, client nbdcopy "
+        "(libnbd 1.14) on the same machine.",
+        "",
+    ]
+    lines += [f"- {n}: {versions.get(n, '?')}" for n in names]
+    lines += [
+        "",
+        "Each cell: MiB/s median (min..max) [server / client CPU seconds per GiB, medians]. "
+        "Ratio: nbdvault against the best peer's median on the same backing; ~ where "
+        "nbdvault's min..max and that peer's overlap.",
+        "",
+        f"Bare GnuTLS loopback stream (bench/stream, {a.copy_bytes >> 20} MiB, measured "
+        f"once per cell): {fmt(sm)} MiB/s median "
+        f"({fmt(min(x[0] for x in stream))}..{fmt(max(x[0] for x in stream))}), "
+        f"sender {statistics.median(x[1] for x in stream) / gib:.2f} / receiver "
+        f"{statistics.median(x[2] for x in stream) / gib:.2f} CPU s per GiB, {stream[0][3]}.",
+        "",
+        "| op | conns | backing | " + " | ".join(names) + " | ratio | nbdvault / stream |",
+        "|---" * (len(names) + 5) + "|",
+    ]
+    for op, conns, backing in cells:
+        row = [op, str(conns), backing]
+        med = {}
+        for n in names:
+            runs = results.get((op, conns, backing, f"{n}-{backing}"))
+            if not runs:
+                row.append("—")
+                continue
+            v = [r[0] for r in runs]
+            med[n] = (statistics.median(v), min(v), max(v))
+            row.append(f"{fmt(med[n][0])} ({fmt(min(v))}..{fmt(max(v))}) "
+                       f"[{statistics.median(r[1] for r in runs) / gib:.2f} / "
+                       f"{statistics.median(r[2] for r in runs) / gib:.2f}]")
+        peers = {n: m for n, m in med.items() if n != "nbdvault"}
+        best = max(peers, key=lambda n: peers[n][0])
+        mine = med["nbdvault"]
+        overlap = mine[1] <= peers[best][2] and peers[best][1] <= mine[2]
+        row.append(f"{mine[0] / peers[best][0]:.2f}{' ~' if overlap else ''} ({best})")
+        row.append(f"{mine[0] / sm:.0%}" if op == "read" else "")
+        lines.append("| " + " | ".join(row) + " |")
+    with open(a.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
