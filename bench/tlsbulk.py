@@ -94,7 +94,8 @@ def main():
 
 def version(binary):
     p = subprocess.run([binary, "--version"], capture_output=True, text=True)
-    return (p.stdout or p.stderr).splitlines()[0].strip()
+    first = (p.stdout or p.stderr).splitlines()[0].strip()
+    return os.path.basename(first.split(" ", 1)[0]) + " " + first.split(" ", 1)[1]
 
 
 def fmt(v):
