@@ -333,7 +333,7 @@ def versions():
     return {
         "nbdvault": v([NBDVAULT, "--version"]),
         "nbdkit": v(["nbdkit", "--version"]),
-        "qemu-nbd": v([PEERS["qemu-nbd"], "--version"]),
+        "qemu-nbd": os.path.basename(v([PEERS["qemu-nbd"], "--version"])),
         "libnbd": v(["nbdcopy", "--version"]),
         "fio": v(["fio", "--version"]),
         "gnutls": v(["certtool", "--version"]),
