@@ -95,6 +95,28 @@ def rss_kib(pid):
     raise AssertionError("no VmRSS")
 
 
+def metrics_config(mport):
+    """The `metrics:` section serving Prometheus text on 127.0.0.1:@mport."""
+    return f"metrics:\n  address: 127.0.0.1\n  port: {mport}\n"
+
+
+def memory_held(mport):
+    """nbdvault_memory_held_bytes (what requests and replies are charged, process-wide)
+    from the metrics endpoint on @mport, once it answers."""
+    import urllib.request
+    deadline = time.monotonic() + 10 * SLOW
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as f:
+                text = f.read().decode()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the metrics endpoint never answered"
+            time.sleep(0.05)
+    return int(float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("nbdvault_memory_held_bytes "))))
+
+
 def free_port():
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("127.0.0.1", 0))
@@ -333,6 +355,16 @@ class Raw:
         assert magic == SIMPLE_REPLY_MAGIC, f"expected a simple reply, got magic {magic:#x}"
         data = self.recvn(datalen) if (datalen and err == 0) else b""
         return err, cookie, data
+
+    def simple_replies(self, n, datalen):
+        """Read @n successful simple replies of @datalen bytes each, in any order;
+        returns their cookies."""
+        cookies = set()
+        for _ in range(n):
+            err, cookie, data = self.simple_reply(datalen)
+            assert (err, len(data)) == (0, datalen), f"reply {cookie}: error {err}"
+            cookies.add(cookie)
+        return cookies
 
     def any_reply(self):
         """Read one reply of either kind: ('simple', err, cookie, b'') or

@@ -17,26 +17,6 @@ import nbd  # noqa: E402
 
 
 
-def memory_held(mport):
-    """nbdvault_memory_held_bytes from the metrics endpoint on @mport."""
-    import urllib.request
-    deadline = time.monotonic() + 10 * nbdv.SLOW
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as f:
-                text = f.read().decode()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "the metrics endpoint never answered"
-            time.sleep(0.05)
-    return int(float(next(line.split()[1] for line in text.splitlines()
-                          if line.startswith("nbdvault_memory_held_bytes "))))
-
-
-def metrics(mport):
-    return f"metrics:\n  address: 127.0.0.1\n  port: {mport}\n"
-
-
 def limits(**kw):
     return "limits:\n" + "".join(f"  {k.replace('_', '-')}: {v}\n" for k, v in kw.items())
 
@@ -163,7 +143,8 @@ class LimitsTest(unittest.TestCase):
         exports = ("\n  - name: f\n    driver: faulty\n    path: {dir}/control\n"
                    "    size: 16M\n")
         mport = nbdv.free_port()
-        with nbdv.Server(exports, extra=limits(max_inflight_bytes="4M") + metrics(mport)) as srv:
+        extra = limits(max_inflight_bytes="4M") + nbdv.metrics_config(mport)
+        with nbdv.Server(exports, extra=extra) as srv:
             control = os.path.join(srv.dir, "control")
             with open(control, "w") as f:
                 f.write("delay 1\n")
@@ -175,15 +156,10 @@ class LimitsTest(unittest.TestCase):
             r.s.sendall(b"".join(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_READ,
                                              i, 0, size) for i in range(n)))
             time.sleep(0.5 * nbdv.SLOW)  # the server works until back-pressure stops it
-            held = memory_held(mport)  # charged: buffers are untouched until the read
+            held = nbdv.memory_held(mport)  # charged: buffers are untouched until the read
             self.assertLess(held, 8 << 20, "requests held past limits.max-inflight-bytes")
             os.unlink(control)  # the disk recovers: everything is answered
-            seen = set()
-            for _ in range(n):  # replies may come in any order
-                err, cookie, data = r.simple_reply(size)
-                self.assertEqual((err, len(data)), (0, size))
-                seen.add(cookie)
-            self.assertEqual(seen, set(range(n)))
+            self.assertEqual(r.simple_replies(n, size), set(range(n)))  # any order
             r.close()
 
     def test_no_more_than_512k_of_replies_wait_for_the_socket(self):
@@ -191,7 +167,7 @@ class LimitsTest(unittest.TestCase):
         requests once 512 KiB of replies wait to be sent: data read ahead of the socket
         only goes cold in memory.  Reading the replies lets it go on to the end."""
         mport = nbdv.free_port()
-        with nbdv.Server(extra=metrics(mport)) as srv:
+        with nbdv.Server(extra=nbdv.metrics_config(mport)) as srv:
             r = nbdv.Raw(srv.sock)
             r.greet()
             r.go()
@@ -201,13 +177,8 @@ class LimitsTest(unittest.TestCase):
             time.sleep(0.5 * nbdv.SLOW)  # the server works until back-pressure stops it
             # Queued: under 512 KiB plus the reply that crossed it (and the requests
             # still in the input buffer); the unix socket's own buffer holds the rest.
-            self.assertLess(memory_held(mport), 2 << 20)
-            seen = set()
-            for _ in range(n):
-                err, cookie, data = r.simple_reply(size)
-                self.assertEqual((err, len(data)), (0, size))
-                seen.add(cookie)
-            self.assertEqual(seen, set(range(n)))
+            self.assertLess(nbdv.memory_held(mport), 2 << 20)
+            self.assertEqual(r.simple_replies(n, size), set(range(n)))  # any order
             r.close()
 
     def test_idle_connections_hold_no_input_buffer(self):
