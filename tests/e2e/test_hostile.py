@@ -159,14 +159,15 @@ class HostileMemoryTest(unittest.TestCase):
                 f.write("delay 1\n")
             n, size = 256, 256 * 1024  # 64 MiB of buffers per client if nothing stops it
             floods = []
-            for _ in range(2):
+            for _ in range(2):  # both past GO first: at the cap nobody's option is read
                 r = nbdv.Raw(port=srv.port)
                 r.greet()
                 r.go(b"f")
                 r.s.settimeout(60 * nbdv.SLOW)
+                floods.append(r)
+            for r in floods:
                 r.s.sendall(b"".join(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0,
                                                  nbdv.CMD_READ, i, 0, size) for i in range(n)))
-                floods.append(r)
             time.sleep(0.5 * nbdv.SLOW)  # until the cap stops them
             held = nbdv.memory_held(mport)
             print(f"two clients under max-memory 16M: {held >> 10} KiB charged")
