@@ -6,6 +6,7 @@ identity is no longer allowed; what needs a restart is refused, never half appli
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -43,9 +44,22 @@ class ReloadTest(unittest.TestCase):
     def reload(self, expect):
         before = self.srv.logtext().count(expect)
         self.srv.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10 * nbdv.SLOW
+        start = time.monotonic()
+        deadline = start + 10 * nbdv.SLOW
+        poked = False
         while self.srv.logtext().count(expect) == before:
             self.assertLess(time.monotonic(), deadline, self.srv.logtext()[-3000:])
+            if (not poked and time.monotonic() > start + 1 and
+                    os.environ.get("NBDVAULT_SANITIZE") == "thread"):
+                # ThreadSanitizer defers a signal that lands just as the main thread
+                # enters epoll_wait() until that call returns: once in CI the reload
+                # then waited for an event that never came.  A connection is one.
+                poked = True
+                try:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(self.srv.sock)
+                except OSError:
+                    pass
             time.sleep(0.02)
 
     def connect(self, name, user=None):
@@ -133,7 +147,9 @@ class ReloadTest(unittest.TestCase):
         with open(self.srv.config, "a") as f:
             f.write("  - name: [broken\n")
         self.reload("SIGHUP: configuration not reloaded")
-        self.assertIn("nbdvault.yaml:", self.srv.logtext().splitlines()[-1])
+        refusal = next(line for line in reversed(self.srv.logtext().splitlines())
+                       if "configuration not reloaded" in line)
+        self.assertIn("nbdvault.yaml:", refusal)  # names the file (and line, column)
         self.rewrite(export("a") + export("z"), head=self.head + "workers: 1\n")
         self.reload("workers changed, which needs a restart")
         with self.assertRaises(nbd.Error):
@@ -202,7 +218,6 @@ class ReloadTest(unittest.TestCase):
         nbdv.disconnect(old)
         # An entry that cannot be bound refuses the whole reload (nothing changed).
         taken = nbdv.free_port()
-        import socket
         blocker = socket.socket()
         blocker.bind(("127.0.0.1", taken))
         blocker.listen()
