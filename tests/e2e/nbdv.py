@@ -95,6 +95,34 @@ def rss_kib(pid):
     raise AssertionError("no VmRSS")
 
 
+# An export of the `faulty` driver, f, whose control file is control() (for Server()).
+FAULTY = """
+  - name: f
+    driver: faulty
+    path: {dir}/control
+    size: 16M
+"""
+
+
+def control(srv, text):
+    """Tell @srv's FAULTY export what to do (a control line such as "delay 1" or
+    "EIO 0 4096"), or with None to behave again."""
+    path = os.path.join(srv.dir, "control")
+    if text is None:
+        if os.path.exists(path):
+            os.unlink(path)
+    else:
+        with open(path + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(path + ".tmp", path)
+
+
+def read_requests(n, size):
+    """@n READ requests of @size bytes at offset 0, cookies 0..n-1, as one buffer."""
+    return b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, i, 0, size)
+                    for i in range(n))
+
+
 def metrics_config(mport):
     """The `metrics:` section serving Prometheus text on 127.0.0.1:@mport."""
     return f"metrics:\n  address: 127.0.0.1\n  port: {mport}\n"

@@ -19,12 +19,7 @@ import nbdv
 nbdv.require_libnbd()
 import nbd  # noqa: E402
 
-FAULTY = """
-  - name: f
-    driver: faulty
-    path: {dir}/control
-    size: 16M
-"""
+FAULTY, control = nbdv.FAULTY, nbdv.control
 
 
 def raw_go(srv, name=b"f"):
@@ -32,17 +27,6 @@ def raw_go(srv, name=b"f"):
     r.greet()
     r.go(name)
     return r
-
-
-def control(srv, text):
-    path = os.path.join(srv.dir, "control")
-    if text is None:
-        if os.path.exists(path):
-            os.unlink(path)
-    else:
-        with open(path + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(path + ".tmp", path)
 
 
 def fd_count(pid):

@@ -149,14 +149,10 @@ class HostileMemoryTest(unittest.TestCase):
         # on replies waiting for the socket does not reach); the server holds at most
         # the cap, then reads nobody until memory drains.  Charged memory, from the
         # metrics endpoint: the buffers are not touched before the read.
-        exports = ("\n  - name: f\n    driver: faulty\n    path: {dir}/control\n"
-                   "    size: 16M\n")
         mport = nbdv.free_port()
         extra = limits(max_inflight_bytes="64M", max_memory="16M") + nbdv.metrics_config(mport)
-        with nbdv.Server(exports, extra=extra, tcp=True) as srv:
-            control = os.path.join(srv.dir, "control")
-            with open(control, "w") as f:
-                f.write("delay 1\n")
+        with nbdv.Server(nbdv.FAULTY, extra=extra, tcp=True) as srv:
+            nbdv.control(srv, "delay 1")
             n, size = 256, 256 * 1024  # 64 MiB of buffers per client if nothing stops it
             floods = []
             for _ in range(2):  # both past GO first: at the cap nobody's option is read
@@ -166,14 +162,13 @@ class HostileMemoryTest(unittest.TestCase):
                 r.s.settimeout(60 * nbdv.SLOW)
                 floods.append(r)
             for r in floods:
-                r.s.sendall(b"".join(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0,
-                                                 nbdv.CMD_READ, i, 0, size) for i in range(n)))
+                r.s.sendall(nbdv.read_requests(n, size))
             time.sleep(0.5 * nbdv.SLOW)  # until the cap stops them
             held = nbdv.memory_held(mport)
             print(f"two clients under max-memory 16M: {held >> 10} KiB charged")
             self.assertGreater(held, 8 << 20)  # they did get memory
             self.assertLess(held, 18 << 20)  # the cap, plus the request that crossed it
-            os.unlink(control)  # the disk recovers: both are answered in full
+            nbdv.control(srv, None)  # the disk recovers: both are answered in full
             for r in floods:
                 self.assertEqual(r.simple_replies(n, size), set(range(n)))  # any order
                 r.close()

@@ -140,25 +140,20 @@ class LimitsTest(unittest.TestCase):
         """limits.max-inflight-bytes counts requests still at the storage too: there the
         512 KiB bound on replies waiting for the socket (below) never applies.  READs
         to a stalled disk each hold their buffer; past 4M the server stops reading."""
-        exports = ("\n  - name: f\n    driver: faulty\n    path: {dir}/control\n"
-                   "    size: 16M\n")
         mport = nbdv.free_port()
         extra = limits(max_inflight_bytes="4M") + nbdv.metrics_config(mport)
-        with nbdv.Server(exports, extra=extra) as srv:
-            control = os.path.join(srv.dir, "control")
-            with open(control, "w") as f:
-                f.write("delay 1\n")
+        with nbdv.Server(nbdv.FAULTY, extra=extra) as srv:
+            nbdv.control(srv, "delay 1")
             r = nbdv.Raw(srv.sock)
             r.greet()
             r.go(b"f")
             n, size = 1024, 256 * 1024  # 256 MiB of buffers if nothing held back
             r.s.settimeout(60 * nbdv.SLOW)
-            r.s.sendall(b"".join(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_READ,
-                                             i, 0, size) for i in range(n)))
+            r.s.sendall(nbdv.read_requests(n, size))
             time.sleep(0.5 * nbdv.SLOW)  # the server works until back-pressure stops it
             held = nbdv.memory_held(mport)  # charged: buffers are untouched until the read
             self.assertLess(held, 8 << 20, "requests held past limits.max-inflight-bytes")
-            os.unlink(control)  # the disk recovers: everything is answered
+            nbdv.control(srv, None)  # the disk recovers: everything is answered
             self.assertEqual(r.simple_replies(n, size), set(range(n)))  # any order
             r.close()
 
@@ -172,8 +167,7 @@ class LimitsTest(unittest.TestCase):
             r.greet()
             r.go()
             n, size = 128, 256 * 1024  # 32 MiB of replies if nothing held back
-            r.s.sendall(b"".join(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_READ,
-                                             i, 0, size) for i in range(n)))
+            r.s.sendall(nbdv.read_requests(n, size))
             time.sleep(0.5 * nbdv.SLOW)  # the server works until back-pressure stops it
             # Queued: under 512 KiB plus the reply that crossed it (and the requests
             # still in the input buffer); the unix socket's own buffer holds the rest.
