@@ -3,9 +3,10 @@
 
 Servers: nbdvault (memory and file export), nbdkit (memory and file plugins), qemu-nbd
 (raw file, --cache=writeback --aio=io_uring), each plain and with TLS (x509, TLS 1.3,
-the same ECDSA certificate for all but qemu-nbd 10, which gets an RSA one), on 127.0.0.1.  Workloads alternate between servers and
-repeat; the table reports the median, min..max, server and client CPU, and the ratio of
-nbdvault to the best peer on the same kind of backing.
+the same ECDSA certificate for all but qemu-nbd 10, which gets an RSA one), on
+127.0.0.1.  Workloads alternate between servers and repeat; the table reports the
+median, min..max, server and client CPU, and the ratio of nbdvault to the best peer on
+the same kind of backing.
 """
 
 import argparse
@@ -22,7 +23,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import ROOT, free_port, make_pki, random_file, timed, version  # noqa: E402
+
 NBDVAULT = os.path.join(ROOT, "build-release", "nbdvault")
 NBDLOAD = os.path.join(ROOT, "build-release", "nbdload")
 STREAM = os.path.join(ROOT, "build-release", "stream")
@@ -33,8 +36,6 @@ Q10 = os.path.join(ROOT, "build", "qemu10", "usr", "bin", "qemu-nbd")
 PEERS = {"nbdkit": "nbdkit", "qemu-nbd": Q10 if os.path.exists(Q10) else "qemu-nbd"}
 PY = "/usr/bin/python3"
 GIB = 1 << 30
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, make_pki, random_file, timed  # noqa: E402
 
 
 def rss_kib(pid):
@@ -325,18 +326,13 @@ def main():
 
 
 def versions():
-    def v(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0]
-        except Exception:  # noqa: BLE001
-            return "?"
     return {
-        "nbdvault": v([NBDVAULT, "--version"]),
-        "nbdkit": v(["nbdkit", "--version"]),
-        "qemu-nbd": os.path.basename(v([PEERS["qemu-nbd"], "--version"])),
-        "libnbd": v(["nbdcopy", "--version"]),
-        "fio": v(["fio", "--version"]),
-        "gnutls": v(["certtool", "--version"]),
+        "nbdvault": version(NBDVAULT),
+        "nbdkit": version(PEERS["nbdkit"]),
+        "qemu-nbd": version(PEERS["qemu-nbd"]),
+        "libnbd": version("nbdcopy"),
+        "fio": version("fio"),
+        "gnutls": version("certtool"),
         "kernel": platform.release(),
         "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                      if l.startswith("model name")), "?"),

@@ -19,6 +19,18 @@ def make_pki(path, rsa=False):
     return path
 
 
+def version(program):
+    """The first line @program --version prints (stdout, else stderr), its leading
+    path cut to the program's name; "?" when it cannot be run."""
+    try:
+        p = subprocess.run([program, "--version"], capture_output=True, text=True)
+        first = (p.stdout or p.stderr).splitlines()[0].strip()
+    except (OSError, IndexError):
+        return "?"
+    name, _, rest = first.partition(" ")
+    return f"{os.path.basename(name)} {rest}".strip()
+
+
 def random_file(path, nbytes):
     """@path filled with @nbytes of random data (a whole number of MiB)."""
     with open(path, "wb") as f:

@@ -28,9 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
-from benchlib import make_pki, random_file  # noqa: E402
-
-ROOT = bench.ROOT
+from benchlib import ROOT, make_pki, random_file, version  # noqa: E402
 
 
 def main():
@@ -90,12 +88,6 @@ def main():
         report(a, cells, servers, results, stream, versions)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def version(binary):
-    p = subprocess.run([binary, "--version"], capture_output=True, text=True)
-    first = (p.stdout or p.stderr).splitlines()[0].strip()
-    return os.path.basename(first.split(" ", 1)[0]) + " " + first.split(" ", 1)[1]
 
 
 def fmt(v):
