@@ -78,10 +78,19 @@ class ResizeTest(unittest.TestCase):
 
     def test_grow_is_seen_by_every_connection_at_once(self):
         other = self.raw(b"mem")  # open before the resize
+        meta = self.raw(b"mem", structured=True, meta=True)  # and one for block status
         r = self.raw(b"mem")
         other.request(nbdv.CMD_WRITE, 100 * M, 4096, cookie=1, data=b"x" * 4096)
         self.assertEqual(other.simple_reply()[:2], (nbdv.ENOSPC, 1))  # beyond 64 MiB
+        meta.request(nbdv.CMD_BLOCK_STATUS, 100 * M, 4096, cookie=11)
+        self.assertEqual(meta.error_of(meta.any_reply()), nbdv.EINVAL)  # past the end
         self.assertEqual(self.resize(r, 128 * M), 0)
+        # Block status now describes the grown range (a hole: nothing written there).
+        meta.request(nbdv.CMD_BLOCK_STATUS, 100 * M, 4096, cookie=12)
+        kind, flags, rtype, cookie, payload = meta.any_reply()
+        self.assertEqual((rtype, cookie), (5, 12))  # NBD_REPLY_TYPE_BLOCK_STATUS
+        length, state = struct.unpack(">II", payload[4:12])
+        self.assertEqual((length, state & 1), (4096, 1))  # NBD_STATE_HOLE
         other.request(nbdv.CMD_WRITE, 100 * M, 4096, cookie=2, data=b"x" * 4096)
         self.assertEqual(other.simple_reply()[:2], (0, 2))
         r.request(nbdv.CMD_READ, 100 * M, 4096, cookie=3)
