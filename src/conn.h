@@ -30,6 +30,9 @@
 #define NBDV_IBUF_SIZE (NBDV_MAX_OPTION + 4096)
 /* WRITEs at least this large switch header reads to header size (no payload copy). */
 #define NBDV_BIG_WRITE (64 * 1024)
+/* SO_RCVLOWAT while a large WRITE payload arrives: wake for this much, at most. */
+#define NBDV_LOWAT_MIN (64 * 1024)
+#define NBDV_LOWAT_MAX (256 * 1024)
 /* Back-pressure: stop reading past this many requests (or limits.max-inflight-bytes). */
 #define NBDV_MAX_INFLIGHT_REQS 512
 /* Nor take new requests while this much reply data waits to be sent.  Reading ahead of
@@ -104,6 +107,7 @@ struct nbdv_conn {
 	unsigned id;		       /* for log lines: "c17" */
 	int fd;			       /* socket; -1 once closed */
 	bool is_tcp;		       /* TCP (vs unix) socket */
+	uint32_t lowat;		       /* SO_RCVLOWAT set on the socket; 0: the default */
 	struct nbdv_transport *tp;     /* plain or TLS */
 	ev_io rio;		       /* readable */
 	ev_io wio;		       /* writable, started only while output is blocked */

@@ -637,6 +637,14 @@ static bool tls_pending(struct nbdv_transport *t)
 	return gnutls_record_check_pending(tt->s) > 0 || tt->rpos < tt->rlen;
 }
 
+/* A record begun in GnuTLS's buffer may hold up to REC_MAX of what is still missing. */
+static size_t tls_held(struct nbdv_transport *t)
+{
+	struct tls_transport *tt = to_tt(t);
+
+	return gnutls_record_check_pending(tt->s) + (tt->rlen - tt->rpos) + REC_MAX;
+}
+
 static void tls_shutdown(struct nbdv_transport *t)
 {
 	struct tls_transport *tt = to_tt(t);
@@ -661,6 +669,7 @@ static const struct nbdv_transport_ops tls_ops = {
     .name = "tls",
     .recv = tls_recv,
     .sendv = tls_sendv,
+    .held = tls_held,
     .pending = tls_pending,
     .shutdown = tls_shutdown,
     .free = tls_free_transport,

@@ -29,6 +29,9 @@ struct nbdv_transport_ops {
 	/* Optional: write @len bytes of file @fd from @off straight from the page cache,
 	 * same results as sendv.  NULL where the bytes must pass through user space (TLS). */
 	ssize_t (*sendfile)(struct nbdv_transport *t, int fd, uint64_t off, size_t len);
+	/* Optional: at most how many payload bytes the transport holds or has begun to take
+	 * from the socket (decrypted, read ahead, part of a record); NULL means none. */
+	size_t (*held)(struct nbdv_transport *t);
 	/* True when bytes are buffered inside the transport, so a readable fd is not needed. */
 	bool (*pending)(struct nbdv_transport *t);
 	/* Orderly end of the stream (TLS close_notify); best effort, never blocks. */
