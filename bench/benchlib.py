@@ -32,10 +32,13 @@ def version(program):
 
 
 def random_file(path, nbytes):
-    """@path filled with @nbytes of random data (a whole number of MiB)."""
+    """@path filled with @nbytes of random data (a whole number of MiB), on disk when
+    this returns: its writeback would otherwise run during the first measurements."""
     with open(path, "wb") as f:
         for _ in range(nbytes >> 20):
             f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
