@@ -24,7 +24,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import ROOT, free_port, make_pki, random_file, timed, version  # noqa: E402
+from benchlib import QEMU10, ROOT, free_port, make_pki, random_file, timed, version  # noqa: E402
 
 NBDVAULT = os.path.join(ROOT, "build-release", "nbdvault")
 NBDLOAD = os.path.join(ROOT, "build-release", "nbdload")
@@ -32,7 +32,7 @@ STREAM = os.path.join(ROOT, "build-release", "stream")
 RESUME = os.path.join(ROOT, "build-release", "resume")
 # qemu-nbd 10 from bookworm-backports (tests/qemu10 unpacks it; it sets TCP_NODELAY,
 # 7.2 does not), else the system's.
-Q10 = os.path.join(ROOT, "build", "qemu10", "usr", "bin", "qemu-nbd")
+Q10 = os.path.join(QEMU10, "bin", "qemu-nbd")
 PEERS = {"nbdkit": "nbdkit", "qemu-nbd": Q10 if os.path.exists(Q10) else "qemu-nbd"}
 PY = "/usr/bin/python3"
 GIB = 1 << 30

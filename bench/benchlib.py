@@ -9,6 +9,8 @@ import time
 
 TICK = os.sysconf("SC_CLK_TCK")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# qemu 10 from bookworm-backports, unpacked by tests/qemu10 (bin/, lib/.../qemu modules).
+QEMU10 = os.path.join(ROOT, "build", "qemu10", "usr")
 
 
 def make_pki(path, rsa=False):

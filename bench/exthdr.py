@@ -20,10 +20,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import wait_socket  # noqa: E402
-Q10 = os.path.join(ROOT, "build", "qemu10", "usr", "bin")
+from benchlib import QEMU10, ROOT, version, wait_socket  # noqa: E402
+Q10 = os.path.join(QEMU10, "bin")
 REPS, SIZE, REQ = 3, 2 << 30, 64 << 20
 
 
@@ -103,14 +102,13 @@ def main():
                         print(f"{'TLS' if tls else 'plain'} {'write' if write else 'read'} "
                               f"{kind}: {r:.0f} MiB/s", flush=True)
         out = os.path.join(ROOT, "bench", "results", "exthdr.md")
-        q = subprocess.run([os.path.join(Q10, "qemu-img"), "--version"], capture_output=True,
-                           text=True).stdout.split("\n")[0]
+        q = version(os.path.join(Q10, "qemu-img")).split()[2]
         with open(out, "w") as f:
             f.write("# 64 MiB requests over extended headers\n\n")
             f.write(f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
-                    f"`bench/exthdr.py` on this project's 2-core VM: client qemu-io 10.0.2 "
+                    f"`bench/exthdr.py` on this project's 2-core VM: client qemu-io {q} "
                     f"(2 GiB in 64 MiB aio requests, two in flight), servers on a unix socket over a "
-                    f"2 GiB file of data in /tmp (page cache warm); nbdvault `{nbdvault}`, qemu-nbd 10.0.2 "
+                    f"2 GiB file of data in /tmp (page cache warm); nbdvault `{nbdvault}`, qemu-nbd {q} "
                     f"(`--cache=writeback`). {REPS} runs each, alternating; MiB/s median "
                     f"(min..max).\n\n")
             f.write("| transport | op | nbdvault | qemu-nbd 10.0 | ratio |\n"

@@ -26,9 +26,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import wait_socket  # noqa: E402
+from benchlib import ROOT, wait_socket  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 import nbdv  # noqa: E402
 import test_fairness as tf  # noqa: E402

@@ -17,9 +17,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import wait_socket  # noqa: E402
+from benchlib import ROOT, wait_socket  # noqa: E402
 
 
 def run(nbdvault, nbdload, tmp, metrics, pattern):

@@ -27,12 +27,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-Q10 = os.path.join(ROOT, "build", "qemu10", "usr")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import QEMU10 as Q10, ROOT, free_port, timed  # noqa: E402
+
 CLUSTER = os.path.join(ROOT, "tests", "ceph", "cluster")
 NBDLOAD = os.path.join(ROOT, "build-release", "nbdload")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, timed  # noqa: E402
 
 
 def wait_port(port, proc, timeout=60):
