@@ -104,6 +104,34 @@ FAULTY = """
 """
 
 
+def sighup(srv, expect=None, until=None, timeout=10):
+    """Send SIGHUP to @srv, then wait until its log shows @expect once more than before
+    (or @until() holds); fails after @timeout seconds (times SLOW) with the log's tail.
+
+    Under ThreadSanitizer a signal that lands just as the main thread enters
+    epoll_wait() may be held until that call returns: once in CI a reload then waited
+    for an event that never came.  After 1 s the wait opens a connection, which is one.
+    """
+    before = srv.logtext().count(expect) if expect else 0
+    done = until or (lambda: srv.logtext().count(expect) > before)
+    srv.proc.send_signal(signal.SIGHUP)
+    start = time.monotonic()
+    poked = False
+    while not done():
+        if time.monotonic() > start + timeout * SLOW:
+            raise AssertionError(f"SIGHUP: no {expect or 'change'} within {timeout} s:\n"
+                                 + srv.logtext()[-3000:])
+        if not poked and time.monotonic() > start + 1 and \
+                os.environ.get("NBDVAULT_SANITIZE") == "thread":
+            poked = True
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(srv.sock)
+            except OSError:
+                pass
+        time.sleep(0.02)
+
+
 def control(srv, text):
     """Tell @srv's FAULTY export what to do (a control line such as "delay 1" or
     "EIO 0 4096"), or with None to behave again."""

@@ -6,7 +6,6 @@ continues in a new file."""
 import json
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import tempfile
@@ -136,11 +135,7 @@ class AuditTest(unittest.TestCase):
         self.assertEqual(self.x509("open", client).returncode, 0)
         self.wait_events(lambda ev: any(e["event"] == "close" for e in ev))
         os.rename(self.audit, self.audit + ".1")
-        self.srv.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10 * nbdv.SLOW
-        while not os.path.exists(self.audit):
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.05)
+        nbdv.sighup(self.srv, until=lambda: os.path.exists(self.audit))
         before = len(self.events(self.audit + ".1"))
         self.assertEqual(self.x509("open", client).returncode, 0)
         ev = self.wait_events(lambda ev: any(e["event"] == "close" for e in ev))
