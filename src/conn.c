@@ -863,7 +863,8 @@ static void set_lowat(struct nbdv_conn *c, uint32_t v)
  * reactor for every segment that arrives: ask the kernel to wait for NBDV_LOWAT_MAX
  * bytes, or for all that must still come when that is less.  @missing payload bytes
  * are owed; the transport may already hold some of them.  Ciphertext is never shorter
- * than its plaintext, so at least the difference will arrive.  The kernel still wakes
+ * than its plaintext (GnuTLS has had no record compression since 3.6), so at least the
+ * difference will arrive.  The kernel still wakes
  * the reactor at end of stream, on error, and when its receive window is nearly shut;
  * the idle timer asks the socket itself (payload_trickles).  A 1-connection TLS
  * nbdcopy write: 17k -> 2.3k reactor wake-ups and -20% server CPU per GiB.
