@@ -5,7 +5,9 @@
     bench/tlsbulk.py [--reps N] [--nbdkit-new PATH] [--quick] [NBDVAULT]
 
 nbdcopy 1 GiB write then read, 1 and 4 connections, memory and file exports, TLS 1.3
-(same RSA certificate for all).  Peers: Debian 12's nbdkit 1.32, a newer nbdkit when
+(same RSA certificate for all); then the backup workload itself, `qemu-img convert`
+(qemu 10, one connection) of the export to a null target, when tests/qemu10 has
+unpacked qemu 10.  Peers: Debian 12's nbdkit 1.32, a newer nbdkit when
 --nbdkit-new names its binary (bench/newer-nbdkit builds 1.42 from Debian trixie's
 source package), qemu-nbd 10.0 (file only; tests/qemu10 unpacks it) else the system's.
 Servers alternate within each cell and the order reverses every repetition; each
@@ -30,7 +32,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
-from benchlib import ROOT, make_pki, random_file, version  # noqa: E402
+from benchlib import QEMU10, ROOT, make_pki, random_file, timed, version  # noqa: E402
+
+QEMU_IMG = os.path.join(QEMU10, "bin", "qemu-img")
+
+
+def w_convert(server, a, conns):
+    """qemu-img convert of @server's export (its first GiB written, the rest a hole that
+    block status skips) to a null target: one connection, qemu's defaults."""
+    argv = [QEMU_IMG, "convert", "-n", "--object",
+            f"tls-creds-x509,id=t0,dir={server.pki}/clients/client,endpoint=client",
+            "--image-opts", f"driver=nbd,server.type=inet,server.host=127.0.0.1,"
+            f"server.port={server.port},export=d,tls-creds=t0",
+            "--target-image-opts", f"driver=null-co,size={2 * bench.GIB}"]
+    return timed(server, argv, lambda out, wall: a.copy_bytes / wall / 2**20)
 
 
 def main():
@@ -64,6 +79,8 @@ def main():
                 servers[backing].append(bench.Server("qemu-nbd", "file", True, work, pki))
         cells = [(op, conns, backing) for op in ("write", "read") for conns in (1, 4)
                  for backing in ("memory", "file")]
+        if os.path.exists(QEMU_IMG):
+            cells += [("convert", 1, backing) for backing in ("memory", "file")]
         results, stream = {}, []
         started = time.monotonic()
         try:
@@ -73,7 +90,8 @@ def main():
                 for s in ss:
                     bench.w_nbdcopy_write(s, a, 4)
             for op, conns, backing in cells:
-                fn = bench.w_nbdcopy_write if op == "write" else bench.w_nbdcopy_read
+                fn = {"write": bench.w_nbdcopy_write, "read": bench.w_nbdcopy_read,
+                      "convert": w_convert}[op]
                 for rep in range(a.reps):
                     order = servers[backing] if rep % 2 == 0 else servers[backing][::-1]
                     for s in order:
@@ -117,7 +135,10 @@ def report(a, cells, servers, results, stream, versions):
         f"this project's 2-core VM: nbdcopy {a.copy_bytes >> 20} MiB, write then read, "
         f"{a.reps} repetitions per cell after one unmeasured copy into each server, servers "
         "alternating (order reversed every repetition), TLS 1.3 with one RSA 3072 certificate for all, client nbdcopy "
-        "(libnbd 1.14) on the same machine.",
+        "(libnbd 1.14) on the same machine."
+        + (f" `convert` rows: {version(QEMU_IMG)}, `qemu-img convert -n` of the export "
+           "(one connection, qemu's defaults: 8 coroutines) to a `null-co` target."
+           if any(c[0] == "convert" for c in cells) else ""),
         "",
     ]
     lines += [f"- {n}: {versions.get(n, '?')}" for n in names]
@@ -154,7 +175,7 @@ def report(a, cells, servers, results, stream, versions):
         mine = med["nbdvault"]
         overlap = mine[1] <= peers[best][2] and peers[best][1] <= mine[2]
         row.append(f"{mine[0] / peers[best][0]:.2f}{' ~' if overlap else ''} ({best})")
-        row.append(f"{mine[0] / sm:.0%}" if op == "read" else "")
+        row.append(f"{mine[0] / sm:.0%}" if op != "write" else "")
         lines.append("| " + " | ".join(row) + " |")
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")
