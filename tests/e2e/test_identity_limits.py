@@ -39,7 +39,7 @@ class IdentityLimitsTest(unittest.TestCase):
                  "    psk:alice: {{bandwidth: 4M}}\n    psk:bob: {{bandwidth: 8M}}\n")
         exports = ("\n  - name: d\n    driver: memory\n    size: 64M\n"
                    "  - name: capped\n    driver: memory\n    size: 64M\n    bandwidth: 2M\n")
-        self.srv = nbdv.Server(exports, extra=extra).start()
+        self.srv = nbdv.Server(exports, extra=extra, tcp=True).start()
         self.addCleanup(self.srv.__exit__, None, None, None)
 
     def handle(self, user):
@@ -90,6 +90,26 @@ class IdentityLimitsTest(unittest.TestCase):
             time.sleep(0.05)
         self.assertGreaterEqual(len(closes), 2, events)
         self.assertTrue(all(e["throttled_s"] > 1.0 for e in closes), closes)
+
+    def test_bandwidth_cap_paces_large_writes_over_tcp(self):
+        # Over TCP a large WRITE's payload wakes the reactor in steps of up to 256 KiB
+        # (SO_RCVLOWAT): the cap must still pace 1 MiB writes, none held much longer
+        # than its own 0.25 s at 4 MiB/s.
+        h = nbd.NBD()
+        h.set_uri_allow_local_file(True)
+        h.connect_uri(f"nbds://alice@127.0.0.1:{self.srv.port}/d?tls-psk-file={self.psk}")
+        buf = os.urandom(M)
+        done, worst, t0 = 0, 0.0, time.monotonic()
+        while time.monotonic() - t0 < 3.0:
+            a = time.monotonic()
+            h.pwrite(buf, done % (32 * M))
+            worst = max(worst, time.monotonic() - a)
+            done += M
+        rate = done / (time.monotonic() - t0)
+        self.assertAlmostEqual(rate / (4 * M), 1.0, delta=0.2)
+        self.assertLess(worst, 1.0)
+        self.assertEqual(h.pread(4096, 0), buf[:4096])
+        nbdv.disconnect(h)
 
     def test_export_cap_shared_by_its_sessions(self):
         # Two of carol's connections on an export capped at 2 MiB/s share that cap.
