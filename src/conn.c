@@ -864,18 +864,20 @@ static void set_lowat(struct nbdv_conn *c, uint32_t v)
  * bytes, or for all that must still come when that is less.  @missing payload bytes
  * are owed; the transport may already hold some of them.  Ciphertext is never shorter
  * than its plaintext (GnuTLS has had no record compression since 3.6), so at least the
- * difference will arrive.  The kernel still wakes
- * the reactor at end of stream, on error, and when its receive window is nearly shut;
- * the idle timer asks the socket itself (payload_trickles).  A 1-connection TLS
- * nbdcopy write: 17k -> 2.3k reactor wake-ups and -20% server CPU per GiB.
+ * difference will arrive.  The kernel still wakes the reactor at end of stream, on
+ * error, and when its receive window is nearly shut; the idle timer asks the socket
+ * itself (payload_trickles).  A 1-connection TLS nbdcopy write: 17k -> 2.3k reactor
+ * wake-ups and -20% server CPU per GiB.  Unix sockets wake on any data whatever the
+ * threshold, so only TCP connections take one.
  */
 static void payload_lowat(struct nbdv_conn *c, uint32_t missing)
 {
-	size_t held = c->tp->ops->held ? c->tp->ops->held(c->tp) : 0;
-	size_t owed = missing > held ? missing - held : 0;
+	size_t held, owed;
 
 	if (!c->is_tcp)
 		return;
+	held = c->tp->ops->held ? c->tp->ops->held(c->tp) : 0;
+	owed = missing > held ? missing - held : 0;
 	set_lowat(c, owed >= NBDV_LOWAT_MIN ? (uint32_t)NBDV_MIN(owed, (size_t)NBDV_LOWAT_MAX) : 0);
 }
 

@@ -270,13 +270,13 @@ class Server:
             return None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        try:
-            if os.environ.get("NBDVAULT_SANITIZE") == "thread":
-                # A signal ThreadSanitizer held back (see sighup()) waits for an event:
-                # give an idle server one.
+        if os.environ.get("NBDVAULT_SANITIZE") == "thread":
+            # A signal ThreadSanitizer held back (see sighup()) waits for an event: give
+            # an idle server one.
+            try:
                 self.proc.wait(1)
-        except subprocess.TimeoutExpired:
-            wake(self.sock)
+            except subprocess.TimeoutExpired:
+                wake(self.sock)
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -411,9 +411,8 @@ class PayloadWakeupTest(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def connect(self, tls):
-        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=10 * nbdv.SLOW)
-        r = nbdv.Raw.__new__(nbdv.Raw)
-        r.s = s
+        r = nbdv.Raw(port=self.srv.port)
+        s = r.s
         r.greet()
         io = None
         if tls:
@@ -422,14 +421,7 @@ class PayloadWakeupTest(unittest.TestCase):
             c.load_verify_locations(os.path.join(self.pki, "ca-cert.pem"))
             c.minimum_version = ssl.TLSVersion.TLSv1_3
             io = TlsOverRaw(s, c, random.Random(1))
-            while True:
-                try:
-                    io.obj.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    s.sendall(io.out.read())
-                    io.feed()
-            s.sendall(io.out.read())
+            io.handshake()
             r.s = _Plaintext(io)
         r.go()
         return r, s, io
