@@ -345,6 +345,7 @@ static const char *const allowed_calls[] = {
     "fdatasync",
     "fsync",
     "fallocate",
+    "sync_file_range",
     "ftruncate",
     "sendfile",
     "fstatfs",

@@ -2,6 +2,9 @@
  * nbdvault - `file` driver: a regular (sparse) file or a block device.
  *
  *  - FLUSH: fdatasync.  FUA: pwritev2(RWF_DSYNC), falling back to write + fdatasync.
+ *  - Write-behind: after `writeback-after` bytes of large writes, writeback of the file's
+ *    dirty pages is started (sync_file_range), so that the FLUSH ending a bulk copy
+ *    finds little left to write.
  *  - TRIM: fallocate(PUNCH_HOLE) on files, BLKDISCARD on block devices.
  *  - WRITE_ZEROES: punch a hole when trimming is allowed, else ZERO_RANGE, else
  *    BLKZEROOUT; failing all that, write zeroes, or -ENOTSUP when the client asked
@@ -40,8 +43,13 @@
 #ifndef __NR_cachestat
 #define __NR_cachestat 451
 #endif
-/* The `path:` key (file_keys[0]). */
-#define PATH_OF(p) ((p)->values[0].str)
+/* The `path:` key (file_keys[0]) and `writeback-after:` (file_keys[1]). */
+#define PATH_OF(p)	      ((p)->values[0].str)
+#define WRITEBACK_AFTER_OF(p) ((p)->values[1].num)
+/* Writes at least this large count toward `writeback-after`: bulk copies, whose data
+ * a FLUSH will soon want on disk.  Smaller writes are left to the kernel's writeback,
+ * which may find a hot page rewritten several times before it is due. */
+#define WRITEBACK_MIN_WRITE (64 * 1024)
 
 struct cachestat_range_v1 {
 	uint64_t off, len;
@@ -53,16 +61,19 @@ struct cachestat_v1 {
 #define FIEMAP_EXTENTS 8
 
 struct filedrv {
-	struct nbdv_drv_instance head; /* must be first */
-	int fd;			       /* open file or device */
-	uint64_t size;		       /* bytes */
-	bool is_blk;		       /* a block device */
-	bool readonly;		       /* opened O_RDONLY */
-	uint64_t page_mask;	       /* page size - 1 */
-	atomic_bool no_nowait_write;   /* pwritev2(RWF_NOWAIT) is EOPNOTSUPP here */
-	atomic_bool no_cachestat;      /* cachestat(2) is missing or refused here */
-	atomic_bool no_fiemap;	       /* FS_IOC_FIEMAP is not supported here */
-	char name[];		       /* export name, for log lines */
+	struct nbdv_drv_instance head;	/* must be first */
+	int fd;				/* open file or device */
+	uint64_t size;			/* bytes */
+	bool is_blk;			/* a block device */
+	bool readonly;			/* opened O_RDONLY */
+	uint64_t page_mask;		/* page size - 1 */
+	atomic_bool no_nowait_write;	/* pwritev2(RWF_NOWAIT) is EOPNOTSUPP here */
+	atomic_bool no_cachestat;	/* cachestat(2) is missing or refused here */
+	atomic_bool no_fiemap;		/* FS_IOC_FIEMAP is not supported here */
+	uint64_t writeback_after;	/* `writeback-after`; 0: never start writeback */
+	atomic_uint_fast64_t unstarted; /* bytes of large writes since writeback was started */
+	atomic_bool no_sync_file_range; /* sync_file_range(2) is refused here */
+	char name[];			/* export name, for log lines */
 };
 
 static struct filedrv *to_file(struct nbdv_drv_instance *inst)
@@ -104,6 +115,7 @@ static int file_create(const struct nbdv_export_params *p, struct nbdv_drv_insta
 	strcpy(f->name, p->name);
 	f->readonly = p->readonly;
 	f->page_mask = (uint64_t)sysconf(_SC_PAGESIZE) - 1;
+	f->writeback_after = p->readonly ? 0 : WRITEBACK_AFTER_OF(p);
 	if (fstat(fd, &st) < 0)
 		goto err_errno;
 	if (S_ISBLK(st.st_mode)) {
@@ -339,13 +351,42 @@ static int file_flush(struct nbdv_drv_instance *inst, uint32_t flags)
 	return fdatasync(to_file(inst)->fd) < 0 ? -errno : 0;
 }
 
-static int file_pwrite(struct nbdv_drv_instance *inst, const void *buf, uint64_t len, uint64_t off,
-		       uint32_t flags)
+/* Whether a write of @len bytes would make `writeback-after` due: the reactor's
+ * file_pwrite_nowait() leaves it to an I/O thread, where starting writeback may block. */
+static bool writeback_due(struct filedrv *f, uint64_t len)
 {
-	struct filedrv *f = to_file(inst);
-	const char *p = buf;
-	bool dsync = flags & NBDV_F_FUA;
+	return f->writeback_after && len >= WRITEBACK_MIN_WRITE &&
+	       !atomic_load_explicit(&f->no_sync_file_range, memory_order_relaxed) &&
+	       atomic_load_explicit(&f->unstarted, memory_order_relaxed) + len >=
+		   f->writeback_after;
+}
 
+/*
+ * Count @len bytes just written (not FUA: those are on disk); on an I/O thread
+ * (@may_block), start writeback of the whole file's dirty pages once `writeback-after`
+ * is reached.  SYNC_FILE_RANGE_WRITE only queues the pages and waits for nothing but
+ * request slots.  It leaves the file's writeback error state alone: an I/O error
+ * still fails the next FLUSH, which is where the client learns of it.
+ */
+static void wrote(struct filedrv *f, uint64_t len, bool may_block)
+{
+	if (!f->writeback_after || len < WRITEBACK_MIN_WRITE ||
+	    atomic_load_explicit(&f->no_sync_file_range, memory_order_relaxed))
+		return;
+	if (atomic_fetch_add_explicit(&f->unstarted, len, memory_order_relaxed) + len <
+		f->writeback_after ||
+	    !may_block)
+		return;
+	atomic_store_explicit(&f->unstarted, 0, memory_order_relaxed);
+	if (sync_file_range(f->fd, 0, 0, SYNC_FILE_RANGE_WRITE) < 0 &&
+	    (errno == ENOSYS || errno == EPERM || errno == ESPIPE || errno == EINVAL))
+		give_up(f, &f->no_sync_file_range, "sync_file_range", errno,
+			"writeback is left to the kernel");
+}
+
+/* Write all of @buf at @off, durably when @dsync. */
+static int write_all(struct filedrv *f, const char *p, uint64_t len, uint64_t off, bool dsync)
+{
 	while (len) {
 		struct iovec iov = {.iov_base = (void *)p, .iov_len = len};
 		ssize_t n;
@@ -369,6 +410,18 @@ static int file_pwrite(struct nbdv_drv_instance *inst, const void *buf, uint64_t
 	return 0;
 }
 
+static int file_pwrite(struct nbdv_drv_instance *inst, const void *buf, uint64_t len, uint64_t off,
+		       uint32_t flags)
+{
+	struct filedrv *f = to_file(inst);
+	bool dsync = flags & NBDV_F_FUA;
+	int r = write_all(f, buf, len, off, dsync);
+
+	if (r == 0 && !dsync)
+		wrote(f, len, true);
+	return r;
+}
+
 /*
  * A write of whole pages of a regular file goes to the page cache without reading
  * anything first.  Where the filesystem supports RWF_NOWAIT for buffered writes (XFS,
@@ -380,14 +433,13 @@ static int file_pwrite_nowait(struct nbdv_drv_instance *inst, const void *buf, u
 {
 	struct filedrv *f = to_file(inst);
 	struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
-	ssize_t n;
+	ssize_t n = 0;
+	int r;
 
-	if (f->is_blk || ((off | len) & f->page_mask))
+	if (f->is_blk || ((off | len) & f->page_mask) || writeback_due(f, len))
 		return -EAGAIN;
 	if (!atomic_load_explicit(&f->no_nowait_write, memory_order_relaxed)) {
 		n = pwritev2(f->fd, &iov, 1, (off_t)off, RWF_NOWAIT);
-		if (n == (ssize_t)len)
-			return 0;
 		if (n < 0 && errno == EAGAIN)
 			return -EAGAIN;
 		if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
@@ -395,11 +447,13 @@ static int file_pwrite_nowait(struct nbdv_drv_instance *inst, const void *buf, u
 				"small writes are made with plain pwrite");
 		else if (n < 0)
 			return -errno;
-		else /* a short write: the rest the ordinary way */
-			return file_pwrite(inst, (const char *)buf + n, len - (uint64_t)n,
-					   off + (uint64_t)n, 0);
+		n = NBDV_MAX(n, (ssize_t)0);
 	}
-	return file_pwrite(inst, buf, len, off, 0);
+	/* What RWF_NOWAIT did not write (all of it on ext4), the ordinary way. */
+	r = write_all(f, (const char *)buf + n, len - (uint64_t)n, off + (uint64_t)n, false);
+	if (r == 0)
+		wrote(f, len, false);
+	return r;
 }
 
 static int fua_sync(struct filedrv *f, uint32_t flags)
@@ -507,6 +561,9 @@ static int file_cache(struct nbdv_drv_instance *inst, uint64_t len, uint64_t off
 static const struct nbdv_key file_keys[] = {
     {"path", NBDV_KEY_PATH, 1, NULL,
      "file or block device to serve (a missing file is created sparse when size is given)"},
+    {"writeback-after", NBDV_KEY_SIZE, 0, "8M",
+     "start writing dirty pages to disk after this many bytes of writes of 64 KiB or more, "
+     "so that a FLUSH after a bulk copy has little left to do (0: leave it to the kernel)"},
     {NULL, 0, 0, NULL, NULL},
 };
 

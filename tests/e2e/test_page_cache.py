@@ -2,17 +2,20 @@
 """READ replies sent from the page cache with sendfile() on plain connections: the
 bytes over TCP and unix sockets, framing among other replies, holes still sent as
 OFFSET_HOLE, an export on tmpfs (which maps no extents), slow and vanishing readers,
-and TLS connections that must not use it.
+and TLS connections that must not use it.  And the other way: large WRITEs start the
+file's writeback (`writeback-after`), small ones leave it to the kernel.
 
 The server logs, per closed connection, how many READ bytes left by sendfile(); the
 tests compare that count with what they read.  Under valgrind (NBDVAULT_WRAPPER), which
 does not know cachestat(2), the server must fall back to copying: the count is 0."""
 
+import ctypes
 import os
 import re
 import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import time
 import unittest
@@ -36,6 +39,78 @@ OPENED = re.compile(r"c(\d+): connection from")
 def cachestat_kernel():
     major, minor = (int(re.match(r"\d+", x).group()) for x in os.uname().release.split(".")[:2])
     return (major, minor) >= (6, 5)
+
+
+def dirty_bytes(path):
+    """Bytes of @path's pages that are dirty in the page cache and not yet under
+    writeback (cachestat(2)); None where the kernel cannot tell."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    rng = (ctypes.c_uint64 * 2)(0, 0)  # 0, 0: the whole file
+    cs = (ctypes.c_uint64 * 5)()  # cache, dirty, writeback, evicted, recently evicted
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(ctypes.c_long(451), fd, rng, cs, 0) < 0:
+            return None
+    finally:
+        os.close(fd)
+    return cs[1] * os.sysconf("SC_PAGESIZE")
+
+
+class WriteBehindTest(unittest.TestCase):
+    """`writeback-after`: after that many bytes of WRITEs of 64 KiB or more, the file
+    driver starts writeback of the file, so that a FLUSH after a bulk copy has little
+    left to write; 0, or smaller writes, leave the pages dirty for the kernel."""
+    MB32 = 32 * MIB
+
+    def setUp(self):
+        if not cachestat_kernel():
+            self.skipTest("cachestat(2) needs Linux 6.5 to count dirty pages")
+        self.tmp = tempfile.mkdtemp(prefix="nbdvault-writeback-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        fstype = subprocess.run(["stat", "-f", "-c", "%T", self.tmp], capture_output=True,
+                                text=True).stdout.strip()
+        if fstype in ("tmpfs", "ramfs"):
+            self.skipTest(f"{fstype} has no writeback")
+
+    def dirty_after(self, writeback_after, chunk):
+        """Write 32 MiB of random data in @chunk-byte WRITEs, without FLUSH, to a file
+        export with @writeback_after; the bytes then dirty.  The data must read back."""
+        img = os.path.join(self.tmp, f"wb-{writeback_after}-{chunk}.img")
+        with open(img, "wb") as f:
+            f.truncate(2 * self.MB32)
+        data = os.urandom(self.MB32)
+        exports = f"""
+  - name: d
+    driver: file
+    path: {img}
+    writeback-after: {writeback_after}
+"""
+        with nbdv.Server(exports) as srv:
+            h = nbd.NBD()
+            h.set_export_name("d")
+            h.connect_unix(srv.sock)
+            for off in range(0, self.MB32, chunk):
+                h.pwrite(data[off:off + chunk], off)
+            dirty = dirty_bytes(img)
+            if dirty is None:
+                self.skipTest("cachestat(2) refused")
+            self.assertEqual(h.pread(self.MB32, 0), data)
+            h.flush()
+            h.shutdown()
+            self.assertTrue(srv.alive(), srv.logtext())
+        return dirty
+
+    def test_large_writes_start_writeback(self):
+        # 256 KiB WRITEs (nbdcopy's size) with writeback-after 4M: at most the last 4M
+        # (and the write that reached it) are left dirty.
+        self.assertLessEqual(self.dirty_after("4M", 256 * 1024), 4 * MIB + 256 * 1024)
+
+    def test_zero_leaves_writeback_to_the_kernel(self):
+        # The kernel starts on its own only after 30 s or gigabytes of dirty pages.
+        self.assertGreaterEqual(self.dirty_after(0, 256 * 1024), self.MB32 // 2)
+
+    def test_small_writes_do_not_count(self):
+        self.assertGreaterEqual(self.dirty_after("4M", 32 * 1024), self.MB32 // 2)
 
 
 class PageCacheTest(unittest.TestCase):

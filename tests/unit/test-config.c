@@ -97,7 +97,10 @@ static void test_full(const char *dir)
 	CHECK(cfg->n_exports == 2);
 	CHECK(strcmp(cfg->exports[0].name, "disk0") == 0);
 	CHECK(strcmp(cfg->exports[0].description, "Scratch disk") == 0);
-	CHECK(cfg->exports[0].n_values == 1 && cfg->exports[0].values[0].given);
+	CHECK(cfg->exports[0].n_values == 2 && cfg->exports[0].values[0].given);
+	/* file's writeback-after: not given, its default. */
+	CHECK(cfg->exports[0].values[1].set && !cfg->exports[0].values[1].given &&
+	      cfg->exports[0].values[1].num == 8 << 20);
 	CHECK(strcmp(config_export_path(&cfg->exports[0], NBDV_KEY_PATH, 0),
 		     "/var/tmp/disk0.img") == 0);
 	CHECK(cfg->exports[0].size == 10ULL << 30 && cfg->exports[0].size_given);
