@@ -60,7 +60,6 @@ struct tls_transport {
 	unsigned char *rstage;	    /* ciphertext read ahead of GnuTLS (pool buffer), or NULL */
 	size_t rpos, rlen;	    /* bytes of rstage consumed and filled */
 	bool rbulk;		    /* the last record body GnuTLS asked for was large */
-	bool more;		    /* more records follow at once: send them with MSG_MORE */
 	bool done;		    /* handshake finished */
 	char why[256];		    /* last failure reason */
 };
@@ -482,16 +481,17 @@ static void iov_advance(const struct iovec *iov, int *i, size_t *off, size_t n)
 }
 
 /*
- * GnuTLS's push: records of a multi-record reply go out with MSG_MORE, so the kernel
- * sends them in full-sized segments (a quarter of the packets and ACKs for 16 KiB
- * records on loopback) instead of one segment per record.  The last record of each
- * tls_sendv() call is sent without it, which pushes everything out.
+ * GnuTLS's push: one send() per record, pushed at once.  Records of a multi-record
+ * reply used to go out with MSG_MORE, leaving in 64 KiB segments: 5% faster for a
+ * 1-connection read on one kind of VM host, but on another 12-22% more server CPU per
+ * GiB and 10-28% slower at one connection, the client being fed in bursts it then
+ * slept between (bench/results/analysis.md, "Third cost").
  */
 static ssize_t tls_push(gnutls_transport_ptr_t ptr, const void *buf, size_t len)
 {
 	struct tls_transport *tt = ptr;
 
-	return send(tt->base.fd, buf, len, MSG_NOSIGNAL | (tt->more ? MSG_MORE : 0));
+	return send(tt->base.fd, buf, len, MSG_NOSIGNAL);
 }
 
 static void rstage_release(struct tls_transport *tt)
@@ -565,11 +565,10 @@ static __thread unsigned char gather[REC_MAX];
 static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int iovcnt, bool more)
 {
 	struct tls_transport *tt = to_tt(t);
-	size_t total = 0, off = 0, all = 0;
+	size_t total = 0, off = 0;
 	int i = 0;
 
-	for (int k = 0; k < iovcnt; k++)
-		all += iov[k].iov_len;
+	(void)more; /* every record is pushed at once (tls_push) */
 	while (total < SEND_BUDGET) {
 		const void *p;
 		size_t n;
@@ -606,12 +605,7 @@ static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int 
 			}
 			p = gather;
 		}
-		/* More follows unless this record ends the data or the budget.  (A pending
-		 * record and a gathered one are the next n bytes of @iov too.)  Only this
-		 * send sees the flag: GnuTLS's own records (alerts, tickets) never wait. */
-		tt->more = total + n < NBDV_MIN(all, (size_t)SEND_BUDGET);
 		r = gnutls_record_send(tt->s, p, n);
-		tt->more = false;
 		if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
 			tt->pend_ptr = p;
 			tt->pend_len = n;
