@@ -559,6 +559,7 @@ static int tls_pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
  * connections of a reactor is safe because GnuTLS never reads the data again once
  * it has encrypted it: after GNUTLS_E_AGAIN the record waits in GnuTLS's own buffer,
  * and the repeated call (same pointer and length, as the manual asks) only flushes it.
+ * tls_sendv() does not use @more: every record is pushed at once (tls_push).
  */
 static __thread unsigned char gather[REC_MAX];
 
@@ -568,7 +569,6 @@ static ssize_t tls_sendv(struct nbdv_transport *t, const struct iovec *iov, int 
 	size_t total = 0, off = 0;
 	int i = 0;
 
-	(void)more; /* every record is pushed at once (tls_push) */
 	while (total < SEND_BUDGET) {
 		const void *p;
 		size_t n;

@@ -351,12 +351,18 @@ static int file_flush(struct nbdv_drv_instance *inst, uint32_t flags)
 	return fdatasync(to_file(inst)->fd) < 0 ? -errno : 0;
 }
 
+/* Whether a write of @len bytes counts toward `writeback-after` at all. */
+static bool counts_for_writeback(struct filedrv *f, uint64_t len)
+{
+	return f->writeback_after && len >= WRITEBACK_MIN_WRITE &&
+	       !atomic_load_explicit(&f->no_sync_file_range, memory_order_relaxed);
+}
+
 /* Whether a write of @len bytes would make `writeback-after` due: the reactor's
  * file_pwrite_nowait() leaves it to an I/O thread, where starting writeback may block. */
 static bool writeback_due(struct filedrv *f, uint64_t len)
 {
-	return f->writeback_after && len >= WRITEBACK_MIN_WRITE &&
-	       !atomic_load_explicit(&f->no_sync_file_range, memory_order_relaxed) &&
+	return counts_for_writeback(f, len) &&
 	       atomic_load_explicit(&f->unstarted, memory_order_relaxed) + len >=
 		   f->writeback_after;
 }
@@ -370,8 +376,7 @@ static bool writeback_due(struct filedrv *f, uint64_t len)
  */
 static void wrote(struct filedrv *f, uint64_t len, bool may_block)
 {
-	if (!f->writeback_after || len < WRITEBACK_MIN_WRITE ||
-	    atomic_load_explicit(&f->no_sync_file_range, memory_order_relaxed))
+	if (!counts_for_writeback(f, len))
 		return;
 	if (atomic_fetch_add_explicit(&f->unstarted, len, memory_order_relaxed) + len <
 		f->writeback_after ||
