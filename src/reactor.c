@@ -110,13 +110,17 @@ static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 
 	/* Replies are leaving and no job is out on the I/O threads: the client is probably
 	 * about to send the next request.  Keep polling for a moment instead of sleeping
-	 * (a wake-up from sleep costs tens of microseconds on virtual machines). */
-	if (r->dirty && r->srv->cfg->busy_poll > 0 && r->port.outstanding == 0) {
+	 * (a wake-up from sleep costs tens of microseconds on virtual machines).  The
+	 * moment starts once the replies are out: sending one wakes the client, which on
+	 * a virtual machine can take half the moment by itself. */
+	bool spin = r->dirty && r->srv->cfg->busy_poll > 0 && r->port.outstanding == 0;
+
+	reactor_flush_dirty(r);
+	if (spin) {
 		r->spin_until = ev_time() + r->srv->cfg->busy_poll;
 		if (!ev_is_active(&r->spin_idle))
 			ev_idle_start(loop, &r->spin_idle);
 	}
-	reactor_flush_dirty(r);
 }
 
 static void spin_cb(struct ev_loop *loop, ev_idle *w, int revents)

@@ -1,13 +1,14 @@
 #!/usr/bin/python3
 """Several reactors (`workers:`): connections spread over them, many connections with
 many requests in flight each, a flush on one worker covering writes made through
-another (multi-conn), and an orderly drain of every worker on SIGTERM (issue 4,
-acceptance 3)."""
+another (multi-conn), an orderly drain of every worker on SIGTERM (issue 4,
+acceptance 3), and `busy-poll` keeping a worker awake for a client's next request."""
 
 import os
 import re
 import signal
 import threading
+import time
 import unittest
 
 import nbdv
@@ -103,6 +104,52 @@ class WorkersTest(unittest.TestCase):
                 self.assertEqual(h.pread(4096, ((k + 1) % 4) * 4096), bytes([(k + 1) % 4 + 1]) * 4096)
             for h in handles:
                 nbdv.disconnect(h)
+
+    def sleeps_between_requests(self, busy_poll, n=40, think=0.002):
+        """How many times the server's threads slept while a client sent @n 4 KiB
+        READs at depth 1, each @think seconds after the previous reply (voluntary
+        context switches of every thread: with one worker and a memory export, only
+        the worker has anything to do)."""
+        with nbdv.Server(EXPORTS, extra=f"workers: 1\nbusy-poll: {busy_poll}\n") as srv:
+            r = nbdv.Raw(srv.sock)
+            self.addCleanup(r.close)
+            r.greet()
+            r.go(b"mem")
+
+            def sleeps():
+                total = 0
+                for tid in os.listdir(f"/proc/{srv.proc.pid}/task"):
+                    with open(f"/proc/{srv.proc.pid}/task/{tid}/status") as f:
+                        total += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)",
+                                               f.read(), re.M).group(1))
+                return total
+
+            r.request(nbdv.CMD_READ, 0, 4096, cookie=0)
+            self.assertEqual(r.simple_reply(4096)[0], 0)
+            time.sleep(0.05)  # the worker has gone to sleep: count from here
+            before = sleeps()
+            for i in range(n):
+                time.sleep(think)
+                r.request(nbdv.CMD_READ, i * 4096, 4096, cookie=i + 1)
+                err, cookie, _ = r.simple_reply(4096)
+                self.assertEqual((err, cookie), (0, i + 1))
+            return sleeps() - before
+
+    def test_busy_poll_keeps_the_worker_awake_for_the_next_request(self):
+        # busy-poll 10ms and a client that sends its next request 2 ms after each reply:
+        # the worker is still polling when it comes (a few sleeps are allowed for a
+        # client that a busy machine leaves waiting longer).  The window starts once
+        # the reply is out, so however long the send takes it is not cut short.
+        if nbdv.WRAPPER:
+            self.skipTest("under valgrind the client's 2 ms are not the server's")
+        self.assertLessEqual(self.sleeps_between_requests("10ms"), 10)
+
+    def test_without_busy_poll_the_worker_sleeps_between_requests(self):
+        # The same client with busy-poll 0: the worker sleeps after each reply (the
+        # control for the test above: the count it reads does see the sleeps).
+        if nbdv.WRAPPER:
+            self.skipTest("under valgrind the client's 2 ms are not the server's")
+        self.assertGreaterEqual(self.sleeps_between_requests(0), 30)
 
     def test_many_connections_many_in_flight(self):
         """16 connections on 2 workers, each with 64 writes and then 64 reads in
