@@ -51,10 +51,12 @@ def raise_nofile():
 
 
 class Server:
-    def __init__(self, kind, backing, tls, work, pki, tag="", binary=None, label=None):
+    def __init__(self, kind, backing, tls, work, pki, tag="", binary=None, label=None,
+                 extra=""):
         """A @kind (nbdvault, nbdkit, qemu-nbd) server on a @backing (memory, file)
         export; @binary overrides the program (a second nbdkit version), @label the
-        name it is reported under (default KIND-BACKING)."""
+        name it is reported under (default KIND-BACKING), @extra adds top-level lines to
+        nbdvault's configuration."""
         self.kind, self.backing, self.tls = kind, backing, tls
         self.name = f"{label or kind}-{backing}"
         self.port = free_port()
@@ -67,7 +69,7 @@ class Server:
             cfg = os.path.join(work, f"nbdvault-{backing}-{tls}{tag}.yaml")
             with open(cfg, "w") as f:
                 f.write(f"listen:\n  - address: 127.0.0.1\n    port: {self.port}\n"
-                        "default-export: d\nlimits:\n  max-connections: 4096\n")
+                        "default-export: d\nlimits:\n  max-connections: 4096\n" + extra)
                 if tls:
                     f.write(f"tls:\n  certificates: {pki}\n")
                 f.write("exports:\n  - name: d\n")
