@@ -138,8 +138,8 @@ class WorkersTest(unittest.TestCase):
     def test_busy_poll_keeps_the_worker_awake_for_the_next_request(self):
         # busy-poll 10ms and a client that sends its next request 2 ms after each reply:
         # the worker is still polling when it comes (a few sleeps are allowed for a
-        # client that a busy machine leaves waiting longer).  The window starts once
-        # the reply is out, so however long the send takes it is not cut short.
+        # client that a busy machine leaves waiting longer).  That the window starts
+        # once the reply is out, however long the send takes, is unit/test-busy-poll.c.
         if nbdv.WRAPPER:
             self.skipTest("under valgrind the client's 2 ms are not the server's")
         self.assertLessEqual(self.sleeps_between_requests("10ms"), 10)

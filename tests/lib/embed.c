@@ -34,6 +34,8 @@ static ssize_t mem_recv(struct nbdv_transport *t, void *buf, size_t len)
 	return (ssize_t)n;
 }
 
+void (*embed_on_send)(void);
+
 static ssize_t mem_sendv(struct nbdv_transport *t, const struct iovec *iov, int iovcnt, bool more)
 {
 	struct embed_client *cl = ((struct memtp *)t)->cl;
@@ -51,6 +53,8 @@ static ssize_t mem_sendv(struct nbdv_transport *t, const struct iovec *iov, int 
 		}
 		n += iov[i].iov_len;
 	}
+	if (embed_on_send)
+		embed_on_send();
 	return (ssize_t)n;
 }
 
@@ -110,6 +114,14 @@ void embed_fini(void)
 
 struct embed_client *embed_open(size_t in_cap, size_t out_cap)
 {
+	struct embed_client *cl = embed_connect(in_cap, out_cap);
+
+	reactor_flush_dirty(&srv.reactors[0]);
+	return cl;
+}
+
+struct embed_client *embed_connect(size_t in_cap, size_t out_cap)
+{
 	struct embed_client *cl = calloc(1, sizeof(*cl));
 	struct memtp *m = calloc(1, sizeof(*m));
 
@@ -124,7 +136,6 @@ struct embed_client *embed_open(size_t in_cap, size_t out_cap)
 	m->cl = cl;
 	if (!conn_new_transport(&srv.reactors[0], &m->base, -1, false, "embedded"))
 		cl->gone = true;
-	reactor_flush_dirty(&srv.reactors[0]);
 	return cl;
 }
 

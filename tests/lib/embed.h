@@ -34,8 +34,13 @@ struct embed_client {
 struct nbdv_server *embed_init(const char *yaml);
 /* Stop it and free everything (leak checkers see a clean heap). */
 void embed_fini(void);
-/* A new connection; the greeting is queued.  @out_cap 0 discards output. */
+/* A new connection; the greeting is written.  @out_cap 0 discards output. */
 struct embed_client *embed_open(size_t in_cap, size_t out_cap);
+/* The same, but the greeting stays queued until the reactor's own flusher writes it
+ * (a turn of its loop: ev_run()). */
+struct embed_client *embed_connect(size_t in_cap, size_t out_cap);
+/* When set, called after every write of the in-memory transport (a test's slow send). */
+extern void (*embed_on_send)(void);
 /* Append @len bytes from the client and serve them until the server is idle. */
 void embed_feed(struct embed_client *cl, const void *data, size_t len);
 /* End of stream from the client; checks that the connection can be freed, frees @cl. */
