@@ -60,8 +60,9 @@ struct tls_transport {
 	unsigned char *rstage;	    /* ciphertext read ahead of GnuTLS (pool buffer), or NULL */
 	size_t rpos, rlen;	    /* bytes of rstage consumed and filled */
 	bool rbulk;		    /* the last record body GnuTLS asked for was large */
-	bool done;		    /* handshake finished */
-	char why[256];		    /* last failure reason */
+	uint64_t pulled; /* bytes handed to GnuTLS so far (progress, for tls_handshake) */
+	bool done;	 /* handshake finished */
+	char why[256];	 /* last failure reason */
 };
 
 static struct tls_transport *to_tt(struct nbdv_transport *t)
@@ -521,8 +522,12 @@ static ssize_t tls_pull(gnutls_transport_ptr_t ptr, void *buf, size_t len)
 		ssize_t got;
 		int e;
 
-		if (tt->rbulk || (!tt->rstage && !(tt->rstage = nbdv_buf_alloc(PULL_STAGE))))
-			return recv(tt->base.fd, buf, len, 0);
+		if (tt->rbulk || (!tt->rstage && !(tt->rstage = nbdv_buf_alloc(PULL_STAGE)))) {
+			got = recv(tt->base.fd, buf, len, 0);
+			if (got > 0)
+				tt->pulled += (uint64_t)got;
+			return got;
+		}
 		got = recv(tt->base.fd, tt->rstage, PULL_STAGE, 0);
 		if (got <= 0) {
 			e = errno;
@@ -536,6 +541,7 @@ static ssize_t tls_pull(gnutls_transport_ptr_t ptr, void *buf, size_t len)
 	n = NBDV_MIN(len, tt->rlen - tt->rpos);
 	memcpy(buf, tt->rstage + tt->rpos, n);
 	tt->rpos += n;
+	tt->pulled += n;
 	if (tt->rpos == tt->rlen)
 		rstage_release(tt);
 	return (ssize_t)n;
@@ -719,16 +725,18 @@ int tls_handshake(struct nbdv_transport *t, const char **why)
 	 * where no socket event will ever announce them.  A ClientHello cut into small
 	 * records (a 24 KiB client certificate is several records too) then stalled until
 	 * the handshake deadline.  So go on while GnuTLS wants to read, ciphertext is
-	 * staged, and each call consumes some of it.
+	 * staged, and each call consumes some of it.  (Progress is counted in bytes pulled:
+	 * the stage's address and offset could repeat, as the pool hands the same buffer
+	 * back, and then a call that did consume looked as if it had not; TLS 1.2
+	 * handshakes cut into tiny records stalled that way.)
 	 */
 	for (;;) {
-		const unsigned char *stage = tt->rstage;
-		size_t pos = tt->rpos;
+		uint64_t pulled = tt->pulled;
 
 		r = gnutls_handshake(tt->s);
 		if ((r != GNUTLS_E_AGAIN && r != GNUTLS_E_INTERRUPTED) ||
 		    gnutls_record_get_direction(tt->s) != 0 || tt->rpos >= tt->rlen ||
-		    (tt->rstage == stage && tt->rpos == pos))
+		    tt->pulled == pulled)
 			break;
 	}
 	if (r == 0) {
