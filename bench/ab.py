@@ -40,10 +40,11 @@ import bench  # noqa: E402
 import tlsbulk  # noqa: E402
 from benchlib import make_pki, random_file  # noqa: E402
 
+BACKINGS = ("memory", "file", "memory+plain", "file+plain")
 OPS = {
-    "write": lambda s, a, n: bench.w_nbdcopy_write(s, a, n),
-    "read": lambda s, a, n: bench.w_nbdcopy_read(s, a, n),
-    "convert": lambda s, a, n: tlsbulk.w_convert(s, a, n),
+    "write": bench.w_nbdcopy_write,
+    "read": bench.w_nbdcopy_read,
+    "convert": tlsbulk.w_convert,
     "rr4k": lambda s, a, n: bench.w_fio(s, a, "randread", 4096, n),
     "rw4k": lambda s, a, n: bench.w_fio(s, a, "randwrite", 4096, n),
     "seq1m": lambda s, a, n: bench.w_fio(s, a, "read", 1 << 20, n),
@@ -54,8 +55,7 @@ def parse_cells(text):
     cells = []
     for c in text.split(","):
         op, n, backing = c.split(":")
-        if op not in OPS or backing.split("+")[0] not in ("memory", "file") or \
-                backing not in ("memory", "file", "memory+plain", "file+plain"):
+        if op not in OPS or backing not in BACKINGS:
             raise SystemExit(f"bad cell {c!r}: OP:N:memory|file[+plain], OP one of {list(OPS)}")
         cells.append((op, int(n), backing))
     return cells
@@ -109,22 +109,21 @@ def main():
             rows = {}
             for name, _ in servers:
                 runs = res[(op, n, backing, name)]
-                v = [r[0] for r in runs]
                 # CPU per GiB: copies move a.copy_bytes; timed runs move rate x wall.
                 moved = [a.copy_bytes if op in ("write", "read", "convert") else
                          (r[0] * (1 << 20) if op == "seq1m" else r[0] * 4096) * r[3]
                          for r in runs]
                 scpu = statistics.median(r[1] / (m / bench.GIB) for r, m in zip(runs, moved))
                 ccpu = statistics.median(r[2] / (m / bench.GIB) for r, m in zip(runs, moved))
-                rows[name] = (statistics.median(v), min(v), max(v))
+                rows[name] = bench.summary(runs)
                 print(f"{op}:{n}:{backing} {name}: {rows[name][0]:,.0f} "
                       f"({rows[name][1]:,.0f}..{rows[name][2]:,.0f}) [{scpu:.2f} / {ccpu:.2f}]")
             first = servers[0][0]
             for name, _ in servers[1:]:
                 m0, lo0, hi0 = rows[first]
                 m1, lo1, hi1 = rows[name]
-                overlap = " ~" if lo0 <= hi1 and lo1 <= hi0 else ""
-                print(f"  {first} / {name}: {m0 / m1:.2f}{overlap}")
+                ratio = (m0 / m1, lo0 <= hi1 and lo1 <= hi0)
+                print(f"  {first} / {name}: {bench.fmt_ratio(ratio)}")
             sys.stdout.flush()
     finally:
         for s in started:
