@@ -520,9 +520,11 @@ static void gate_evidence(struct nbdv_stall_gate *g, uint64_t t0, uint64_t t1, u
 	if (atomic_fetch_add_explicit(&g->fast_writes, 1, RELAXED) + 1 < NBDV_REOPEN_WRITES ||
 	    t1 < atomic_load_explicit(&g->reopen_after, RELAXED))
 		return;
-	if (t1 < atomic_exchange_explicit(&g->closed_until, 0, RELAXED))
+	if (t1 < atomic_exchange_explicit(&g->closed_until, 0, RELAXED)) {
+		atomic_fetch_add_explicit(&g->early_reopens, 1, RELAXED);
 		log_debug("%u writes on the I/O threads were quick: writes run inline again",
 			  NBDV_REOPEN_WRITES);
+	}
 	atomic_store_explicit(&g->fast_writes, 0, RELAXED);
 }
 
@@ -572,8 +574,21 @@ static void gate_stall(struct nbdv_stall_gate *g, uint64_t t0, uint64_t now)
 	atomic_store_explicit(&g->last_stall, now, RELAXED);
 	atomic_store_explicit(&g->reopen_after, reopen, RELAXED);
 	atomic_store_explicit(&g->closed_until, now + b, RELAXED);
+	atomic_fetch_add_explicit(&g->stalls, 1, RELAXED);
 	log_debug("an inline write took %llu us: writes go to the I/O threads for up to %llu ms",
 		  (unsigned long long)(took / 1000), (unsigned long long)(b / 1000000));
+}
+
+bool driver_gate_stats(const struct nbdv_dev *d, struct nbdv_gate_stats *out)
+{
+	const struct nbdv_stall_gate *g = d->gate;
+
+	if (!g)
+		return false;
+	out->open = nbdv_now_ns() >= atomic_load_explicit(&g->closed_until, RELAXED);
+	out->stalls = atomic_load_explicit(&g->stalls, RELAXED);
+	out->early_reopens = atomic_load_explicit(&g->early_reopens, RELAXED);
+	return true;
 }
 
 int driver_pwrite_nowait(const struct nbdv_dev *d, const void *buf, uint64_t len, uint64_t off)

@@ -61,11 +61,20 @@ void extents_free(struct nbdv_extents *ext);
  * reactor; relaxed atomics, since a race only costs one more or one fewer inline try.
  */
 struct nbdv_stall_gate {
-	_Atomic uint64_t closed_until; /* CLOCK_MONOTONIC ns: no inline writes before this */
-	_Atomic uint64_t last_stall;   /* when the last slow inline write ended */
-	_Atomic uint64_t backoff;      /* how long the gate closed for last time */
-	_Atomic uint64_t reopen_after; /* quick I/O-thread writes may reopen it from then on */
-	_Atomic uint32_t fast_writes;  /* quick I/O-thread writes in a row while closed */
+	_Atomic uint64_t closed_until;	/* CLOCK_MONOTONIC ns: no inline writes before this */
+	_Atomic uint64_t last_stall;	/* when the last slow inline write ended */
+	_Atomic uint64_t backoff;	/* how long the gate closed for last time */
+	_Atomic uint64_t reopen_after;	/* quick I/O-thread writes may reopen it from then on */
+	_Atomic uint32_t fast_writes;	/* quick I/O-thread writes in a row while closed */
+	_Atomic uint64_t stalls;	/* stalls that closed it (for /metrics) */
+	_Atomic uint64_t early_reopens; /* times quick I/O-thread writes reopened it */
+};
+
+/* What /metrics shows of a gate. */
+struct nbdv_gate_stats {
+	bool open;	 /* writes are tried inline now */
+	uint64_t stalls; /* as in struct nbdv_stall_gate */
+	uint64_t early_reopens;
 };
 
 /*
@@ -165,6 +174,8 @@ int driver_pwrite_nowait(const struct nbdv_dev *d, const void *buf, uint64_t len
 			 uint64_t off) NBDV_WUR;
 /* How long an inline write of @len bytes may take before it counts as a stall (ns). */
 uint64_t driver_stall_limit(uint64_t len);
+/* The state of @d's stall gate; false when it has none (no inline writes). */
+bool driver_gate_stats(const struct nbdv_dev *d, struct nbdv_gate_stats *out);
 int driver_flush(const struct nbdv_dev *d) NBDV_WUR;
 int driver_trim(const struct nbdv_dev *d, uint64_t len, uint64_t off, uint32_t flags) NBDV_WUR;
 int driver_zero(const struct nbdv_dev *d, uint64_t len, uint64_t off, uint32_t flags) NBDV_WUR;

@@ -121,6 +121,16 @@ int export_open(struct nbdv_export *e, const struct nbdv_dev **dev)
 	return r;
 }
 
+bool export_gate_stats(struct nbdv_export *e, struct nbdv_gate_stats *out)
+{
+	bool r;
+
+	pthread_mutex_lock(&open_lock); /* e->opened */
+	r = e->opened && driver_gate_stats(&e->dev, out);
+	pthread_mutex_unlock(&open_lock);
+	return r;
+}
+
 int export_describe(struct nbdv_export *e, uint64_t *size, uint32_t *caps)
 {
 	const struct nbdv_export_cfg *c = e->cfg;

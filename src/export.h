@@ -70,6 +70,9 @@ int export_open(struct nbdv_export *e, const struct nbdv_dev **dev) NBDV_WUR;
  */
 int export_describe(struct nbdv_export *e, uint64_t *size, uint32_t *caps) NBDV_WUR;
 
+/* @e's stall gate for /metrics: false when @e is not open or writes never run inline. */
+bool export_gate_stats(struct nbdv_export *e, struct nbdv_gate_stats *out);
+
 /* Charge a request of @bytes to @e's caps (from its current config); the ns to wait
  * before reading another request from that connection, or 0. */
 uint64_t export_charge(struct nbdv_export *e, uint64_t bytes);

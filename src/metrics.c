@@ -240,6 +240,28 @@ static void emit_idents(struct text *t, const char *name, const char *help, size
 	}
 }
 
+/*
+ * The stall gates of the open exports that write inline (@what: 0 open, 1 stalls,
+ * 2 early reopens).  Exports without one (not opened yet, read-only, a driver without
+ * pwrite_nowait) have no series.
+ */
+static void emit_gates(struct text *t, const char *name, const char *type, const char *help,
+		       int what)
+{
+	char e[600];
+
+	head(t, name, type, help);
+	for (size_t i = 0; i < server->n_exports; i++) {
+		struct nbdv_gate_stats g;
+		uint64_t v;
+		if (!export_gate_stats(&server->exports[i], &g))
+			continue;
+		v = what == 0 ? g.open : what == 1 ? g.stalls : g.early_reopens;
+		emit(t, "%s{export=\"%s\"} %llu\n", name,
+		     label(server->exports[i].cfg->name, e, sizeof(e)), (unsigned long long)v);
+	}
+}
+
 static char *render(size_t *len)
 {
 	struct text t = {.cap = 16384};
@@ -321,6 +343,16 @@ static char *render(size_t *len)
 		emit(&t, "nbdvault_export_request_duration_seconds_count{export=\"%s\"} %llu\n", e,
 		     (unsigned long long)cum);
 	}
+	emit_gates(&t, "nbdvault_export_inline_writes", "gauge",
+		   "1 while small writes run on the reactors, 0 while a recent stall sends "
+		   "them to the I/O threads, by export.",
+		   0);
+	emit_gates(&t, "nbdvault_export_inline_write_stalls_total", "counter",
+		   "Inline writes that stalled and sent writes to the I/O threads, by export.", 1);
+	emit_gates(&t, "nbdvault_export_inline_write_resumes_total", "counter",
+		   "Times quick writes on the I/O threads brought writes back to the reactors "
+		   "before the backoff ended, by export.",
+		   2);
 	pthread_mutex_lock(&ident_lock);
 	emit_idents(&t, "nbdvault_identity_connections_total",
 		    "TLS connections established, by client identity.",

@@ -162,21 +162,34 @@ def metrics_config(mport):
     return f"metrics:\n  address: 127.0.0.1\n  port: {mport}\n"
 
 
-def memory_held(mport):
-    """nbdvault_memory_held_bytes (what requests and replies are charged, process-wide)
-    from the metrics endpoint on @mport, once it answers."""
+def scrape(mport):
+    """The Prometheus text from the metrics endpoint on 127.0.0.1:@mport, once it
+    answers (it is bound a little after the NBD listeners)."""
     import urllib.request
     deadline = time.monotonic() + 10 * SLOW
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as f:
-                text = f.read().decode()
-            break
+                return f.read().decode()
         except OSError:
             assert time.monotonic() < deadline, "the metrics endpoint never answered"
             time.sleep(0.05)
-    return int(float(next(line.split()[1] for line in text.splitlines()
-                          if line.startswith("nbdvault_memory_held_bytes "))))
+
+
+def metric(mport, name, **labels):
+    """The value of series @name{@labels} on @mport's /metrics; None when it has none."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    series = f"{name}{{{want}}}" if labels else name
+    for line in scrape(mport).splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def memory_held(mport):
+    """nbdvault_memory_held_bytes (what requests and replies are charged, process-wide)
+    from the metrics endpoint on @mport."""
+    return int(metric(mport, "nbdvault_memory_held_bytes"))
 
 
 def free_port():

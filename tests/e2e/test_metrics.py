@@ -27,6 +27,10 @@ EXPORTS = """
     driver: memory
     size: 16M
     allow: ["psk:alice"]
+  - name: disk
+    driver: file
+    path: "{dir}/disk.img"
+    size: 16M
 """
 
 
@@ -99,6 +103,10 @@ class MetricsTest(unittest.TestCase):
         u.set_tls_certificates(os.path.join(self.pki, "clients", "client"))
         with self.assertRaises(nbd.Error):
             u.connect_tcp("127.0.0.1", str(self.srv.port))
+        d = nbd.NBD()
+        d.connect_uri(self.srv.uri("disk"))
+        d.pwrite(b"d" * 4096, 0)  # runs on the reactor: the gate is open
+        nbdv.disconnect(d)
         text = self.scrape()
         if shutil.which("promtool"):
             p = subprocess.run(["promtool", "check", "metrics"], input=text,
@@ -126,6 +134,13 @@ class MetricsTest(unittest.TestCase):
         self.assertEqual(v("nbdvault_identity_bytes_total", identity=ident), 512)
         self.assertGreaterEqual(v("nbdvault_connections_accepted_total"), 4)
         self.assertEqual(v("nbdvault_export_sessions", export="mem"), 0)
+        # The stall gate of the export whose writes run on the reactor; none for the
+        # memory export (never blocking: no gate) or for one not opened.
+        self.assertEqual(v("nbdvault_export_inline_writes", export="disk"), 1)
+        self.assertEqual(v("nbdvault_export_inline_write_stalls_total", export="disk"), 0)
+        self.assertEqual(v("nbdvault_export_inline_write_resumes_total", export="disk"), 0)
+        self.assertEqual(v("nbdvault_export_written_bytes_total", export="disk"), 4096)
+        self.assertNotIn(("nbdvault_export_inline_writes", frozenset({("export", "mem")})), m)
 
     def test_other_paths_and_methods(self):
         with self.assertRaises(urllib.error.HTTPError) as cm:
