@@ -550,33 +550,39 @@ int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint6
 }
 
 /*
- * An inline write that started at @t0 took until @now: close the gate for a while.
- * Writes that overlapped the last stall (two reactors caught by the same stall) count
- * once: they extend the minimum closed time but do not grow the backoff.
+ * An inline write that started at @t0 took until @now: close the gate for a while; after
+ * a stuck write (over NBDV_STALL_STUCK_NS) never for less than it took, so that the
+ * reactor spends at most half its time stuck even before the backoff has grown.  Writes
+ * that overlapped the last stall (two reactors caught by the same stall) count once:
+ * they extend the minimum closed time but do not grow the backoff.
  */
 static void gate_stall(struct nbdv_stall_gate *g, uint64_t t0, uint64_t now)
 {
 	uint64_t last = atomic_load_explicit(&g->last_stall, RELAXED);
 	uint64_t b = atomic_load_explicit(&g->backoff, RELAXED);
-	uint64_t took = now - t0, reopen = now + NBDV_REOPEN_FACTOR * took;
+	uint64_t took = now - t0, reopen = now + NBDV_REOPEN_FACTOR * took, closed;
 
 	atomic_store_explicit(&g->fast_writes, 0, RELAXED);
 	if (b && t0 < last) {
 		if (reopen > atomic_load_explicit(&g->reopen_after, RELAXED))
 			atomic_store_explicit(&g->reopen_after, reopen, RELAXED);
+		if (took > NBDV_STALL_STUCK_NS &&
+		    now + took > atomic_load_explicit(&g->closed_until, RELAXED))
+			atomic_store_explicit(&g->closed_until, now + took, RELAXED);
 		return;
 	}
 	if (!b || now - last > 4 * b + 1000000000ULL)
 		b = NBDV_STALL_BACKOFF_NS;
 	else if ((b *= 4) > NBDV_STALL_MAX_NS)
 		b = NBDV_STALL_MAX_NS;
+	closed = took > NBDV_STALL_STUCK_NS ? NBDV_MAX(b, took) : b;
 	atomic_store_explicit(&g->backoff, b, RELAXED);
 	atomic_store_explicit(&g->last_stall, now, RELAXED);
 	atomic_store_explicit(&g->reopen_after, reopen, RELAXED);
-	atomic_store_explicit(&g->closed_until, now + b, RELAXED);
+	atomic_store_explicit(&g->closed_until, now + closed, RELAXED);
 	atomic_fetch_add_explicit(&g->stalls, 1, RELAXED);
 	log_debug("an inline write took %llu us: writes go to the I/O threads for up to %llu ms",
-		  (unsigned long long)(took / 1000), (unsigned long long)(b / 1000000));
+		  (unsigned long long)(took / 1000), (unsigned long long)(closed / 1000000));
 }
 
 bool driver_gate_stats(const struct nbdv_dev *d, struct nbdv_gate_stats *out)

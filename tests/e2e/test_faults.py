@@ -142,25 +142,45 @@ class FaultsTest(unittest.TestCase):
         # Small writes are first tried on the reactor (they normally land in the page
         # cache in microseconds).  Storage that stalls them may cost one stall; after
         # that they must go to the worker pool, where they run side by side and leave
-        # the reactor free for other connections.
+        # the reactor free for other connections -- for at least as long as the stall
+        # took, not only for the first backoff (10 ms): a reactor that has just been
+        # stuck for a while must not try the next write inline a moment later.
         delay = 0.4 * nbdv.SLOW
-        with nbdv.Server(FAULTY, extra="workers: 1\nio-threads: 8\n") as srv:
+        mport = nbdv.free_port()
+        extra = "workers: 1\nio-threads: 8\n" + nbdv.metrics_config(mport)
+        with nbdv.Server(FAULTY, extra=extra) as srv:
+            def gate(name):
+                return nbdv.metric(mport, "nbdvault_export_inline_" + name, export="f")
+
             control(srv, f"delay {delay} 0 65536")
             a, b = raw_go(srv), raw_go(srv)
+            stalls = gate("write_stalls_total")
             t = time.monotonic()
-            for i in range(6):
-                a.request(nbdv.CMD_WRITE, i * 4096, 4096, cookie=i, data=bytes([65 + i]) * 4096)
+            a.request(nbdv.CMD_WRITE, 0, 4096, cookie=0, data=b"A" * 4096)
             time.sleep(delay / 4)  # the first write is stalling the reactor now
             b.request(nbdv.CMD_READ, 1048576, 4096, cookie=99)
             self.assertEqual(b.simple_reply(4096)[:2], (0, 99))
+            self.assertGreater(time.monotonic() - t, 0.9 * delay, "the first write ran inline")
+            self.assertEqual(a.simple_reply()[:2], (0, 0))
+            self.assertEqual(gate("write_stalls_total"), stalls + 1)
+            # Far past the first backoff, well within the stall's own length.
+            time.sleep(delay / 4)
+            self.assertEqual(gate("writes"), 0, "the gate reopened before the stall's length")
+            t = time.monotonic()
+            for i in range(1, 6):
+                a.request(nbdv.CMD_WRITE, i * 4096, 4096, cookie=i, data=bytes([65 + i]) * 4096)
+            time.sleep(delay / 4)
+            b.request(nbdv.CMD_READ, 1048576, 4096, cookie=98)
+            self.assertEqual(b.simple_reply(4096)[:2], (0, 98))
             b_wait = time.monotonic() - t
-            got = sorted(a.simple_reply()[:2] for _ in range(6))
+            got = sorted(a.simple_reply()[:2] for _ in range(5))
             total = time.monotonic() - t
-            self.assertEqual(got, [(0, i) for i in range(6)])
-            # Six stalls one after another would take 6 x delay; one inline stall, then
-            # five in parallel on the workers, about 2 x delay.
-            self.assertLess(total, 4 * delay, "stalling writes kept running inline")
-            self.assertLess(b_wait, 2.5 * delay, "the reactor stayed blocked")
+            self.assertEqual(got, [(0, i) for i in range(1, 6)])
+            # Five stalls one after another would take 5 x delay; side by side on the
+            # workers about 1 x delay.
+            self.assertLess(total, 2.5 * delay, "stalling writes kept running inline")
+            self.assertLess(b_wait, 0.9 * delay, "the reactor was blocked")
+            self.assertEqual(gate("write_stalls_total"), stalls + 1)
             control(srv, None)
             for i in range(6):
                 a.request(nbdv.CMD_READ, i * 4096, 4096, cookie=i)
