@@ -70,9 +70,9 @@ struct nbdv_stall_gate {
 	_Atomic uint64_t early_reopens; /* times quick I/O-thread writes reopened it */
 };
 
-/* What /metrics shows of a gate. */
+/* What /metrics shows of a gate (all uint64_t: metrics.c picks a field by offset). */
 struct nbdv_gate_stats {
-	bool open;	 /* writes are tried inline now */
+	uint64_t open;	 /* 1: writes are tried inline now */
 	uint64_t stalls; /* as in struct nbdv_stall_gate */
 	uint64_t early_reopens;
 };

@@ -241,12 +241,12 @@ static void emit_idents(struct text *t, const char *name, const char *help, size
 }
 
 /*
- * The stall gates of the open exports that write inline (@what: 0 open, 1 stalls,
- * 2 early reopens).  Exports without one (not opened yet, read-only, a driver without
- * pwrite_nowait) have no series.
+ * One stall-gate family: @field is the offset of its value in struct nbdv_gate_stats.
+ * Exports without a gate (not opened yet, read-only, a driver without pwrite_nowait)
+ * have no series.
  */
 static void emit_gates(struct text *t, const char *name, const char *type, const char *help,
-		       int what)
+		       size_t field)
 {
 	char e[600];
 
@@ -256,7 +256,7 @@ static void emit_gates(struct text *t, const char *name, const char *type, const
 		uint64_t v;
 		if (!export_gate_stats(&server->exports[i], &g))
 			continue;
-		v = what == 0 ? g.open : what == 1 ? g.stalls : g.early_reopens;
+		memcpy(&v, (const char *)&g + field, sizeof(v));
 		emit(t, "%s{export=\"%s\"} %llu\n", name,
 		     label(server->exports[i].cfg->name, e, sizeof(e)), (unsigned long long)v);
 	}
@@ -346,13 +346,14 @@ static char *render(size_t *len)
 	emit_gates(&t, "nbdvault_export_inline_writes", "gauge",
 		   "1 while small writes run on the reactors, 0 while a recent stall sends "
 		   "them to the I/O threads, by export.",
-		   0);
+		   offsetof(struct nbdv_gate_stats, open));
 	emit_gates(&t, "nbdvault_export_inline_write_stalls_total", "counter",
-		   "Inline writes that stalled and sent writes to the I/O threads, by export.", 1);
+		   "Inline writes that stalled and sent writes to the I/O threads, by export.",
+		   offsetof(struct nbdv_gate_stats, stalls));
 	emit_gates(&t, "nbdvault_export_inline_write_resumes_total", "counter",
 		   "Times quick writes on the I/O threads brought writes back to the reactors "
 		   "before the backoff ended, by export.",
-		   2);
+		   offsetof(struct nbdv_gate_stats, early_reopens));
 	pthread_mutex_lock(&ident_lock);
 	emit_idents(&t, "nbdvault_identity_connections_total",
 		    "TLS connections established, by client identity.",
