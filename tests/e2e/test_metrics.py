@@ -134,11 +134,10 @@ class MetricsTest(unittest.TestCase):
         self.assertEqual(v("nbdvault_identity_bytes_total", identity=ident), 512)
         self.assertGreaterEqual(v("nbdvault_connections_accepted_total"), 4)
         self.assertEqual(v("nbdvault_export_sessions", export="mem"), 0)
-        # The stall gate of the export whose writes run on the reactor; none for the
-        # memory export (never blocking: no gate) or for one not opened.
-        # The write normally ran on the reactor, quickly: the gate is open.  When it
-        # was slow (always under valgrind), it was a stall and closed the gate for
-        # 10 ms, which may be over by now.
+        # The stall gate of the file export, none for the memory export (never
+        # blocking: no gate).  Its one write normally ran on the reactor, quickly: the
+        # gate is open.  When it was slow (always under valgrind), it was a stall and
+        # closed the gate for 10 ms, which may be over by now.
         stalls = v("nbdvault_export_inline_write_stalls_total", export="disk")
         self.assertIn(stalls, (0, 1))
         self.assertIn(v("nbdvault_export_inline_writes", export="disk"), (1,) if stalls == 0 else (0, 1))
