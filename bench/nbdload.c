@@ -3,7 +3,11 @@
  * writes at a fixed queue depth for a fixed time, over any NBD URI (TLS included: local
  * certificate and PSK files are allowed, which fio's nbd engine refuses).
  *
- *   nbdload URI randread|randwrite|seqread BLOCKSIZE QUEUEDEPTH SECONDS
+ *   nbdload URI randread|randwrite|seqread BLOCKSIZE QUEUEDEPTH SECONDS [RANGE]
+ *
+ * RANGE (bytes, default the whole export) keeps every request inside [0, RANGE): the
+ * bench writes its data there, and reads past it would be of holes, which a server may
+ * answer with a hole chunk and no payload (fio's --size does the same for plain runs).
  *
  * Prints one line: ops bytes seconds mean_latency_us p99_latency_us
  */
@@ -43,8 +47,9 @@ int main(int argc, char **argv)
 	uint64_t size, seq = 0, ops = 0, x = 88172645463325252ULL;
 	int bs, qd, write_mode, seq_mode;
 
-	if (argc != 6) {
-		fprintf(stderr, "usage: nbdload URI randread|randwrite|seqread BS QD SECONDS\n");
+	if (argc != 6 && argc != 7) {
+		fprintf(stderr, "usage: nbdload URI randread|randwrite|seqread BS QD SECONDS "
+				"[RANGE]\n");
 		return 2;
 	}
 	write_mode = strcmp(argv[2], "randwrite") == 0;
@@ -57,6 +62,12 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	size = (uint64_t)nbd_get_size(h);
+	if (argc == 7 && strtoull(argv[6], NULL, 10) < size)
+		size = strtoull(argv[6], NULL, 10);
+	if (size < (uint64_t)bs) {
+		fprintf(stderr, "nbdload: range below one block\n");
+		return 1;
+	}
 	slots = calloc((size_t)qd, sizeof(*slots));
 	lat = malloc(cap * sizeof(*lat));
 	for (int i = 0; i < qd; i++) {
@@ -92,7 +103,9 @@ int main(int argc, char **argv)
 				uint64_t off;
 				if (seq_mode) {
 					off = seq;
-					seq = (seq + (uint64_t)bs) % (size - (uint64_t)bs);
+					seq += (uint64_t)bs;
+					if (seq + (uint64_t)bs > size)
+						seq = 0;
 				} else {
 					x ^= x << 13, x ^= x >> 7, x ^= x << 17;
 					off = (x % (size / (uint64_t)bs)) * (uint64_t)bs;
