@@ -6,7 +6,6 @@ command, errors, TLS handshakes, identities and their refusals."""
 import os
 import re
 import shutil
-import struct
 import subprocess
 import tempfile
 import unittest
@@ -53,25 +52,17 @@ class MetricsTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.pki = nbdv.make_pki(os.path.join(self.tmp, "pki"))
         self.mport = nbdv.free_port()
-        extra = (f"metrics:\n  address: 127.0.0.1\n  port: {self.mport}\n"
+        extra = (nbdv.metrics_config(self.mport) +
                  f"tls:\n  mode: optional\n  certificates: {self.pki}\n"
                  f"  verify-clients: true\n  psk-file: {self.pki}/keys.psk\n")
         self.srv = nbdv.Server(EXPORTS, extra=extra, tcp=True).start()
         self.addCleanup(self.srv.__exit__, None, None, None)
         # The metrics socket is bound a little after the NBD listeners the start-up
-        # check waits for (a gap valgrind makes long enough to hit).
-        import socket
-        import time
-        deadline = time.monotonic() + 10 * nbdv.SLOW
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.mport), timeout=1).close()
-                break
-            except OSError:
-                self.assertLess(time.monotonic(), deadline, "metrics never listened")
-                time.sleep(0.02)
+        # check waits for (a gap valgrind makes long enough to hit): nbdv.scrape waits.
+        nbdv.scrape(self.mport)
 
-    def scrape(self, path="/metrics"):
+    def get(self, path):
+        """@path on the metrics endpoint, which is up (setUp waited for it)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.mport}{path}", timeout=10) as r:
             return r.read().decode()
 
@@ -107,7 +98,7 @@ class MetricsTest(unittest.TestCase):
         d.connect_uri(self.srv.uri("disk"))
         d.pwrite(b"d" * 4096, 0)  # runs on the reactor: the gate is open
         nbdv.disconnect(d)
-        text = self.scrape()
+        text = nbdv.scrape(self.mport)
         if shutil.which("promtool"):
             p = subprocess.run(["promtool", "check", "metrics"], input=text,
                                capture_output=True, text=True)
@@ -147,14 +138,14 @@ class MetricsTest(unittest.TestCase):
 
     def test_other_paths_and_methods(self):
         with self.assertRaises(urllib.error.HTTPError) as cm:
-            self.scrape("/")
+            self.get("/")
         self.assertEqual(cm.exception.code, 404)
         req = urllib.request.Request(f"http://127.0.0.1:{self.mport}/metrics", data=b"x",
                                      method="POST")
         with self.assertRaises(urllib.error.HTTPError) as cm:
             urllib.request.urlopen(req, timeout=10)
         self.assertEqual(cm.exception.code, 405)
-        self.assertIn("nbdvault_connections_open", self.scrape())
+        self.assertIn("nbdvault_connections_open", self.get("/metrics"))
 
 
 if __name__ == "__main__":
