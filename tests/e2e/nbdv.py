@@ -375,7 +375,6 @@ class Raw:
 
     def starttls(self, ca, cert=None, key=None):
         """NBD_OPT_STARTTLS, then a TLS handshake on the same socket (x509)."""
-        import ssl
         replies = self.opt(OPT_STARTTLS)
         assert replies[-1][0] == REP_ACK, f"STARTTLS refused: {replies}"
         self.tls_wrap(ca, cert, key)

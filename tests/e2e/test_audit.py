@@ -6,7 +6,6 @@ continues in a new file."""
 import json
 import os
 import shutil
-import struct
 import subprocess
 import tempfile
 import time

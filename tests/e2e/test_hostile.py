@@ -7,7 +7,6 @@ resident memory means something else; every other assertion runs everywhere."""
 
 import os
 import shutil
-import socket
 import struct
 import tempfile
 import threading

@@ -5,7 +5,6 @@
 import os
 import signal
 import socket
-import struct
 import subprocess
 import time
 import unittest
@@ -161,7 +160,7 @@ class LifecycleTest(unittest.TestCase):
             r.close()
 
     def test_stale_unix_socket_replaced(self):
-        with nbdv.Server() as srv:
+        with nbdv.Server():
             pass
         srv2 = nbdv.Server()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -4,7 +4,6 @@
 Each test checks the spec's answer (error reply or disconnect), then that a new
 connection to the same server still reads back what it writes."""
 
-import os
 import struct
 import unittest
 

@@ -14,7 +14,6 @@ import unittest
 import nbdv
 
 nbdv.require_libnbd()
-import nbd  # noqa: E402
 
 TLS_EXPORTS = """
   - name: disk
