@@ -535,9 +535,12 @@ class TlsTest(ResumeMixin, unittest.TestCase):
 
     @unittest.skipIf(nbdv.WRAPPER or os.environ.get("NBDVAULT_SANITIZE", "none") != "none",
                      "resident memory means something else under a wrapper or a sanitizer")
-    def test_idle_tls_connections_cost_under_16_kib(self):
+    def test_idle_tls_connections_cost_under_18_kib(self):
         # 300 idle TLS connections: GnuTLS's session state and little else (27 KiB each
         # while every connection kept its own 16 KiB buffer for gathering records).
+        # With a client certificate the session keeps the peer's chain: 15.9 KiB with
+        # ECDSA client certificates, 16.2 with make-dev-certs' RSA 3072 ones (11.1
+        # without any, as bench/ measures).
         srv = nbdv.Server(EXPORTS, extra=tls_block(self.pki), tcp=True).start()
         self.addCleanup(srv.__exit__, None, None, None)
         certs = self.client("vm7")
@@ -556,7 +559,7 @@ class TlsTest(ResumeMixin, unittest.TestCase):
         handles += [connect() for _ in range(300)]
         time.sleep(0.3)
         per_conn = (nbdv.rss_kib(srv.proc.pid) - before) / 300
-        self.assertLess(per_conn, 16.0, f"{per_conn:.1f} KiB per idle TLS connection")
+        self.assertLess(per_conn, 18.0, f"{per_conn:.1f} KiB per idle TLS connection")
         for h in handles:
             h.shutdown()
 
