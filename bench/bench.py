@@ -214,20 +214,23 @@ def w_idle_rss(server, a):
     return (after - before) / a.idle, 0.0, 0.0, 0.0
 
 
+def run_stream(kind, nbytes, pki, span=None):
+    """One bench/stream run of @nbytes (tcp or tls), from one cached buffer per side or,
+    with @span, through buffers of that many bytes: (MiB/s, sender CPU s, receiver CPU
+    s, cipher)."""
+    p = subprocess.run([STREAM, kind, str(nbytes), pki] + ([str(span)] if span else []),
+                       capture_output=True, text=True, timeout=300, check=True)
+    f = p.stdout.split()
+    return float(f[0]), float(f[1]), float(f[2]), f[3]
+
+
 def ceilings(a, pki):
     """Bare loopback stream limits (no NBD): what any server could reach here.  The TLS
     stream twice: from one cached buffer, and through buffers of the copy's size (every
     byte read from RAM and written to RAM, as a server and its client must)."""
-    out = {}
-    for kind, span in (("tcp", ()), ("tls", ()), ("tls", (str(a.copy_bytes),))):
-        runs = []
-        for _ in range(a.reps):
-            p = subprocess.run([STREAM, kind, str(a.copy_bytes * 2), pki, *span],
-                               capture_output=True, text=True, timeout=300, check=True)
-            f = p.stdout.split()
-            runs.append((float(f[0]), float(f[1]), float(f[2]), f[3]))
-        out[(kind, span[0] if span else None)] = runs
-    return out
+    return {(kind, span): [run_stream(kind, a.copy_bytes * 2, pki, span)
+                           for _ in range(a.reps)]
+            for kind, span in (("tcp", None), ("tls", None), ("tls", a.copy_bytes))}
 
 
 def w_reconnects(server, a, pki, mode):
@@ -389,7 +392,7 @@ def write_report(a, results, kinds):
               "|---|---|---|---|---|"]
     for (kind, span), runs in a.ceil.items():
         v = [r[0] for r in runs]
-        through = f", through {int(span) >> 20} MiB buffers" if span else ""
+        through = f", through {span >> 20} MiB buffers" if span else ""
         lines.append(f"| bare {kind.upper()} loopback, {a.copy_bytes * 2 >> 20} MiB{through} | "
                      f"{statistics.median(v):,.0f} ({min(v):,.0f}..{max(v):,.0f}) | "
                      f"{statistics.median(r[1] for r in runs):.2f} | "

@@ -62,8 +62,11 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	size = (uint64_t)nbd_get_size(h);
-	if (argc == 7 && strtoull(argv[6], NULL, 10) < size)
-		size = strtoull(argv[6], NULL, 10);
+	if (argc == 7) {
+		uint64_t range = strtoull(argv[6], NULL, 10);
+		if (range < size)
+			size = range;
+	}
 	if (size < (uint64_t)bs) {
 		fprintf(stderr, "nbdload: range below one block\n");
 		return 1;

@@ -65,8 +65,10 @@ int main(int argc, char **argv)
 		return fprintf(stderr, "usage: stream tcp|tls BYTES PKI_DIR [SPAN]\n"), 2;
 	tls = strcmp(argv[1], "tls") == 0;
 	bytes = strtoull(argv[2], NULL, 10);
-	if (argc == 5 && strtoull(argv[4], NULL, 10) > CHUNK)
+	if (argc == 5)
 		span = strtoull(argv[4], NULL, 10) / CHUNK * CHUNK;
+	if (span < CHUNK)
+		span = CHUNK;
 	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	lfd = socket(AF_INET, SOCK_STREAM, 0);
 	if (bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(lfd, 1) < 0 ||

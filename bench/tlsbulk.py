@@ -28,7 +28,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -101,12 +100,8 @@ def main():
                         results.setdefault((op, conns, backing, s.name), []).append(
                             fn(s, a, conns))
                 # The ceiling, measured between the cells so that it sees the same machine.
-                for span, into in ((), stream), ((str(a.copy_bytes),), stream_ram):
-                    p = subprocess.run([bench.STREAM, "tls", str(a.copy_bytes), pki, *span],
-                                       capture_output=True, text=True, timeout=300,
-                                       check=True)
-                    f = p.stdout.split()
-                    into.append((float(f[0]), float(f[1]), float(f[2]), f[3]))
+                stream.append(bench.run_stream("tls", a.copy_bytes, pki))
+                stream_ram.append(bench.run_stream("tls", a.copy_bytes, pki, a.copy_bytes))
                 print(f"{op} {conns} conn {backing} done ({time.monotonic() - started:.0f} s)",
                       file=sys.stderr, flush=True)
         finally:
