@@ -118,15 +118,21 @@ class Server:
         self.log.close()
 
 
+def nbdcopy_conns(conns):
+    """nbdcopy's options for @conns connections (None: its defaults).  nbdcopy opens no
+    more connections than it runs threads, and its threads default to the number of
+    cores: --connections=4 alone opens 2 on a 2-core machine (`nbdcopy -v` prints
+    connections=2), so the threads are asked for too."""
+    return [f"--connections={conns}", f"--threads={conns}"] if conns else []
+
+
 def w_nbdcopy_write(server, a, conns):
-    argv = ["nbdcopy", "--flush"] + ([f"--connections={conns}"] if conns else []) + \
-        [a.src, server.uri]
+    argv = ["nbdcopy", "--flush"] + nbdcopy_conns(conns) + [a.src, server.uri]
     return timed(server, argv, lambda out, wall: a.copy_bytes / wall / 2**20)
 
 
 def w_nbdcopy_read(server, a, conns):
-    argv = ["nbdcopy"] + ([f"--connections={conns}"] if conns else []) + \
-        [server.uri, "null:"]
+    argv = ["nbdcopy"] + nbdcopy_conns(conns) + [server.uri, "null:"]
     return timed(server, argv, lambda out, wall: a.copy_bytes / wall / 2**20)
 
 
