@@ -10,7 +10,8 @@ storage is RAM and the cluster's own work is what both servers share) holds one 
 image.  The servers take turns on it (one at a time: two would hand the image's
 exclusive lock back and forth), on 127.0.0.1 TCP, plain and TLS 1.3 (the same RSA
 certificate: qemu-nbd refuses ECDSA).  Workloads: nbdcopy 1 GiB write (--flush) and
-read to null: with 4 connections, and 4 KiB random read and write at depth 1 and 32
+read to null: with nbdcopy's default connections (4, but no more than the cores: 2
+here), and 4 KiB random read and write at depth 1 and 32
 (bench/nbdload, libnbd).  3 repetitions alternating which server goes first (--quick: 1, 1 s runs, 256 MiB).
 Reports median (min..max), server and client CPU seconds, and nbdvault's ratio;
 writes bench/results/rbd.md.  Asserts nothing.
@@ -102,7 +103,10 @@ def workloads(copy_bytes, src, secs):
                      lambda out, wall: copy_bytes / wall / 2**20, timeout=900)
 
     def load(rw, qd):
-        return lambda s: timed(s, [NBDLOAD, s.uri, rw, "4096", str(qd), str(secs)],
+        # Inside the bytes the copy wrote (all of the image in a full run, a quarter with
+        # --quick): past them a read is of a hole, answered without a payload.
+        return lambda s: timed(s, [NBDLOAD, s.uri, rw, "4096", str(qd), str(secs),
+                                   str(copy_bytes)],
                                lambda out, wall: int(out.split()[0]) / float(out.split()[2]),
                                timeout=900)
     return [("nbdcopy write, MiB/s", copy_write), ("nbdcopy read, MiB/s", copy_read),
@@ -188,7 +192,8 @@ def write_report(results, reps, quick, nbdvault, copy_bytes, secs, only=None):
                 f"served by nbdvault `{os.path.relpath(nbdvault, ROOT)}` (rbd.so, cache off) and by "
                 f"{q.replace(ROOT + '/', '').replace(os.path.normpath(ROOT) + '/', '')} "
                 f"(`--image-opts driver=rbd`, `-e 8`), one at a time, on 127.0.0.1 TCP. "
-                f"nbdcopy {copy_bytes >> 20} MiB with 4 connections; 4 KiB random I/O with "
+                f"nbdcopy {copy_bytes >> 20} MiB with its default connections ({min(4, os.cpu_count())}: "
+                f"4, but no more than the cores); 4 KiB random I/O with "
                 f"bench/nbdload for {secs} s. {reps} run(s) each, alternating; median "
                 f"(min..max), then median server / client CPU seconds. Ceph's own daemons "
                 f"share the two cores with both.\n\n")
