@@ -597,9 +597,13 @@ static void start_tls(struct nbdv_conn *c)
 	tls_step(c);
 }
 
+/* Sends what is queued until the socket is full, the queue is empty or the turn
+ * (NBDV_TURN_NS) is over; then the write watcher brings the connection back after the
+ * loop has polled the others. */
 static void conn_flush(struct nbdv_conn *c)
 {
 	struct iovec iov[64];
+	uint64_t turn_end = nbdv_now_ns() + NBDV_TURN_NS;
 
 	if (c->phase == CONN_DEAD)
 		return;
@@ -629,6 +633,11 @@ static void conn_flush(struct nbdv_conn *c)
 			outq_consume_file(&c->outq, (size_t)w);
 		} else {
 			outq_consume(&c->outq, (size_t)w);
+		}
+		if (c->outq.head && c->fd >= 0 && nbdv_now_ns() >= turn_end) {
+			watch(c, &c->wio);
+			update_reading(c);
+			return;
 		}
 	}
 	if (c->phase == CONN_TLS_HANDSHAKE) {

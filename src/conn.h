@@ -45,7 +45,10 @@
 /* One turn of a connection on its reactor: at most this many requests, or this long,
  * before the loop polls the other connections again (requests that run inline, such as
  * memory-export BLOCK_STATUS, would otherwise hold the reactor as long as the client
- * keeps the input buffer full). */
+ * keeps the input buffer full).  Sending replies takes turns of the same length: a
+ * client that reads as fast as the reactor encrypts never fills its socket, and a whole
+ * 32 MiB TLS reply (~25 ms of encryption) used to go out before any other connection's
+ * turn (test_fairness: test_sending_large_tls_replies_takes_turns). */
 #define NBDV_TURN_REQUESTS 128
 #define NBDV_TURN_NS	   (500 * 1000)
 /* Memory a connection may hold before it has chosen an export (and, in tls: require

@@ -9,8 +9,10 @@ generous functional one; the figures themselves belong to bench/fairness."""
 
 import multiprocessing
 import os
+import socket
 import statistics
 import struct
+import tempfile
 import time
 import unittest
 
@@ -23,6 +25,7 @@ import nbd  # noqa: E402
 # bound, scaled, still tells a fair server from one that serves a backlog first.
 SANITIZED = os.environ.get("NBDVAULT_SANITIZE", "none") != "none"
 BOUND_MS = 20 * nbdv.SLOW * (5 if SANITIZED else 1)
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module lacks the name
 
 
 def hog(sock_path, export, length, depth, seconds, ready):
@@ -156,6 +159,91 @@ class FairnessTest(unittest.TestCase):
             nbdv.disconnect(h)
             self.victim_beside_hogs(srv, ("mem", nbdv.CMD_READ, 4096),
                                     ("big", (4 << 30) - 4096, 64, 2))
+
+    def test_sending_large_tls_replies_takes_turns(self):
+        # Four clients each ask for 3 x 32 MiB over TLS and read nothing, with receive
+        # buffers larger than all of it: their sockets never fill, and the reactor has
+        # ~0.3 s of encryption to do.  It used to send until a socket was full or its
+        # queue empty: each whole 32 MiB reply (~25 ms here) went out before it looked at
+        # another connection.  It sends for one turn (0.5 ms) at a time now.  And a read
+        # that large of a memory export, copied on the reactor into a fresh buffer, held
+        # it another 25-30 ms; it goes to the I/O threads now.  A TLS victim on the same
+        # reactor reads 4 KiB every 2 ms meanwhile.  Its slowest read took 290-390 ms
+        # before (one stall: the reactor sent everything queued at once) and 17-50 ms
+        # after (the copies, now on the I/O threads, share the two cores with it).
+        tmp = tempfile.mkdtemp(prefix="nbdvault-fairness-")
+        pki = nbdv.make_pki(os.path.join(tmp, "pki"))
+        exports = """
+  - name: big
+    driver: memory
+    size: 96M
+  - name: mem
+    driver: memory
+    size: 64M
+"""
+        tls = f"workers: 1\ntls:\n  mode: require\n  certificates: {pki}\n"
+        client = os.path.join(pki, "clients", "client")
+        uri = lambda e: f"nbds+unix:///{e}?socket={srv.sock}&tls-certificates={client}"
+        length, n = 32 << 20, 3
+        block = os.urandom(1 << 20)
+        # MALLOC_PERTURB_ (meson sets it) fills each 32 MiB reply buffer as the reactor
+        # allocates it, faulting in its pages there: 25-30 ms a read that a server run
+        # without it never spends.
+        with nbdv.Server(exports, extra=tls, tcp=True, tmpdir=tmp,
+                         env={"MALLOC_PERTURB_": "0"}) as srv:
+            h = nbd.NBD()
+            h.set_uri_allow_local_file(True)
+            h.connect_uri(uri("big"))
+            for off in range(0, n * length, len(block)):
+                h.pwrite(block, off)
+            nbdv.disconnect(h)
+            victim = nbd.NBD()
+            victim.set_uri_allow_local_file(True)
+            victim.connect_uri(uri("mem"))
+            hogs = []
+            for _ in range(4):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:  # before connect, so that the window scale allows it
+                    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 512 << 20)
+                except PermissionError:
+                    self.skipTest("SO_RCVBUFFORCE needs CAP_NET_ADMIN")
+                s.settimeout(60)
+                s.connect(("127.0.0.1", srv.port))
+                r = nbdv.Raw.__new__(nbdv.Raw)
+                r.s = s
+                r.greet()
+                r.starttls(os.path.join(pki, "ca-cert.pem"))
+                r.go(b"big")
+                hogs.append(r)
+            lat, t0 = [], time.monotonic()
+            for r in hogs:
+                for i in range(n):
+                    r.request(nbdv.CMD_READ, i * length, length, cookie=i)
+            for i in range(50):
+                delay = t0 + i * 0.002 - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                t = time.monotonic()
+                victim.pread(4096, i * 4096)
+                lat.append((time.monotonic() - t) * 1000)
+            buf = bytearray(length)
+            for r in hogs:
+                for _ in range(n):
+                    magic, err, cookie = struct.unpack(">IIQ", r.recvn(16))
+                    self.assertEqual((magic, err), (nbdv.SIMPLE_REPLY_MAGIC, 0))
+                    view, got = memoryview(buf), 0
+                    while got < length:
+                        k = r.s.recv_into(view[got:])
+                        self.assertGreater(k, 0)
+                        got += k
+                    self.assertEqual(buf[:len(block)], block)
+                r.close()
+            nbdv.disconnect(victim)
+        mean = statistics.mean(lat)
+        lat.sort()
+        print(f"TLS victim beside 4 x {n} x 32 MiB TLS replies: mean {mean:.2f} ms, median "
+              f"{statistics.median(lat):.2f}, top 5 {[round(x, 1) for x in lat[-5:]]}")
+        self.assertLess(lat[-1], 150 * nbdv.SLOW * (5 if SANITIZED else 1))
 
 
 if __name__ == "__main__":
