@@ -169,7 +169,7 @@ class FairnessTest(unittest.TestCase):
         # that large of a memory export, copied on the reactor into a fresh buffer, held
         # it another 25-30 ms; it goes to the I/O threads now.  A TLS victim on the same
         # reactor reads 4 KiB every 2 ms meanwhile.  Its slowest read took 290-390 ms
-        # before (one stall: the reactor sent everything queued at once) and 17-50 ms
+        # before (one stall: the reactor sent everything queued at once) and 9-50 ms
         # after (the copies, now on the I/O threads, share the two cores with it).
         tmp = tempfile.mkdtemp(prefix="nbdvault-fairness-")
         pki = nbdv.make_pki(os.path.join(tmp, "pki"))
