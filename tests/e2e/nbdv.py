@@ -22,6 +22,7 @@ NBD_MAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
 REP_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module lacks the name
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
@@ -324,7 +325,9 @@ class Server:
 class Raw:
     """A raw NBD client on a socket, for what real clients refuse to send."""
 
-    def __init__(self, path=None, port=None, timeout=10, rcvbuf=None):
+    def __init__(self, path=None, port=None, timeout=10, rcvbuf=None, rcvbuf_force=False):
+        """rcvbuf (TCP): SO_RCVBUF before connect; with rcvbuf_force, SO_RCVBUFFORCE,
+        which may exceed net.core.rmem_max (PermissionError without CAP_NET_ADMIN)."""
         timeout *= SLOW
         if path:
             deadline = time.monotonic() + timeout
@@ -342,21 +345,25 @@ class Raw:
         else:
             self.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.s.settimeout(timeout)
-            if rcvbuf:  # before connect, so that the window stays that small
-                self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if rcvbuf:  # before connect, so that the window scale fits this size
+                self.s.setsockopt(socket.SOL_SOCKET,
+                                  SO_RCVBUFFORCE if rcvbuf_force else socket.SO_RCVBUF, rcvbuf)
             self.s.connect(("127.0.0.1", port))
 
     def close(self):
         self.s.close()
 
     def recvn(self, n):
-        buf = b""
+        # A bytearray grows in place: appending each chunk to a bytes object copied a
+        # 32 MiB reply thousands of times over.  (Only recv() is asked of self.s: tests
+        # put their own TLS wrappers there.)
+        buf = bytearray()
         while len(buf) < n:
             chunk = self.s.recv(n - len(buf))
             if not chunk:
                 raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
             buf += chunk
-        return buf
+        return bytes(buf)
 
     def closed_by_server(self, timeout=5):
         """True if the server closes the connection (EOF or reset) within timeout."""

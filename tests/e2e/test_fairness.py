@@ -9,7 +9,6 @@ generous functional one; the figures themselves belong to bench/fairness."""
 
 import multiprocessing
 import os
-import socket
 import statistics
 import struct
 import tempfile
@@ -25,7 +24,6 @@ import nbd  # noqa: E402
 # bound, scaled, still tells a fair server from one that serves a backlog first.
 SANITIZED = os.environ.get("NBDVAULT_SANITIZE", "none") != "none"
 BOUND_MS = 20 * nbdv.SLOW * (5 if SANITIZED else 1)
-SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module lacks the name
 
 
 def hog(sock_path, export, length, depth, seconds, ready):
@@ -202,15 +200,11 @@ class FairnessTest(unittest.TestCase):
             victim.connect_uri(uri("mem"))
             hogs = []
             for _ in range(4):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                try:  # before connect, so that the window scale allows it
-                    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 512 << 20)
+                try:
+                    r = nbdv.Raw(port=srv.port, timeout=60, rcvbuf=512 << 20,
+                                 rcvbuf_force=True)
                 except PermissionError:
                     self.skipTest("SO_RCVBUFFORCE needs CAP_NET_ADMIN")
-                s.settimeout(60)
-                s.connect(("127.0.0.1", srv.port))
-                r = nbdv.Raw.__new__(nbdv.Raw)
-                r.s = s
                 r.greet()
                 r.starttls(os.path.join(pki, "ca-cert.pem"))
                 r.go(b"big")
@@ -226,17 +220,10 @@ class FairnessTest(unittest.TestCase):
                 t = time.monotonic()
                 victim.pread(4096, i * 4096)
                 lat.append((time.monotonic() - t) * 1000)
-            buf = bytearray(length)
             for r in hogs:
                 for _ in range(n):
-                    magic, err, cookie = struct.unpack(">IIQ", r.recvn(16))
-                    self.assertEqual((magic, err), (nbdv.SIMPLE_REPLY_MAGIC, 0))
-                    view, got = memoryview(buf), 0
-                    while got < length:
-                        k = r.s.recv_into(view[got:])
-                        self.assertGreater(k, 0)
-                        got += k
-                    self.assertEqual(buf[:len(block)], block)
+                    err, cookie, data = r.simple_reply(length)
+                    self.assertEqual((err, data[:len(block)]), (0, block))
                 r.close()
             nbdv.disconnect(victim)
         mean = statistics.mean(lat)
