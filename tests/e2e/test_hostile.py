@@ -25,23 +25,28 @@ def limits(**kw):
     return "limits:\n" + "".join(f"  {k.replace('_', '-')}: {v}\n" for k, v in kw.items())
 
 
-def pour(r, payload, seconds):
+def pour(r, payload, seconds, stall=None):
     """Write @payload over and over for @seconds on raw client @r, never reading, and
-    never cutting a message short.  Returns how many bytes the server took."""
+    never cutting a message short; with @stall, stop as soon as the server has taken
+    nothing for @stall seconds (it stopped reading).  Returns how many bytes the server
+    took."""
     r.s.setblocking(False)
     sent = 0
-    deadline = time.monotonic() + seconds
+    now = time.monotonic()
+    deadline, last = now + seconds, now
     blob = payload * max(1, 65536 // len(payload))
     rest = b""
-    while time.monotonic() < deadline:
+    while now < deadline and (stall is None or now - last < stall):
         try:
             n = r.s.send(rest or blob)
             sent += n
             rest = (rest or blob)[n:]
+            last = time.monotonic()
         except BlockingIOError:
             time.sleep(0.005)
         except (ConnectionResetError, BrokenPipeError):
             break  # the server hung up (a deadline): nothing more to pour
+        now = time.monotonic()
     return sent
 
 
@@ -106,7 +111,11 @@ class HostileMemoryTest(unittest.TestCase):
 
     def test_unread_flush_replies_bounded_by_budget(self):
         # Finding 2: pipelined FLUSH (and invalid) requests, replies never read.  The
-        # budget counts what replies really hold, not their 16 wire bytes.
+        # budgets count what replies really hold, not their 16 wire bytes.  The first to
+        # bind is the 512 KiB of replies allowed to wait for the socket: a few hundred
+        # KiB of real memory (+0.6 MiB resident here), where counting wire bytes let
+        # 32 Ki replies wait (+10.8 MiB).  The flood goes on until the server stops
+        # reading, so a slow host pours as much as a fast one.
         budget_mib = 16
         with nbdv.Server(extra=limits(max_inflight_bytes=f"{budget_mib}M"), tcp=True) as srv:
             pid = srv.proc.pid
@@ -119,15 +128,15 @@ class HostileMemoryTest(unittest.TestCase):
             r = nbdv.Raw(port=srv.port)
             r.greet()
             r.go()
-            sent = pour(r, flush + bad, 4 * min(nbdv.SLOW, 2))
+            sent = pour(r, flush + bad, 30 * nbdv.SLOW, stall=nbdv.SLOW)
             grown = nbdv.rss_kib(pid) - before
             print(f"flush flood: {sent // 28} requests taken, RSS +{grown} KiB")
-            # 16 wire bytes a reply: without real accounting the server would take
-            # ~6 M requests for a 16 MiB budget; with it, a fraction of that.
+            # A loose bound: most of what the server took still sits in the sockets'
+            # kernel buffers (~12 MB on loopback), unread.
             self.assertLess(sent // 28, 1024 * 1024, f"server took {sent} bytes")
             if MEASURE_RSS:
-                self.assertLess(grown, budget_mib * 1024 * 1.1 + 4096,
-                                f"server grew {grown} KiB for a {budget_mib} MiB budget")
+                self.assertLess(grown, 4096, f"server grew {grown} KiB under a flood of "
+                                "replies nobody reads")
             # Another connection is served meanwhile.
             check.request(nbdv.CMD_READ, 0, 512, cookie=3)
             self.assertEqual(check.simple_reply(512)[:2], (0, 3))
