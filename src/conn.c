@@ -653,7 +653,7 @@ static void conn_flush(struct nbdv_conn *c)
 
 bool conn_release(struct nbdv_conn *c)
 {
-	if (c->phase != CONN_DEAD || c->inflight || c->depth || c->dirty)
+	if (c->phase != CONN_DEAD || c->inflight || c->depth || c->dirty || c->resuming)
 		return false;
 	reactor_conn_remove(c->r, c);
 	identity_release(c);
@@ -744,7 +744,7 @@ static bool turn_over(struct nbdv_conn *c)
 static void turn_yield(struct nbdv_conn *c)
 {
 	if (c->yielded && reading_phase(c) && !throttled(c))
-		ev_feed_event(c->r->loop, &c->rio, EV_READ);
+		reactor_resume_later(c->r, c);
 	c->yielded = false;
 }
 
@@ -977,13 +977,21 @@ bool conn_pump(struct nbdv_conn *c)
 
 static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
-	(void)conn_pump(container_of(w, struct nbdv_conn, rio));
+	struct nbdv_conn *c = container_of(w, struct nbdv_conn, rio);
+
+	if (c->resuming)
+		return; /* its next turn comes from the resume list, after everyone else's */
+	(void)conn_pump(c);
 }
 
 void conn_service(struct nbdv_conn *c)
 {
 	c->depth++;
 	conn_flush(c);
+	/* A connection waiting on the resume list takes its next turn from there: taking
+	 * it here, where its own replies bring it back, would serve it turn after turn. */
+	if (c->resuming)
+		goto out;
 	/* Completions or drained output may have lifted back-pressure while whole requests
 	 * (or options) wait in the input buffer; the socket may never become readable for
 	 * them. */
@@ -995,6 +1003,7 @@ void conn_service(struct nbdv_conn *c)
 	       read_once(c))
 		process_input(c);
 	turn_yield(c);
+out:
 	maybe_close_drained(c);
 	c->depth--;
 }

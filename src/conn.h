@@ -107,6 +107,8 @@ struct nbdv_conn {
 	struct nbdv_conn *prev, *next; /* reactor's list of connections */
 	struct nbdv_conn *dirty_next;  /* reactor's list of connections with output to send */
 	bool dirty;		       /* on the dirty list */
+	struct nbdv_conn *resume_next; /* reactor's list of connections whose turn ended */
+	bool resuming;		       /* on that list */
 	unsigned id;		       /* for log lines: "c17" */
 	int fd;			       /* socket; -1 once closed */
 	bool is_tcp;		       /* TCP (vs unix) socket */

@@ -85,6 +85,49 @@ void reactor_flush_dirty(struct nbdv_reactor *r)
 	}
 }
 
+/*
+ * A connection whose turn ended with requests left waits here until the loop has polled
+ * again, then goes on from the flusher.  (ev_feed_event() on its read watcher did not
+ * wait: libev invokes an event fed from a callback in the same pass, before it polls,
+ * so a connection with a deep queue took turn after turn while a request that had just
+ * arrived on another connection waited for all of them.)
+ */
+void reactor_resume_later(struct nbdv_reactor *r, struct nbdv_conn *c)
+{
+	if (c->resuming)
+		return;
+	c->resuming = true;
+	c->resume_next = NULL;
+	*r->resume_end = c;
+	r->resume_end = &c->resume_next;
+	if (!ev_is_active(&r->resume_idle))
+		ev_idle_start(r->loop, &r->resume_idle);
+}
+
+/* Go on with the connections that yielded before the last poll, in the order they did;
+ * those that yield again wait for the next one. */
+static void resume_yielded(struct nbdv_reactor *r)
+{
+	struct nbdv_conn *c = r->resume;
+
+	r->resume = NULL;
+	r->resume_end = &r->resume;
+	while (c) {
+		struct nbdv_conn *next = c->resume_next;
+
+		c->resuming = false;
+		(void)conn_pump(c);
+		c = next;
+	}
+	if (!r->resume)
+		ev_idle_stop(r->loop, &r->resume_idle);
+}
+
+/* Nothing to do: while active, the loop polls without sleeping. */
+static void resume_idle_cb(struct ev_loop *loop, ev_idle *w, int revents)
+{
+}
+
 /* How soon connections paused by limits.max-memory look again. */
 #define MEMORY_RETRY 0.005
 
@@ -103,7 +146,8 @@ static void memory_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		reactor_mark_dirty(r, c);
 }
 
-/* Before each poll: write what every dirty connection has queued, in one batch each. */
+/* Before each poll: write what every dirty connection has queued, in one batch each,
+ * then give each connection that yielded its next turn and write what that made. */
 static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
 	struct nbdv_reactor *r = container_of(w, struct nbdv_reactor, flusher);
@@ -115,7 +159,12 @@ static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 	 * a virtual machine can take half the moment by itself. */
 	bool spin = r->dirty && r->srv->cfg->busy_poll > 0 && r->port.outstanding == 0;
 
+	/* Replies made since the last poll leave before the yielded connections' turns. */
 	reactor_flush_dirty(r);
+	if (r->resume) {
+		resume_yielded(r);
+		reactor_flush_dirty(r);
+	}
 	if (spin) {
 		r->spin_until = ev_time() + r->srv->cfg->busy_poll;
 		if (!ev_is_active(&r->spin_idle))
@@ -230,6 +279,8 @@ void reactor_setup(struct nbdv_server *srv, unsigned idx, struct ev_loop *loop)
 	ev_prepare_init(&r->flusher, flusher_cb);
 	ev_prepare_start(loop, &r->flusher);
 	ev_idle_init(&r->spin_idle, spin_cb);
+	ev_idle_init(&r->resume_idle, resume_idle_cb);
+	r->resume_end = &r->resume;
 	ev_unref(loop);
 	ev_async_init(&r->wake, reactor_wake_cb);
 	ev_async_start(loop, &r->wake);
@@ -251,6 +302,7 @@ void reactor_teardown(struct nbdv_reactor *r)
 		struct nbdv_conn *c = r->conns;
 		conn_abort(c);
 		c->dirty = false;
+		c->resuming = false;
 		c->depth = 0;
 		if (!conn_release(c))
 			break;
@@ -265,6 +317,7 @@ void reactor_teardown(struct nbdv_reactor *r)
 	ev_ref(r->loop);
 	ev_prepare_stop(r->loop, &r->flusher);
 	ev_idle_stop(r->loop, &r->spin_idle);
+	ev_idle_stop(r->loop, &r->resume_idle);
 	if (r->idx == 0)
 		ev_ref(r->loop);
 	ev_async_stop(r->loop, &r->wake);

@@ -53,6 +53,9 @@ struct nbdv_reactor {
 	unsigned n_conns;	       /* how many (atomic: the acceptor reads it) */
 	unsigned pending;	       /* sockets handed over, not yet taken (atomic) */
 	struct nbdv_conn *dirty;       /* connections with output to write */
+	struct nbdv_conn *resume;      /* connections whose turn ended with work left */
+	struct nbdv_conn **resume_end; /* where the next one goes (they keep their order) */
+	ev_idle resume_idle;	       /* keeps the poll from sleeping while any wait */
 	ev_prepare flusher;	       /* writes dirty connections before each poll */
 	ev_idle spin_idle;	       /* polls without sleeping for a moment after replies */
 	ev_tstamp spin_until;	       /* when to stop */
@@ -131,6 +134,8 @@ struct nbdv_tls *server_tls_get(struct nbdv_server *srv);
 void reactor_conn_add(struct nbdv_reactor *r, struct nbdv_conn *c);
 void reactor_conn_remove(struct nbdv_reactor *r, struct nbdv_conn *c);
 void reactor_mark_dirty(struct nbdv_reactor *r, struct nbdv_conn *c);
+/* @c's turn ended with requests left: go on with it after the loop has polled again. */
+void reactor_resume_later(struct nbdv_reactor *r, struct nbdv_conn *c);
 /* A connection stopped reading because the process holds limits.max-memory: look at
  * every connection again shortly (memory freed on other reactors raises no event). */
 void reactor_memory_wait(struct nbdv_reactor *r);

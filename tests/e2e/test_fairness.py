@@ -4,8 +4,9 @@ requests may slow itself, not other clients.
 
 Hogs run in their own processes (so that the Python interpreter's lock adds nothing to
 the victim's figures) and keep hundreds of BLOCK_STATUS requests in flight; a victim on
-another connection measures its own round trips.  The bound (median under 20 ms) is a
-generous functional one; the figures themselves belong to bench/fairness."""
+another connection measures its own round trips.  The bound (median under 4 ms, 8 under
+sanitizers) is a generous functional one; the figures themselves belong to
+bench/fairness."""
 
 import multiprocessing
 import os
@@ -20,10 +21,10 @@ import nbdv
 nbdv.require_libnbd()
 import nbd  # noqa: E402
 
-# Sanitizers make the server several times slower (ThreadSanitizer most): the same
-# bound, scaled, still tells a fair server from one that serves a backlog first.
+# Sanitizers make the server slower: the same bound, scaled, still tells a fair server
+# from one that serves a backlog first.
 SANITIZED = os.environ.get("NBDVAULT_SANITIZE", "none") != "none"
-BOUND_MS = 20 * nbdv.SLOW * (5 if SANITIZED else 1)
+BOUND_MS = 4 * nbdv.SLOW * (2 if SANITIZED else 1)
 
 
 def hog(sock_path, export, length, depth, seconds, ready):
@@ -140,7 +141,12 @@ class FairnessTest(unittest.TestCase):
     def test_huge_block_status_on_memory_does_not_stall_the_reactor(self):
         # Memory export of 8 GiB: BLOCK_STATUS(4 GiB) ran on the reactor for 4-16 ms
         # each; two such connections pushed a victim's 4 KiB READ on another export
-        # from 0.09 ms to 487 ms median.
+        # from 0.09 ms to 487 ms median.  Calls are cut at 64 MiB of table now (~0.1 ms),
+        # and each connection takes 0.5 ms turns; but a connection that ended its turn
+        # came back before the loop polled again (libev ran the read event it fed itself
+        # in the same pass, and its own replies brought it back through the flusher),
+        # so the victim still waited for every request the hogs had sent: 11-21 ms
+        # median (28-42 under ASan).  It goes on after the next poll now: 0.6-0.9 ms.
         exports = """
   - name: big
     driver: memory
