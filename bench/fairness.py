@@ -27,7 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import ROOT, wait_socket  # noqa: E402
+from benchlib import QEMU10, ROOT, wait_socket  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 import nbdv  # noqa: E402
 import test_fairness as tf  # noqa: E402
@@ -36,6 +36,9 @@ import nbd  # noqa: E402
 
 SAMPLES = 400
 HOG_SECONDS = 8
+# qemu-nbd 10 when tests/qemu10 has unpacked it (as bench.py), else the system's 7.2.
+Q10 = os.path.join(QEMU10, "bin", "qemu-nbd")
+QEMU_NBD = Q10 if os.path.exists(Q10) else "qemu-nbd"
 
 
 def start(kind, backing, sock, nbdvault, tmp):
@@ -55,7 +58,7 @@ def start(kind, backing, sock, nbdvault, tmp):
         cmd = ["nbdkit", "-f", "-U", sock, "--exportname", name]
         cmd += ["file", img] if backing == "file" else ["memory", "8G"]
     else:  # qemu-nbd: file only
-        cmd = ["qemu-nbd", "-f", "raw", "-x", name, "-k", sock, "-t", "-e", "8",
+        cmd = [QEMU_NBD, "-f", "raw", "-x", name, "-k", sock, "-t", "-e", "8",
                "--cache=writeback", img]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_socket(sock, p)
@@ -142,7 +145,7 @@ def main():
                 "two connections with 64 BLOCK_STATUS(4 GiB) each, the victim a 4 KiB "
                 f"READ every 10 ms ({SAMPLES} victim requests, open loop).\n\n")
         f.write(f"Versions: nbdvault {nbdvault}, {version(['nbdkit', '--version'])}, "
-                f"{version(['qemu-nbd', '--version'])}.\n\n")
+                f"{version([QEMU_NBD, '--version'])}.\n\n")
         f.write("| server | attack | victim alone p50 / p99 (ms) | beside the hogs p50 / p99 (ms) "
                 "| p99 vs nbdvault |\n| --- | --- | --- | --- | --- |\n")
         ours = {b: r[5] for r in rows for b in (r[1],) if r[0] == "nbdvault"}
