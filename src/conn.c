@@ -767,6 +767,16 @@ static void process_input(struct nbdv_conn *c)
 				update_reading(c);
 				return;
 			}
+			/* Options take turns like requests: a client (authenticated or
+			 * not) pipelining cheap options while it reads the replies kept
+			 * the reactor on one input buffer of them (4096) at a time. */
+			if (c->rx == RX_OPT_HEADER && avail(c) >= sizeof(struct nbd_option)) {
+				if (turn_over(c)) {
+					c->yielded = true;
+					return;
+				}
+				c->turn_left--;
+			}
 			r = handshake_input(c, p, avail(c), &used);
 			c->istart += used;
 			switch (r) {
