@@ -769,7 +769,7 @@ static void process_input(struct nbdv_conn *c)
 			}
 			/* Options take turns like requests: a client (authenticated or
 			 * not) pipelining cheap options while it reads the replies kept
-			 * the reactor on one input buffer of them (4096) at a time. */
+			 * the reactor on a whole input buffer of them (~4,000) at a time. */
 			if (c->rx == RX_OPT_HEADER && avail(c) >= sizeof(struct nbd_option)) {
 				if (turn_over(c)) {
 					c->yielded = true;
