@@ -731,13 +731,17 @@ static void turn_begin(struct nbdv_conn *c)
 	c->turn_end = c->fd >= 0 ? nbdv_now_ns() + NBDV_TURN_NS : UINT64_MAX;
 }
 
-/* Whether the turn is used up (checked before each request; an in-memory connection,
- * driven by its harness, is never cut short). */
-static bool turn_over(struct nbdv_conn *c)
+/* Count one request or option against the turn; false, and the connection yields, when
+ * the turn is used up (an in-memory connection, driven by its harness, is never cut
+ * short). */
+static bool turn_take(struct nbdv_conn *c)
 {
-	if (c->fd < 0)
+	if (c->fd >= 0 && (c->turn_left == 0 || nbdv_now_ns() >= c->turn_end)) {
+		c->yielded = true;
 		return false;
-	return c->turn_left == 0 || nbdv_now_ns() >= c->turn_end;
+	}
+	c->turn_left--;
+	return true;
 }
 
 /* A turn ended with work left: come back after the loop has polled everyone else. */
@@ -770,13 +774,9 @@ static void process_input(struct nbdv_conn *c)
 			/* Options take turns like requests: a client (authenticated or
 			 * not) pipelining cheap options while it reads the replies kept
 			 * the reactor on a whole input buffer of them (~4,000) at a time. */
-			if (c->rx == RX_OPT_HEADER && avail(c) >= sizeof(struct nbd_option)) {
-				if (turn_over(c)) {
-					c->yielded = true;
-					return;
-				}
-				c->turn_left--;
-			}
+			if (c->rx == RX_OPT_HEADER && avail(c) >= sizeof(struct nbd_option) &&
+			    !turn_take(c))
+				return;
 			r = handshake_input(c, p, avail(c), &used);
 			c->istart += used;
 			switch (r) {
@@ -818,11 +818,8 @@ static void process_input(struct nbdv_conn *c)
 			}
 			if (avail(c) < transmission_header_size(c))
 				return;
-			if (turn_over(c)) {
-				c->yielded = true;
+			if (!turn_take(c))
 				return;
-			}
-			c->turn_left--;
 			c->istart += transmission_header_size(c);
 			switch (transmission_header(c, p)) {
 			case TX_OK:
