@@ -24,16 +24,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import QEMU10, ROOT, free_port, make_pki, random_file, timed, version  # noqa: E402
+from benchlib import QEMU_NBD, ROOT, free_port, make_pki, random_file, timed, version  # noqa: E402
 
 NBDVAULT = os.path.join(ROOT, "build-release", "nbdvault")
 NBDLOAD = os.path.join(ROOT, "build-release", "nbdload")
 STREAM = os.path.join(ROOT, "build-release", "stream")
 RESUME = os.path.join(ROOT, "build-release", "resume")
-# qemu-nbd 10 from bookworm-backports (tests/qemu10 unpacks it; it sets TCP_NODELAY,
-# 7.2 does not), else the system's.
-Q10 = os.path.join(QEMU10, "bin", "qemu-nbd")
-PEERS = {"nbdkit": "nbdkit", "qemu-nbd": Q10 if os.path.exists(Q10) else "qemu-nbd"}
+PEERS = {"nbdkit": "nbdkit", "qemu-nbd": QEMU_NBD}
 PY = "/usr/bin/python3"
 GIB = 1 << 30
 # fio and nbdload keep to the first GiB of the 2 GiB exports, where the copies wrote data:

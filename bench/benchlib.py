@@ -11,6 +11,10 @@ TICK = os.sysconf("SC_CLK_TCK")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # qemu 10 from bookworm-backports, unpacked by tests/qemu10 (bin/, lib/.../qemu modules).
 QEMU10 = os.path.join(ROOT, "build", "qemu10", "usr")
+# The qemu-nbd peer: 10.0 when tests/qemu10 has unpacked it (it sets TCP_NODELAY, 7.2
+# does not), else the system's.
+_Q10_NBD = os.path.join(QEMU10, "bin", "qemu-nbd")
+QEMU_NBD = _Q10_NBD if os.path.exists(_Q10_NBD) else "qemu-nbd"
 
 
 def make_pki(path, rsa=False):

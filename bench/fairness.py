@@ -27,7 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import QEMU10, ROOT, wait_socket  # noqa: E402
+from benchlib import QEMU_NBD, ROOT, wait_socket  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 import nbdv  # noqa: E402
 import test_fairness as tf  # noqa: E402
@@ -36,9 +36,6 @@ import nbd  # noqa: E402
 
 SAMPLES = 400
 HOG_SECONDS = 8
-# qemu-nbd 10 when tests/qemu10 has unpacked it (as bench.py), else the system's 7.2.
-Q10 = os.path.join(QEMU10, "bin", "qemu-nbd")
-QEMU_NBD = Q10 if os.path.exists(Q10) else "qemu-nbd"
 
 
 def start(kind, backing, sock, nbdvault, tmp):
