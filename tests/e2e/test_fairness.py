@@ -13,6 +13,7 @@ import os
 import statistics
 import struct
 import tempfile
+import threading
 import time
 import unittest
 
@@ -67,7 +68,9 @@ def tls_client(srv, client, export):
 
 def paced_reads(h, count, t0=None, interval=0.002):
     """Round trips (ms) of @count 4 KiB reads on handle @h, the i-th started at
-    @t0 + i * @interval (open loop: a stall shows in every read due during it)."""
+    @t0 + i * @interval or as soon as the one before it has its reply (closed loop: a
+    stall shows in the read caught in it; the bounds here are on the slowest read or
+    the median of many)."""
     lat, t0 = [], time.monotonic() if t0 is None else t0
     for i in range(count):
         delay = t0 + i * interval - time.monotonic()
@@ -83,7 +86,6 @@ def option_flood(port, stop):
     """Before any TLS: pipeline NBD_OPT_LIST (answered NBD_REP_ERR_TLS_REQD) until
     @stop is set, a second thread reading every reply as it comes.  Returns the
     sender's thread."""
-    import threading
     r = nbdv.Raw(port=port, timeout=60)
     r.greet()
     blob = struct.pack(">QII", nbdv.IHAVEOPT, nbdv.OPT_LIST, 0) * 4096
@@ -124,7 +126,6 @@ def victim_ms(sock_path, export, cmd, count, length=0, interval=0.01):
     @interval seconds, whatever the replies do), in ms.  A closed loop would hide a
     stall: the one request caught in it is slow and the many sent right after are fast.
     """
-    import threading
     r = nbdv.Raw(sock_path, timeout=60)
     r.greet()
     r.go(export.encode())
@@ -288,7 +289,6 @@ class FairnessTest(unittest.TestCase):
         # median (two: 4-6 ms; each client adds its share).  Options take turns like
         # requests now: 0.20-0.24 ms.  (The floods run as threads of this process: in
         # processes of their own they sometimes flooded too little to show it.)
-        import threading
         tmp, pki, tls, client = tls_setup()
         exports = """
   - name: mem
