@@ -207,6 +207,16 @@ static void conformance(const struct nbdv_driver *drv)
 	}
 	CHECK(driver_cached_fd(&d, CH, SIZE - 2048, false) == -EINVAL);
 
+	/* A bulk write (the memory driver stores those around the cache) from an odd
+	 * source address to an odd offset, over data already there: exactly its bytes
+	 * change. */
+	CHECK(driver_pwrite(&d, pat, 2 * CH, 10 * CH, 0) == 0);
+	CHECK(driver_pwrite(&d, pat + 2 * CH + 7, CH + 333, 10 * CH + 4093, 0) == 0);
+	CHECK(driver_pread(&d, buf, 2 * CH, 10 * CH) == 0);
+	CHECK(memcmp(buf, pat, 4093) == 0);
+	CHECK(memcmp(buf + 4093, pat + 2 * CH + 7, CH + 333) == 0);
+	CHECK(memcmp(buf + 4093 + CH + 333, pat + 4093 + CH + 333, CH - 4093 - 333) == 0);
+
 	/* The last byte, and one past it through the wrapper. */
 	CHECK(driver_pwrite(&d, "Z", 1, SIZE - 1, 0) == 0);
 	CHECK(driver_pread(&d, buf, 1, SIZE - 1) == 0 && buf[0] == 'Z');
