@@ -41,8 +41,11 @@ void executor_queue_init(struct nbdv_exec_queue *q)
 {
 	q->head = NULL;
 	q->tail = &q->head;
+	q->solo_head = NULL;
+	q->solo_tail = &q->solo_head;
 	q->next = NULL;
 	q->in_ring = false;
+	q->solo_running = false;
 	q->running = 0;
 }
 
@@ -58,10 +61,16 @@ static void ring_push(struct nbdv_executor *ex, struct nbdv_exec_queue *q)
 	ex->ring_tail = q;
 }
 
-/* Put @q in the ring if it has jobs and may start another (lock held). */
+/* Whether @q holds a job it may start now (lock held). */
+static bool startable(const struct nbdv_executor *ex, const struct nbdv_exec_queue *q)
+{
+	return q->running < ex->per_queue && (q->head || (q->solo_head && !q->solo_running));
+}
+
+/* Put @q in the ring if it has a job it may start (lock held). */
 static void maybe_ready(struct nbdv_executor *ex, struct nbdv_exec_queue *q)
 {
-	if (q->head && !q->in_ring && q->running < ex->per_queue) {
+	if (!q->in_ring && startable(ex, q)) {
 		ring_push(ex, q); /* behind every other queue */
 		pthread_cond_signal(&ex->cond);
 	}
@@ -79,10 +88,18 @@ static struct nbdv_job *next_job(struct nbdv_executor *ex)
 	if (!ex->ring_head)
 		ex->ring_tail = NULL;
 	q->in_ring = false;
-	job = q->head;
-	q->head = job->next;
-	if (!q->head)
-		q->tail = &q->head;
+	if (q->solo_head && !q->solo_running) {
+		job = q->solo_head;
+		q->solo_head = job->next;
+		if (!q->solo_head)
+			q->solo_tail = &q->solo_head;
+		q->solo_running = true;
+	} else {
+		job = q->head;
+		q->head = job->next;
+		if (!q->head)
+			q->tail = &q->head;
+	}
 	q->running++;
 	maybe_ready(ex, q);
 	return job;
@@ -107,6 +124,8 @@ static void *io_thread_main(void *arg)
 		pthread_mutex_lock(&ex->lock);
 		/* Before post_done(): once done() has run, the queue's owner may be gone. */
 		job->queue->running--;
+		if (job->solo)
+			job->queue->solo_running = false;
 		maybe_ready(ex, job->queue);
 		pthread_mutex_unlock(&ex->lock);
 		post_done(job);
@@ -218,9 +237,10 @@ void executor_post(struct nbdv_job *job)
 }
 
 void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port,
-		     struct nbdv_exec_queue *q, struct nbdv_job *job, bool blocking)
+		     struct nbdv_exec_queue *q, struct nbdv_job *job, bool blocking, bool solo)
 {
 	job->port = port;
+	job->solo = solo;
 	if (!blocking) {
 		job->run(job);
 		job->done(job);
@@ -232,8 +252,13 @@ void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port,
 		q = &ex->own;
 	job->queue = q;
 	pthread_mutex_lock(&ex->lock);
-	*q->tail = job;
-	q->tail = &job->next;
+	if (solo) {
+		*q->solo_tail = job;
+		q->solo_tail = &job->next;
+	} else {
+		*q->tail = job;
+		q->tail = &job->next;
+	}
 	maybe_ready(ex, q);
 	pthread_mutex_unlock(&ex->lock);
 }

@@ -7,10 +7,13 @@
  * queue back at the tail: connections are served round-robin, so one with hundreds of
  * expensive jobs queued delays another's next job by at most one job per thread, not by
  * its whole backlog.  One queue never holds every thread (io-threads - 1 at most), so
- * another connection's next job starts at once.  A job carries the completion port of the reactor
- * that submitted it; the I/O thread queues the finished job on that port and wakes its loop through
- * an ev_async, where done() runs.  Non-blocking jobs run inline: run() then done() immediately, on
- * the reactor.
+ * another connection's next job starts at once.  Jobs submitted as `solo` (block status:
+ * CPU work that gains nothing from running side by side for one client) wait in a second
+ * list of the queue and run one at a time, ahead of its other jobs when none is running.
+ * A job carries the completion port of the reactor that submitted it; the I/O thread
+ * queues the finished job on that port and wakes its loop through an ev_async, where
+ * done() runs.  Non-blocking jobs run inline: run() then done() immediately, on the
+ * reactor.
  *
  *   reactor ──submit──► its queue ──► ring of queues ──► I/O thread: run() ──► port ──ev_async──►
  * done()
@@ -33,15 +36,19 @@ struct nbdv_job {
 	struct nbdv_exec_queue *queue;	    /* the queue it waits in; set by executor_submit */
 	void (*run)(struct nbdv_job *job);  /* the work; may block on an I/O thread */
 	void (*done)(struct nbdv_job *job); /* completion, always on the submitting reactor */
+	bool solo; /* runs one at a time in its queue; set by executor_submit */
 };
 
 /* One submitter's jobs waiting for an I/O thread (protected by the executor's lock). */
 struct nbdv_exec_queue {
 	struct nbdv_job *head;	      /* oldest job */
 	struct nbdv_job **tail;	      /* where the next one goes */
+	struct nbdv_job *solo_head;   /* oldest solo job */
+	struct nbdv_job **solo_tail;  /* where the next solo job goes */
 	struct nbdv_exec_queue *next; /* ring link while it holds jobs */
 	bool in_ring;		      /* holds jobs and may start one: in the ring */
-	unsigned running;	      /* its jobs on I/O threads now */
+	bool solo_running;	      /* one of its solo jobs is on an I/O thread */
+	unsigned running;	      /* its jobs on I/O threads now, solo included */
 };
 
 /* Completions for one reactor's loop. */
@@ -67,9 +74,10 @@ void executor_port_deliver(struct nbdv_exec_port *p);
 /* Deliver what is left and detach; the I/O threads must be stopped first. */
 void executor_port_fini(struct nbdv_exec_port *p);
 /* Queue @job on @q (blocking) or run it now (!blocking); done() runs through @port.  The
- * job must stay valid until done().  @q may be NULL: the executor's own queue. */
+ * job must stay valid until done().  @q may be NULL: the executor's own queue.  A @solo
+ * job runs when no other solo job of @q does. */
 void executor_submit(struct nbdv_executor *ex, struct nbdv_exec_port *port,
-		     struct nbdv_exec_queue *q, struct nbdv_job *job, bool blocking);
+		     struct nbdv_exec_queue *q, struct nbdv_job *job, bool blocking, bool solo);
 /*
  * A job whose work another thread does (an asynchronous driver's): executor_begin()
  * on the reactor counts it as outstanding on @port; executor_post(), from any thread,

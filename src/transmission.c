@@ -550,7 +550,7 @@ static void req_run_nothing(struct nbdv_job *job)
 static void submit_done_inline(struct nbdv_conn *c, struct nbdv_req *r)
 {
 	r->job.run = req_run_nothing;
-	executor_submit(c->srv->exec, &c->r->port, NULL, &r->job, false);
+	executor_submit(c->srv->exec, &c->r->port, NULL, &r->job, false, false);
 }
 
 /* Count a reply in the export's metrics. */
@@ -953,11 +953,14 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 	 * copies used to go to the I/O threads to overlap with socket I/O on a single reactor;
 	 * with one reactor per core the two thread hand-offs cost more server CPU than the
 	 * copy they moved: -20% per GiB for 4-connection nbdcopy writes, -10% for reads.) */
-	/* A resize waits for the export's calls in progress: never on a reactor. */
+	/* A resize waits for the export's calls in progress: never on a reactor.  Block
+	 * status runs solo: on a file it walks extents on a CPU, and a backlog of it on
+	 * io-threads - 1 threads left another client's FLUSH waiting for a CPU. */
 	executor_submit(c->srv->exec, &c->r->port, &c->jobs, &r->job,
 			(c->sess.dev->caps & NBDV_CAP_BLOCKING) || r->type == NBD_CMD_RESIZE ||
 			    ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) &&
-			     r->count > REACTOR_COPY_MAX));
+			     r->count > REACTOR_COPY_MAX),
+			r->type == NBD_CMD_BLOCK_STATUS);
 }
 
 size_t transmission_header_size(const struct nbdv_conn *c)

@@ -188,6 +188,56 @@ class FaultsTest(unittest.TestCase):
             a.close()
             b.close()
 
+    def test_block_status_calls_of_one_client_run_one_at_a_time(self):
+        # BLOCK_STATUS on a file walks extents on a CPU; a client's backlog of it used to
+        # hold io-threads - 1 I/O threads (and as many CPUs), and another client's FLUSH
+        # beside 512 of them waited for a CPU (bench/fairness.md, attack A).  Now one
+        # client's block status calls run one at a time, its other requests do not wait
+        # behind them, and all its calls together still leave a thread to others.
+        delay = 0.3 * nbdv.SLOW
+        with nbdv.Server(FAULTY, extra="io-threads: 3\n") as srv:  # 2 per client
+            a, b = nbdv.Raw(srv.sock), raw_go(srv)
+            a.greet()
+            a.go(b"f", structured=True, meta=True)
+
+            def finish(cookies, t0):
+                done = {}
+                while len(done) < len(cookies):
+                    rep = a.any_reply()
+                    self.assertEqual(a.error_of(rep), 0, rep)
+                    if rep[1] & 1:  # NBD_REPLY_FLAG_DONE: the request's last chunk
+                        done[rep[3]] = time.monotonic() - t0
+                self.assertEqual(sorted(done), sorted(cookies))
+                return done
+
+            control(srv, f"delay {delay} 0 65536")
+            t0 = time.monotonic()
+            for i in range(3):
+                a.request(nbdv.CMD_BLOCK_STATUS, 0, 65536, cookie=i)
+            a.request(nbdv.CMD_READ, 1 << 20, 4096, cookie=9)
+            done = finish([0, 1, 2, 9], t0)
+            self.assertLess(done[9], 0.7 * delay, "the READ waited behind block status")
+            took = sorted(done[i] for i in range(3))
+            # Side by side all three end after ~1 x delay; one at a time after 1, 2, 3.
+            self.assertGreater(took[0], 0.9 * delay)
+            self.assertGreater(took[2], 2.7 * delay, f"block status ran side by side: {took}")
+            self.assertGreater(took[2] - took[1], 0.7 * delay, took)
+
+            # Slow READs beside the block status: the client holds two threads in all,
+            # and the third serves another client at once.
+            t0 = time.monotonic()
+            a.request(nbdv.CMD_BLOCK_STATUS, 0, 65536, cookie=20)
+            a.request(nbdv.CMD_READ, 0, 4096, cookie=21)
+            a.request(nbdv.CMD_READ, 4096, 4096, cookie=22)
+            time.sleep(delay / 4)
+            b.request(nbdv.CMD_READ, 1 << 20, 4096, cookie=99)
+            self.assertEqual(b.simple_reply(4096)[:2], (0, 99))
+            self.assertLess(time.monotonic() - t0, 0.7 * delay, "one client held every thread")
+            finish([20, 21, 22], t0)
+            control(srv, None)
+            a.close()
+            b.close()
+
     @unittest.skipIf(nbdv.WRAPPER, "the stall limits are a few hundred microseconds: "
                      "under valgrind every write is a stall")
     def test_quick_writes_on_the_workers_bring_inline_writes_back(self):
