@@ -106,9 +106,9 @@ struct nbdv_conn {
 	struct nbdv_reactor *r;	       /* the reactor it lives on, for its whole life */
 	struct nbdv_conn *prev, *next; /* reactor's list of connections */
 	struct nbdv_conn *dirty_next;  /* reactor's list of connections with output to send */
-	bool dirty;		       /* on the dirty list */
 	struct nbdv_conn *resume_next; /* reactor's list of connections whose turn ended */
-	bool resuming;		       /* on that list */
+	bool dirty;		       /* on the dirty list */
+	bool resuming;		       /* on the resume list */
 	unsigned id;		       /* for log lines: "c17" */
 	int fd;			       /* socket; -1 once closed */
 	bool is_tcp;		       /* TCP (vs unix) socket */
@@ -139,6 +139,7 @@ struct nbdv_conn {
 	bool draining;			   /* server shutting down: close when idle (options:
 					    * after NBD_REP_ERR_SHUTDOWN) */
 	bool yielded;			   /* its turn ended with requests left in the buffer */
+	bool rate_paused;		   /* not reading requests until rate_timer fires */
 	unsigned turn_left;		   /* requests it may still take this turn */
 	uint64_t turn_end;		   /* CLOCK_MONOTONIC ns when this turn ends */
 	unsigned inflight;		   /* requests submitted and not yet replied */
@@ -154,7 +155,6 @@ struct nbdv_conn {
 	unsigned audit_refusals;	   /* refusals already written to the audit log */
 	struct identity_row *identity_row; /* counted against its identity's cap, or NULL */
 	ev_timer rate_timer;		   /* ends a pause for a bandwidth or IOPS cap */
-	bool rate_paused;		   /* not reading requests until rate_timer fires */
 	uint64_t cached_copy_bytes; /* large READs copied from the page cache inline (logged) */
 };
 
