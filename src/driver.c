@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -504,15 +505,32 @@ uint64_t driver_stall_limit(uint64_t len)
 
 #define RELAXED memory_order_relaxed
 
+/* How often the calling thread has given up its CPU to wait (voluntary context
+ * switches), or -1 where getrusage() cannot say. */
+static long thread_waits(void)
+{
+	struct rusage ru;
+
+	return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nvcsw : -1;
+}
+
+/* Whether a write that began when thread_waits() said @before had to wait: a slow
+ * write that never did was preempted, which says nothing about the storage. */
+static bool waited_since(long before)
+{
+	return before < 0 || thread_waits() != before;
+}
+
 /*
  * A write on the I/O threads while the gate is closed: one that was quick (and started
  * after the last stall ended) is evidence that inline writes would be quick again.
  * NBDV_REOPEN_WRITES of them in a row reopen the gate, but never before the closed
  * period has lasted NBDV_REOPEN_FACTOR times the stall that closed it.
  */
-static void gate_evidence(struct nbdv_stall_gate *g, uint64_t t0, uint64_t t1, uint64_t len)
+static void gate_evidence(struct nbdv_stall_gate *g, uint64_t t0, uint64_t t1, uint64_t len,
+			  long waits)
 {
-	if (t1 - t0 > driver_stall_limit(len) ||
+	if ((t1 - t0 > driver_stall_limit(len) && waited_since(waits)) ||
 	    t0 < atomic_load_explicit(&g->last_stall, RELAXED)) {
 		atomic_store_explicit(&g->fast_writes, 0, RELAXED);
 		return;
@@ -533,6 +551,7 @@ int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint6
 {
 	struct nbdv_stall_gate *g = d->gate;
 	uint64_t t0 = 0;
+	long waits = -1;
 	int r;
 
 	if (!in_range(d, len, off) || !(d->caps & NBDV_CAP_WRITE))
@@ -542,10 +561,12 @@ int driver_pwrite(const struct nbdv_dev *d, const void *buf, uint64_t len, uint6
 		t0 = nbdv_now_ns();
 		if (t0 >= atomic_load_explicit(&g->closed_until, RELAXED))
 			t0 = 0; /* gate open: nothing to learn */
+		else
+			waits = thread_waits();
 	}
 	r = emulate_fua(d, drv_pwrite(d, buf, len, off, native_flags(d, flags)), flags);
 	if (t0 && r == 0)
-		gate_evidence(g, t0, nbdv_now_ns(), len);
+		gate_evidence(g, t0, nbdv_now_ns(), len, waits);
 	return r;
 }
 
@@ -601,6 +622,7 @@ int driver_pwrite_nowait(const struct nbdv_dev *d, const void *buf, uint64_t len
 {
 	struct nbdv_stall_gate *g = d->gate;
 	uint64_t t0, t1;
+	long waits;
 	int r;
 
 	if (!in_range(d, len, off) || !(d->caps & NBDV_CAP_WRITE))
@@ -610,9 +632,10 @@ int driver_pwrite_nowait(const struct nbdv_dev *d, const void *buf, uint64_t len
 	t0 = nbdv_now_ns();
 	if (t0 < atomic_load_explicit(&g->closed_until, RELAXED))
 		return -EAGAIN;
+	waits = thread_waits();
 	r = d->inst->drv->pwrite_nowait(d->inst, buf, len, off);
 	t1 = nbdv_now_ns();
-	if (t1 - t0 > driver_stall_limit(len))
+	if (t1 - t0 > driver_stall_limit(len) && waited_since(waits))
 		gate_stall(g, t0, t1);
 	return r;
 }

@@ -7,6 +7,10 @@
  *
  *     EIO | ENOSPC | EPERM | ENOMEM | EINVAL [OFFSET LENGTH]   fail calls touching the range
  *     delay SECONDS [OFFSET LENGTH]                            sleep, then do the call
+ *     spin SECONDS [OFFSET LENGTH]                             keep the CPU busy that long
+ *                                                              (slow without ever waiting,
+ *                                                              like a thread preempted on a
+ *                                                              busy host), then do the call
  *
  * Without a range every call is affected (flush too).  The driver says it blocks, so
  * its calls run on the executor's workers: a delayed call stalls only itself.  Writes
@@ -51,6 +55,7 @@ static int fault(struct faulty *f, uint64_t len, uint64_t off, bool ranged)
 	char word[16], line[128];
 	unsigned long long roff = 0, rlen = UINT64_MAX;
 	double secs = 0;
+	bool spin = false;
 	FILE *fp;
 	int n;
 
@@ -62,6 +67,9 @@ static int fault(struct faulty *f, uint64_t len, uint64_t off, bool ranged)
 		return 0;
 	if (sscanf(line, "delay %lf %llu %llu", &secs, &roff, &rlen) >= 1) {
 		word[0] = '\0';
+	} else if (sscanf(line, "spin %lf %llu %llu", &secs, &roff, &rlen) >= 1) {
+		word[0] = '\0';
+		spin = true;
 	} else if (sscanf(line, "%15s %llu %llu", word, &roff, &rlen) < 1) {
 		return 0;
 	}
@@ -69,6 +77,15 @@ static int fault(struct faulty *f, uint64_t len, uint64_t off, bool ranged)
 		return 0;
 	if (!ranged && rlen != UINT64_MAX)
 		return 0; /* a ranged fault does not hit flush */
+	if (secs > 0 && spin) {
+		struct timespec t0, t;
+
+		clock_gettime(CLOCK_MONOTONIC, &t0);
+		do
+			clock_gettime(CLOCK_MONOTONIC, &t);
+		while ((double)(t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) / 1e9 < secs);
+		return 0;
+	}
 	if (secs > 0) {
 		struct timespec ts = {(time_t)secs, (long)((secs - (time_t)secs) * 1e9)};
 		nanosleep(&ts, NULL);

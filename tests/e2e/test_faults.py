@@ -238,6 +238,39 @@ class FaultsTest(unittest.TestCase):
             a.close()
             b.close()
 
+    @unittest.skipIf(nbdv.WRAPPER, "valgrind runs one thread at a time: its hand-overs "
+                     "are waits of every thread")
+    def test_a_slow_inline_write_that_never_waited_is_no_stall(self):
+        # An inline write that was slow because its thread lost the CPU (a saturated
+        # host), not because it waited for the storage, says nothing about the storage
+        # and must not send writes to the I/O threads: on two busy cores that was half
+        # the stalls of a TLS nbdcopy write to a file.  The faulty driver's `spin` keeps
+        # the CPU as long as asked without ever waiting; `delay` waits.
+        slow = 0.02
+        mport = nbdv.free_port()
+        extra = "workers: 1\n" + nbdv.metrics_config(mport)
+        with nbdv.Server(FAULTY, extra=extra) as srv:
+            def gate(name):
+                return nbdv.metric(mport, "nbdvault_export_inline_" + name, export="f")
+
+            a = raw_go(srv)
+            stalls = gate("write_stalls_total")
+            control(srv, f"spin {slow} 0 65536")
+            for i in range(3):
+                t = time.monotonic()
+                a.request(nbdv.CMD_WRITE, i * 4096, 4096, cookie=i, data=b"s" * 4096)
+                self.assertEqual(a.simple_reply()[:2], (0, i))
+                self.assertGreater(time.monotonic() - t, slow)
+            self.assertEqual(gate("write_stalls_total"), stalls, "a busy CPU closed the gate")
+            self.assertEqual(gate("writes"), 1)
+            control(srv, f"delay {slow} 0 65536")
+            a.request(nbdv.CMD_WRITE, 3 * 4096, 4096, cookie=3, data=b"d" * 4096)
+            self.assertEqual(a.simple_reply()[:2], (0, 3))
+            self.assertEqual(gate("write_stalls_total"), stalls + 1, "a wait was no stall")
+            self.assertEqual(gate("writes"), 0)
+            control(srv, None)
+            a.close()
+
     @unittest.skipIf(nbdv.WRAPPER, "the stall limits are a few hundred microseconds: "
                      "under valgrind every write is a stall")
     def test_quick_writes_on_the_workers_bring_inline_writes_back(self):
