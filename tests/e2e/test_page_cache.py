@@ -128,6 +128,12 @@ class PageCacheTest(unittest.TestCase):
             f.write(cls.data)  # written through the page cache: it is all there
             f.flush()
             os.fsync(f.fileno())
+        # punch.img: 4 MiB of data, for the one test that punches a hole in it.
+        with open(os.path.join(cls.tmp, "punch.img"), "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 4 * MIB)
+            f.write(cls.data[:4 * MIB])
+            f.flush()
+            os.fsync(f.fileno())
         # sparse.img: data [0, 1M), a hole [1M, 3M), data [3M, 4M).
         with open(os.path.join(cls.tmp, "sparse.img"), "wb") as f:
             f.write(cls.data[:MIB])
@@ -152,6 +158,9 @@ class PageCacheTest(unittest.TestCase):
   - name: sparse
     driver: file
     path: {cls.tmp}/sparse.img
+  - name: punch
+    driver: file
+    path: {cls.tmp}/punch.img
   - name: mem
     driver: memory
     size: 16M
@@ -174,7 +183,8 @@ class PageCacheTest(unittest.TestCase):
         # (a ThreadSanitizer run once saw 1 MiB of 32 copied, not sent).  Read them in.
         # (sparse.img's data only: a cached hole would be sent as data.)
         for name, ranges in (("disk.img", [(0, SIZE)]),
-                             ("sparse.img", [(0, MIB), (3 * MIB, MIB)])):
+                             ("sparse.img", [(0, MIB), (3 * MIB, MIB)]),
+                             ("punch.img", [(0, 4 * MIB)])):
             with open(os.path.join(self.tmp, name), "rb") as f:
                 for off, n in ranges:
                     os.pread(f.fileno(), n, off)
@@ -280,6 +290,27 @@ class PageCacheTest(unittest.TestCase):
         self.assertEqual(data, self.data[:MIB] + self.data[3 * MIB:4 * MIB])
         r.request(nbdv.CMD_DISC)
         self.assertEqual(self.settled_sent() - before, self.via_sendfile(4 * MIB))
+
+    def test_hole_punched_after_a_cached_read_is_sent_as_offset_hole(self):
+        # The first read finds [0, 4M) all data (FIEMAP, asked once for a stretch
+        # ahead and remembered); the TRIM then punches a hole in it, which a read
+        # after the TRIM's reply must report, not send as cached zeroes.
+        r = self.raw_tcp(b"punch")
+        r.request(nbdv.CMD_READ, 0, MIB, cookie=1)
+        self.assertEqual(self.read_chunks(r, 1), [(OFFSET_DATA, 0, self.data[:MIB])])
+        r.request(nbdv.CMD_TRIM, 256 * 1024, 256 * 1024, cookie=2)
+        reply = r.any_reply()
+        self.assertEqual((r.error_of(reply), reply[-2]), (0, 2), reply)
+        # DF (one data chunk, holes not wanted): puts the hole's zeroes in the cache.
+        want = self.data[:256 * 1024] + bytes(256 * 1024) + self.data[512 * 1024:MIB]
+        r.request(nbdv.CMD_READ, 0, MIB, flags=FLAG_DF, cookie=3)
+        self.assertEqual(self.read_chunks(r, 3), [(OFFSET_DATA, 0, want)])
+        r.request(nbdv.CMD_READ, 0, MIB, cookie=4)
+        chunks = self.read_chunks(r, 4)
+        self.assertIn((OFFSET_HOLE, 256 * 1024, 256 * 1024), chunks)
+        data = b"".join(p for t, _, p in chunks if t == OFFSET_DATA)
+        self.assertEqual(data, self.data[:256 * 1024] + self.data[512 * 1024:MIB])
+        r.request(nbdv.CMD_DISC)
 
     def test_slow_reader_gets_whole_replies_in_order_of_completion(self):
         # A 16 KiB receive buffer read in small sips: every sendfile() is partial and
