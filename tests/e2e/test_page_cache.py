@@ -119,21 +119,18 @@ class PageCacheTest(unittest.TestCase):
         cls.tmp = tempfile.mkdtemp(prefix="nbdvault-pagecache-")
         cls.pki = nbdv.make_pki(os.path.join(cls.tmp, "pki"))
         cls.data = os.urandom(SIZE)
-        with open(os.path.join(cls.tmp, "disk.img"), "wb") as f:
+        def allocated(name, data):
             # Allocated in one go, then written and synced: a read that wants holes is
             # sent from the page cache only where FIEMAP shows plain data in at most 8
             # extents, and a file written piecemeal on a busy disk can be fragmented
             # more finely than that (CI once copied 1 MiB of 32 for that reason).
-            os.posix_fallocate(f.fileno(), 0, SIZE)
-            f.write(cls.data)  # written through the page cache: it is all there
-            f.flush()
-            os.fsync(f.fileno())
-        # punch.img: 4 MiB of data, for the one test that punches a hole in it.
-        with open(os.path.join(cls.tmp, "punch.img"), "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, 4 * MIB)
-            f.write(cls.data[:4 * MIB])
-            f.flush()
-            os.fsync(f.fileno())
+            with open(os.path.join(cls.tmp, name), "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, len(data))
+                f.write(data)  # written through the page cache: it is all there
+                f.flush()
+                os.fsync(f.fileno())
+        allocated("disk.img", cls.data)
+        allocated("punch.img", cls.data[:4 * MIB])  # for the test that punches a hole
         # sparse.img: data [0, 1M), a hole [1M, 3M), data [3M, 4M).
         with open(os.path.join(cls.tmp, "sparse.img"), "wb") as f:
             f.write(cls.data[:MIB])
@@ -233,6 +230,11 @@ class PageCacheTest(unittest.TestCase):
             if flags & REPLY_FLAG_DONE:
                 return out
 
+    @staticmethod
+    def data_of(chunks):
+        """The OFFSET_DATA payloads of read_chunks()' result, joined."""
+        return b"".join(p for t, _, p in chunks if t == OFFSET_DATA)
+
     # --- tests ---
 
     def test_cached_reads_over_tcp_and_unix(self):
@@ -286,15 +288,16 @@ class PageCacheTest(unittest.TestCase):
         r.request(nbdv.CMD_READ, 0, 4 * MIB, cookie=3)
         chunks = self.read_chunks(r, 3)
         self.assertIn((OFFSET_HOLE, MIB, 2 * MIB), chunks)
-        data = b"".join(p for t, _, p in chunks if t == OFFSET_DATA)
-        self.assertEqual(data, self.data[:MIB] + self.data[3 * MIB:4 * MIB])
+        self.assertEqual(self.data_of(chunks),
+                         self.data[:MIB] + self.data[3 * MIB:4 * MIB])
         r.request(nbdv.CMD_DISC)
         self.assertEqual(self.settled_sent() - before, self.via_sendfile(4 * MIB))
 
     def test_hole_punched_after_a_cached_read_is_sent_as_offset_hole(self):
-        # The first read finds [0, 4M) all data (FIEMAP, asked once for a stretch
-        # ahead and remembered); the TRIM then punches a hole in it, which a read
-        # after the TRIM's reply must report, not send as cached zeroes.
+        # The first read is all data in the page cache (sent from it); the TRIM then
+        # punches a hole, which a read after the TRIM's reply must report even with
+        # the hole's zeroes cached: whatever the cached path learned about the range
+        # before the TRIM must not outlive it.
         r = self.raw_tcp(b"punch")
         r.request(nbdv.CMD_READ, 0, MIB, cookie=1)
         self.assertEqual(self.read_chunks(r, 1), [(OFFSET_DATA, 0, self.data[:MIB])])
@@ -308,8 +311,8 @@ class PageCacheTest(unittest.TestCase):
         r.request(nbdv.CMD_READ, 0, MIB, cookie=4)
         chunks = self.read_chunks(r, 4)
         self.assertIn((OFFSET_HOLE, 256 * 1024, 256 * 1024), chunks)
-        data = b"".join(p for t, _, p in chunks if t == OFFSET_DATA)
-        self.assertEqual(data, self.data[:256 * 1024] + self.data[512 * 1024:MIB])
+        self.assertEqual(self.data_of(chunks),
+                         self.data[:256 * 1024] + self.data[512 * 1024:MIB])
         r.request(nbdv.CMD_DISC)
 
     def test_slow_reader_gets_whole_replies_in_order_of_completion(self):
@@ -424,8 +427,7 @@ class PageCacheTest(unittest.TestCase):
         r.request(nbdv.CMD_READ, off, n, cookie=3)
         chunks = self.read_chunks(r, 3)
         self.assertIn((OFFSET_HOLE, MIB, off + n - MIB), chunks)
-        self.assertEqual(b"".join(p for t, _, p in chunks if t == OFFSET_DATA),
-                         self.data[off:MIB])
+        self.assertEqual(self.data_of(chunks), self.data[off:MIB])
         r.request(nbdv.CMD_DISC)
         r.close()
         # The DF read was copied from the cache; the one wanting holes was not.
