@@ -39,6 +39,7 @@
 
 static void read_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void process_input(struct nbdv_conn *c);
+static size_t avail(const struct nbdv_conn *c);
 static void write_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents);
 
@@ -386,12 +387,25 @@ static bool memory_full(const struct nbdv_conn *c)
  * a small budget (it may be anyone); after, limits.max-inflight-bytes of real memory,
  * and no more than NBDV_SEND_AHEAD_BYTES of replies waiting for the socket.
  */
+static bool over_limits(const struct nbdv_conn *c)
+{
+	return c->inflight >= NBDV_MAX_INFLIGHT_REQS || held(c) >= c->lim->max_inflight_bytes ||
+	       memory_full(c) || c->rate_paused;
+}
+
 static bool throttled(const struct nbdv_conn *c)
 {
 	if (c->phase == CONN_OPTIONS)
 		return held(c) >= NBDV_PREAUTH_BUDGET || memory_full(c);
-	return c->inflight >= NBDV_MAX_INFLIGHT_REQS || held(c) >= c->lim->max_inflight_bytes ||
-	       memory_full(c) || c->rate_paused || c->outq.held >= NBDV_SEND_AHEAD_BYTES;
+	return over_limits(c) || c->outq.held >= NBDV_SEND_AHEAD_BYTES || c->waiting;
+}
+
+/* Throttled by the send-ahead alone, a request already in the input buffer is still
+ * taken if it may go ahead of the READs that wait (transmission_may_go_ahead()). */
+static bool takes_ahead(const struct nbdv_conn *c)
+{
+	return !over_limits(c) && avail(c) >= transmission_header_size(c) &&
+	       transmission_may_go_ahead(c, c->ibuf + c->istart);
 }
 
 /* Start or stop the read watcher to match what the connection can take now. */
@@ -422,6 +436,7 @@ static void close_fd(struct nbdv_conn *c)
 		c->fd = -1;
 	}
 	c->phase = CONN_DEAD;
+	transmission_drop_waiting(c);
 	outq_clear(&c->outq);
 	if (c->cur_req) {
 		transmission_req_free(c->cur_req);
@@ -451,6 +466,7 @@ void conn_close_graceful(struct nbdv_conn *c)
 	if (c->phase == CONN_DEAD || c->phase == CONN_CLOSING)
 		return;
 	c->phase = CONN_CLOSING;
+	transmission_drop_waiting(c); /* as unread requests: never answered */
 	update_reading(c);
 	if (c->cur_req) {
 		transmission_req_free(c->cur_req);
@@ -724,6 +740,14 @@ static void limit_unsent(struct nbdv_conn *c)
 		log_debug("c%u: TCP_NOTSENT_LOWAT: %s", c->id, strerror(errno));
 }
 
+/* Start the READs that wait for send-ahead room, as far as there is room; once none is
+ * left, reading may resume. */
+static void resume_waiting(struct nbdv_conn *c)
+{
+	if (c->waiting && transmission_dispatch_waiting(c))
+		update_reading(c);
+}
+
 /* Start a turn: this connection may now take NBDV_TURN_REQUESTS or NBDV_TURN_NS. */
 static void turn_begin(struct nbdv_conn *c)
 {
@@ -812,7 +836,8 @@ static void process_input(struct nbdv_conn *c)
 		case RX_OPT_DATA:
 			return; /* (option-phase framing: handshake_input above) */
 		case RX_REQ_HEADER:
-			if (throttled(c)) {
+			resume_waiting(c);
+			if (throttled(c) && !takes_ahead(c)) {
 				update_reading(c);
 				return;
 			}
@@ -967,6 +992,7 @@ bool conn_pump(struct nbdv_conn *c)
 		tls_step(c); /* data read with the client's Finished comes as an event */
 	} else {
 		turn_begin(c);
+		resume_waiting(c);
 		if (avail(c))
 			process_input(c); /* what a turn that ended left in the buffer */
 		while (reading_phase(c) && !throttled(c) && !c->yielded) {
@@ -991,10 +1017,25 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
 	(void)conn_pump(c);
 }
 
+/*
+ * While READs wait for send-ahead room the socket is not watched (a request that would
+ * only join them is no reason to wake up), but each time replies leave, what the client
+ * sent since is read and parsed: a BLOCK_STATUS behind the waiting READs is found and
+ * answered before them (transmission_may_go_ahead()).
+ */
+static void look_ahead(struct nbdv_conn *c)
+{
+	while (c->waiting && c->phase == CONN_TRANSMISSION && c->rx == RX_REQ_HEADER &&
+	       !over_limits(c) && !c->yielded && avail(c) < transmission_header_size(c) &&
+	       read_once(c))
+		process_input(c);
+}
+
 void conn_service(struct nbdv_conn *c)
 {
 	c->depth++;
 	conn_flush(c);
+	resume_waiting(c); /* the replies that left made room for them */
 	/* A connection waiting on the resume list takes its next turn from there: taking
 	 * it here, where its own replies bring it back, would serve it turn after turn. */
 	if (c->resuming)
@@ -1003,6 +1044,7 @@ void conn_service(struct nbdv_conn *c)
 	 * (or options) wait in the input buffer; the socket may never become readable for
 	 * them. */
 	turn_begin(c);
+	look_ahead(c);
 	if (reading_phase(c) && !throttled(c) && avail(c))
 		process_input(c);
 	/* The same for what the TLS layer holds (decrypted or read ahead). */

@@ -35,7 +35,8 @@
 #define NBDV_LOWAT_MAX (256 * 1024)
 /* Back-pressure: stop reading past this many requests (or limits.max-inflight-bytes). */
 #define NBDV_MAX_INFLIGHT_REQS 512
-/* Nor take new requests while this much reply data waits to be sent.  Reading ahead of
+/* Nor start new READs while this much reply data waits to be sent (they wait, in order,
+ * and a BLOCK_STATUS behind them goes ahead: transmission_header()).  Reading ahead of
  * a socket that cannot take more only fills memory: by the time a reply's turn came,
  * its data (copied from storage into the buffer) was out of the CPU caches, and
  * encrypting or copying it again into the socket read it back from RAM.  Replies that
@@ -112,7 +113,8 @@ struct nbdv_conn {
 	unsigned id;		       /* for log lines: "c17" */
 	int fd;			       /* socket; -1 once closed */
 	bool is_tcp;		       /* TCP (vs unix) socket */
-	uint32_t lowat;		       /* SO_RCVLOWAT set on the socket; 0: the default */
+	struct nbdv_req *waiting;      /* READs waiting for send-ahead room: the last of a
+					* ring (see transmission_header()), or NULL */
 	struct nbdv_transport *tp;     /* plain or TLS */
 	ev_io rio;		       /* readable */
 	ev_io wio;		       /* writable, started only while output is blocked */
@@ -120,6 +122,7 @@ struct nbdv_conn {
 	enum conn_phase phase;
 	enum conn_rx rx;
 	unsigned depth; /* nesting of our own callbacks */
+	uint32_t lowat; /* SO_RCVLOWAT set on the socket; 0: the default */
 
 	uint8_t *ibuf;	       /* input buffer, NBDV_IBUF_SIZE bytes */
 	size_t istart, iend;   /* unread bytes are ibuf[istart, iend) */

@@ -963,6 +963,76 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
 			r->type == NBD_CMD_BLOCK_STATUS);
 }
 
+/*
+ * READs that arrive while NBDV_SEND_AHEAD_BYTES of replies wait to be sent do not start:
+ * they wait, in order, in a ring on the connection (c->waiting is its last; the links
+ * are the jobs' own, unused until dispatch), counted as in flight, and start as the
+ * replies leave.  The requests behind them that are already in the input buffer are
+ * still parsed while they are READs (they join the ring) or BLOCK_STATUS without a
+ * payload, which is served at once; anything else stays in the buffer until the ring is
+ * empty, in its order.  A client may ask for extents with many READs outstanding and
+ * start no READ before the answer (nbdcopy does, every 128 MiB): queued behind those
+ * READs, the answer let its pipeline drain each time.
+ */
+static bool reads_wait(const struct nbdv_conn *c)
+{
+	return c->waiting || c->outq.held >= NBDV_SEND_AHEAD_BYTES;
+}
+
+static void wait_push(struct nbdv_conn *c, struct nbdv_req *r)
+{
+	if (c->waiting) {
+		r->job.next = c->waiting->job.next;
+		c->waiting->job.next = &r->job;
+	} else {
+		r->job.next = &r->job;
+	}
+	c->waiting = r;
+	c->inflight++;
+}
+
+static struct nbdv_req *wait_pop(struct nbdv_conn *c)
+{
+	struct nbdv_req *first = (struct nbdv_req *)c->waiting->job.next;
+
+	if (first == c->waiting)
+		c->waiting = NULL;
+	else
+		c->waiting->job.next = first->job.next;
+	first->job.next = NULL;
+	c->inflight--;
+	return first;
+}
+
+bool transmission_dispatch_waiting(struct nbdv_conn *c)
+{
+	while (c->waiting && c->outq.held < NBDV_SEND_AHEAD_BYTES && c->phase == CONN_TRANSMISSION)
+		dispatch(c, wait_pop(c));
+	return !c->waiting;
+}
+
+void transmission_drop_waiting(struct nbdv_conn *c)
+{
+	while (c->waiting)
+		transmission_req_free(wait_pop(c));
+}
+
+bool transmission_may_go_ahead(const struct nbdv_conn *c, const uint8_t *hdr)
+{
+	uint32_t magic;
+	uint16_t flags, type;
+
+	memcpy(&magic, hdr, sizeof(magic));
+	memcpy(&flags, hdr + 4, sizeof(flags));
+	memcpy(&type, hdr + 6, sizeof(type));
+	if (be32toh(magic) != (c->sess.extended ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC))
+		return false; /* refused in its turn */
+	if (be16toh(flags) & NBD_CMD_FLAG_PAYLOAD_LEN)
+		return false;
+	type = be16toh(type);
+	return type == NBD_CMD_READ || type == NBD_CMD_BLOCK_STATUS;
+}
+
 size_t transmission_header_size(const struct nbdv_conn *c)
 {
 	return c->sess.extended ? sizeof(struct nbd_extended_request) : sizeof(struct nbd_request);
@@ -1071,6 +1141,11 @@ enum tx_result transmission_header(struct nbdv_conn *c, const uint8_t *hdr)
 		req_charge(r);
 		c->cur_req = r;
 		return TX_NEED_PAYLOAD;
+	}
+	if (r->type == NBD_CMD_READ && reads_wait(c)) {
+		req_charge(r);
+		wait_push(c, r);
+		return TX_OK;
 	}
 	dispatch(c, r);
 	return TX_OK;

@@ -5,6 +5,7 @@
 #ifndef NBDV_TRANSMISSION_H
 #define NBDV_TRANSMISSION_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -36,6 +37,14 @@ int transmission_payload_got(struct nbdv_conn *c, uint32_t n);
 /* Take what is missing of c->cur_req's payload from the @len buffered bytes at @p;
  * *used receives how many.  Dispatches the request when complete (returns 1). */
 int transmission_payload_from(struct nbdv_conn *c, const uint8_t *p, size_t len, size_t *used);
+/* Start the READs waiting for send-ahead room, in order, while there is room; true
+ * when none is left waiting. */
+bool transmission_dispatch_waiting(struct nbdv_conn *c);
+/* Free the READs still waiting (connection closing: they are not answered). */
+void transmission_drop_waiting(struct nbdv_conn *c);
+/* Whether the request whose header is at @hdr may be parsed while READs wait: a READ
+ * (it waits behind them) or a BLOCK_STATUS without payload (answered at once). */
+bool transmission_may_go_ahead(const struct nbdv_conn *c, const uint8_t *hdr);
 /* Free a request that will never be dispatched (connection closing). */
 void transmission_req_free(struct nbdv_req *r);
 /* Free the calling thread's cache of request structs (at exit). */

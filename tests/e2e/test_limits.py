@@ -167,9 +167,10 @@ class LimitsTest(unittest.TestCase):
             r.close()
 
     def test_no_more_than_512k_of_replies_wait_for_the_socket(self):
-        """Well under max-inflight-bytes (96 MiB by default), a connection stops taking
-        requests once 512 KiB of replies wait to be sent: data read ahead of the socket
-        only goes cold in memory.  Reading the replies lets it go on to the end."""
+        """Well under max-inflight-bytes (96 MiB by default), a connection starts no
+        READ once 512 KiB of replies wait to be sent (the READs wait as requests): data
+        read ahead of the socket only goes cold in memory.  Reading the replies lets it
+        go on to the end."""
         mport = nbdv.free_port()
         with nbdv.Server(extra=nbdv.metrics_config(mport)) as srv:
             r = nbdv.Raw(srv.sock)

@@ -277,6 +277,69 @@ class RawTest(unittest.TestCase):
         r.request(nbdv.CMD_DISC)
         self.assertTrue(r.closed_by_server())
 
+    def read_replies(self, r):
+        """Structured replies until @r's server closes: (cookie, error, data) in the
+        order they finished (their DONE chunk), data joined from OFFSET_DATA chunks."""
+        done, data = [], {}
+        while True:
+            try:
+                reply = r.any_reply()
+            except EOFError:
+                return done
+            if reply[0] == "simple":
+                done.append((reply[2], reply[1], b""))
+                continue
+            kind, flags, rtype, cookie, payload = reply
+            if rtype == 1:  # OFFSET_DATA
+                data.setdefault(cookie, bytearray()).extend(payload[8:])
+            if flags & 1:
+                done.append((cookie, r.error_of((kind, flags, rtype, cookie, payload)),
+                             bytes(data.pop(cookie, b""))))
+
+    def pipeline(self, r, tail):
+        """Sixteen 1 MiB READs (cookies 100..115, more than the send-ahead holds),
+        then @tail (request bytes), then NBD_CMD_DISC, all in one send before any reply
+        is read."""
+        reqs = b"".join(struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_READ, 100 + i,
+                                    i << 20, 1 << 20) for i in range(16))
+        disc = struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_DISC, 1, 0, 0)
+        r.s.sendall(reqs + tail + disc)
+        return self.read_replies(r)
+
+    def test_block_status_goes_ahead_of_reads_waiting_for_room(self):
+        """READs past the send-ahead wait for the socket; a BLOCK_STATUS behind them is
+        answered before them, as nbdcopy needs (it asks for extents with 64 READs
+        outstanding and sends no READ until the answer).  Everything is answered."""
+        r = self.raw()
+        r.greet()
+        r.go(structured=True, meta=True)
+        bs = struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_BLOCK_STATUS, 7, 0, 1 << 20)
+        order = [cookie for cookie, err, _ in self.pipeline(r, bs)]
+        self.assertEqual(sorted(order), [7] + list(range(100, 116)))
+        self.assertLess(order.index(7), 4, order)  # without look-ahead: 16th
+
+    def test_other_requests_keep_their_place_behind_waiting_reads(self):
+        """Only READs and BLOCK_STATUS are taken past waiting READs: a WRITE behind
+        them is served after them (the READ of the range it overwrites still sees the
+        old data), and DISC closes only after every reply."""
+        r = self.raw()
+        r.greet()
+        r.go(structured=True, meta=True)
+        old = self.raw()
+        old.greet()
+        old.go()
+        before, new = b"B" * 4096, b"N" * 4096
+        old.request(nbdv.CMD_WRITE, 15 << 20, 4096, cookie=1, data=before)
+        self.assertEqual(old.simple_reply()[:2], (0, 1))
+        wr = struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, nbdv.CMD_WRITE, 9, 15 << 20,
+                         4096) + new
+        replies = self.pipeline(r, wr)
+        self.assertEqual([c for c, _, _ in replies], list(range(100, 116)) + [9])
+        self.assertTrue(all(err == 0 for _, err, _ in replies))
+        self.assertEqual(replies[15][2][:4096], before)
+        old.request(nbdv.CMD_READ, 15 << 20, 4096, cookie=2)
+        self.assertEqual(old.simple_reply(4096)[2], new)
+
     def test_empty_name_is_the_default_export(self):
         with nbdv.Server(extra="default-export: mem\n") as srv:
             r = nbdv.Raw(srv.sock)

@@ -159,8 +159,10 @@ static void settle(struct embed_client *cl)
 		c = conn_of(cl);
 		if (!c)
 			break;
-		if (c->inflight) {
-			/* Jobs on the worker pool complete through the reactor's ev_async. */
+		if (r->port.outstanding) {
+			/* Jobs on the I/O threads complete through the reactor's ev_async.  (READs
+			 * waiting for send-ahead room count as in flight too: the flush below
+			 * starts them.) */
 			ev_run(r->loop, EVRUN_ONCE);
 			continue;
 		}
