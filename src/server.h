@@ -139,8 +139,9 @@ void reactor_resume_later(struct nbdv_reactor *r, struct nbdv_conn *c);
 /* A connection stopped reading because the process holds limits.max-memory: look at
  * every connection again shortly (memory freed on other reactors raises no event). */
 void reactor_memory_wait(struct nbdv_reactor *r);
-/* Write every dirty connection's output now (the flusher's work; also for harnesses). */
-void reactor_flush_dirty(struct nbdv_reactor *r);
+/* Write every dirty connection's output now (the flusher's work; also for harnesses); false
+ * when a turn's time ran out first and some are left dirty. */
+bool reactor_flush_dirty(struct nbdv_reactor *r);
 
 /* --- shared by the server's own files (server.c, listen.c, reactor.c) --- */
 

@@ -8,6 +8,7 @@ another connection measures its own round trips.  The bound (median under 4 ms, 
 sanitizers) is a generous functional one; the figures themselves belong to
 bench/fairness."""
 
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -221,6 +222,48 @@ class FairnessTest(unittest.TestCase):
             self.victim_beside_hogs(srv, ("mem", nbdv.CMD_READ, 4096),
                                     ("big", (4 << 30) - 4096, 64, 2))
 
+    @contextlib.contextmanager
+    def tls_hogs_beside_a_victim(self, fill, hogs):
+        """A one-reactor TLS server whose 96 MiB memory export `big` holds @fill bytes
+        (copies of one random MiB), a libnbd victim on its `mem` export, and @hogs raw
+        TLS connections to `big` with receive buffers (512 MiB) that never fill:
+        yields (the MiB, the victim, the hogs)."""
+        tmp, pki, tls, client = tls_setup()
+        exports = """
+  - name: big
+    driver: memory
+    size: 96M
+  - name: mem
+    driver: memory
+    size: 64M
+"""
+        block = os.urandom(1 << 20)
+        # MALLOC_PERTURB_ (meson sets it) fills each 32 MiB reply buffer as the reactor
+        # allocates it, faulting in its pages there: 25-30 ms a read that a server run
+        # without it never spends.
+        with nbdv.Server(exports, extra=tls, tcp=True, tmpdir=tmp,
+                         env={"MALLOC_PERTURB_": "0"}) as srv:
+            h = tls_client(srv, client, "big")
+            for off in range(0, fill, len(block)):
+                h.pwrite(block, off)
+            nbdv.disconnect(h)
+            victim = tls_client(srv, client, "mem")
+            raws = []
+            for _ in range(hogs):
+                try:
+                    r = nbdv.Raw(port=srv.port, timeout=60, rcvbuf=512 << 20,
+                                 rcvbuf_force=True)
+                except PermissionError:
+                    self.skipTest("SO_RCVBUFFORCE needs CAP_NET_ADMIN")
+                r.greet()
+                r.starttls(os.path.join(pki, "ca-cert.pem"))
+                r.go(b"big")
+                raws.append(r)
+            yield block, victim, raws
+            for r in raws:
+                r.close()
+            nbdv.disconnect(victim)
+
     def test_sending_large_tls_replies_takes_turns(self):
         # Four clients each ask for 3 x 32 MiB over TLS and read nothing, with receive
         # buffers larger than all of it: their sockets never fill, and the reactor has
@@ -232,38 +275,8 @@ class FairnessTest(unittest.TestCase):
         # reactor reads 4 KiB every 2 ms meanwhile.  Its slowest read took 290-390 ms
         # before (one stall: the reactor sent everything queued at once) and 9-50 ms
         # after (the copies, now on the I/O threads, share the two cores with it).
-        tmp, pki, tls, client = tls_setup()
-        exports = """
-  - name: big
-    driver: memory
-    size: 96M
-  - name: mem
-    driver: memory
-    size: 64M
-"""
         length, n = 32 << 20, 3
-        block = os.urandom(1 << 20)
-        # MALLOC_PERTURB_ (meson sets it) fills each 32 MiB reply buffer as the reactor
-        # allocates it, faulting in its pages there: 25-30 ms a read that a server run
-        # without it never spends.
-        with nbdv.Server(exports, extra=tls, tcp=True, tmpdir=tmp,
-                         env={"MALLOC_PERTURB_": "0"}) as srv:
-            h = tls_client(srv, client, "big")
-            for off in range(0, n * length, len(block)):
-                h.pwrite(block, off)
-            nbdv.disconnect(h)
-            victim = tls_client(srv, client, "mem")
-            hogs = []
-            for _ in range(4):
-                try:
-                    r = nbdv.Raw(port=srv.port, timeout=60, rcvbuf=512 << 20,
-                                 rcvbuf_force=True)
-                except PermissionError:
-                    self.skipTest("SO_RCVBUFFORCE needs CAP_NET_ADMIN")
-                r.greet()
-                r.starttls(os.path.join(pki, "ca-cert.pem"))
-                r.go(b"big")
-                hogs.append(r)
+        with self.tls_hogs_beside_a_victim(n * length, 4) as (block, victim, hogs):
             t0 = time.monotonic()
             for r in hogs:
                 for i in range(n):
@@ -273,13 +286,31 @@ class FairnessTest(unittest.TestCase):
                 for _ in range(n):
                     err, cookie, data = r.simple_reply(length)
                     self.assertEqual((err, data[:len(block)]), (0, block))
-                r.close()
-            nbdv.disconnect(victim)
         mean = statistics.mean(lat)
         lat.sort()
         print(f"TLS victim beside 4 x {n} x 32 MiB TLS replies: mean {mean:.2f} ms, median "
               f"{statistics.median(lat):.2f}, top 5 {[round(x, 1) for x in lat[-5:]]}")
         self.assertLess(lat[-1], 150 * nbdv.SLOW * (5 if SANITIZED else 1))
+
+    def test_pipelined_tls_reads_into_a_large_buffer_take_turns(self):
+        # One client pipelines 300 TLS READs of 256 KiB (nbdcopy's size) and has a
+        # receive buffer that takes all 75 MiB.  Each reply that leaves makes room for
+        # its next READs, so the connection came back to the flusher after each of its
+        # turns and the reactor did not poll until all were sent: the victim's slowest
+        # read took 55-110 ms, once per burst.  A flusher pass lasts a turn now, then
+        # the loop polls: 1-4 ms.
+        size, n = 256 * 1024, 300
+        worst = []
+        with self.tls_hogs_beside_a_victim(n * size, 1) as (block, victim, (r,)):
+            for _ in range(3):
+                t0 = time.monotonic()
+                r.s.sendall(nbdv.read_requests(n, size))
+                lat = paced_reads(victim, 50, t0)
+                self.assertEqual(r.simple_replies(n, size), set(range(n)))
+                worst.append(max(lat))
+        print(f"TLS victim beside 3 x {n} pipelined 256 KiB TLS READs: slowest read per "
+              f"burst {[round(x, 1) for x in worst]} ms")
+        self.assertLess(max(worst), 20 * nbdv.SLOW * (5 if SANITIZED else 1))
 
     def test_unauthenticated_option_flood_takes_turns(self):
         # Options were processed without turns: a client that pipelines cheap options

@@ -433,6 +433,46 @@ class PageCacheTest(unittest.TestCase):
         # The DF read was copied from the cache; the one wanting holes was not.
         self.assertEqual(self.settled_sent(COPIED) - copied, self.via_sendfile(n))
 
+    def test_tls_block_status_behind_waiting_reads_is_answered_before_them(self):
+        # Cached READs past the send-ahead wait; a BLOCK_STATUS behind them runs on an
+        # I/O thread, and its answer must not wait for them too.  The client's receive
+        # buffer takes every reply at once, so the reactor never finds the socket full
+        # and never polls between replies: completions are taken in as replies leave.
+        try:
+            r = nbdv.Raw(port=self.srv.port, timeout=20, rcvbuf=64 * MIB, rcvbuf_force=True)
+        except PermissionError:
+            self.skipTest("SO_RCVBUFFORCE needs CAP_NET_ADMIN")
+        self.addCleanup(r.close)
+        r.greet()
+        r.starttls(f"{self.pki}/ca-cert.pem")
+        r.go(b"disk", structured=True, meta=True)
+        req = lambda cmd, cookie, off, n: struct.pack(">IHHQQI", nbdv.REQUEST_MAGIC, 0, cmd,
+                                                      cookie, off, n)
+        n, size = 64, 256 * 1024  # as nbdcopy sends them
+        reads = b"".join(req(nbdv.CMD_READ, 100 + i, i * size, size) for i in range(n))
+        # First the same READs alone, read back: the TCP send window and buffer grow
+        # to what the rest needs (with small ones the socket fills, and the reactor
+        # polls anyway).
+        r.s.sendall(reads)
+        for _ in range(n):
+            while not r.any_reply()[1] & REPLY_FLAG_DONE:
+                pass
+        r.s.sendall(reads + req(nbdv.CMD_BLOCK_STATUS, 7, 0, SIZE) + req(nbdv.CMD_DISC, 1, 0, 0))
+        order, data = [], {}
+        while len(order) < n + 1:
+            kind, flags, rtype, cookie, payload = r.any_reply()
+            self.assertNotIn(rtype & 0x8000, (0x8000,), f"error chunk for {cookie}")
+            if rtype == OFFSET_DATA:
+                data[cookie] = data.get(cookie, b"") + payload[8:]
+            if flags & REPLY_FLAG_DONE:
+                order.append(cookie)
+        self.assertTrue(r.closed_by_server())
+        self.assertEqual(sorted(order), [7] + list(range(100, 100 + n)))
+        for i in range(n):
+            self.assertEqual(data[100 + i], self.data[i * size:(i + 1) * size])
+        if not nbdv.WRAPPER:  # (valgrind: no cachestat(2), the READs run on I/O threads)
+            self.assertLess(order.index(7), n // 2, order)  # behind them: last
+
 
 if __name__ == "__main__":
     nbdv.main()

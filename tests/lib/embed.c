@@ -112,11 +112,18 @@ void embed_fini(void)
 	server_fini(&srv);
 }
 
+/* The flusher's work, to the end (one pass of it stops after a turn's time). */
+static void flush_all(struct nbdv_reactor *r)
+{
+	while (!reactor_flush_dirty(r))
+		;
+}
+
 struct embed_client *embed_open(size_t in_cap, size_t out_cap)
 {
 	struct embed_client *cl = embed_connect(in_cap, out_cap);
 
-	reactor_flush_dirty(&srv.reactors[0]);
+	flush_all(&srv.reactors[0]);
 	return cl;
 }
 
@@ -166,7 +173,7 @@ static void settle(struct embed_client *cl)
 			ev_run(r->loop, EVRUN_ONCE);
 			continue;
 		}
-		reactor_flush_dirty(r);
+		flush_all(r);
 		c = conn_of(cl);
 		if (!c || c->inflight || !c->tp->ops->pending(c->tp) || cl->closed ||
 		    (c->phase != CONN_OPTIONS && c->phase != CONN_TRANSMISSION))
@@ -174,7 +181,7 @@ static void settle(struct embed_client *cl)
 		if (!conn_pump(c))
 			break;
 	}
-	reactor_flush_dirty(r);
+	flush_all(r);
 }
 
 void embed_feed(struct embed_client *cl, const void *data, size_t len)
@@ -191,7 +198,7 @@ void embed_feed(struct embed_client *cl, const void *data, size_t len)
 	if (c && conn_pump(c))
 		settle(cl);
 	else
-		reactor_flush_dirty(&srv.reactors[0]);
+		flush_all(&srv.reactors[0]);
 }
 
 void embed_close(struct embed_client *cl)
@@ -205,11 +212,11 @@ void embed_close(struct embed_client *cl)
 		while ((c = conn_of(cl)) && c->inflight)
 			ev_run(r->loop, EVRUN_ONCE);
 	}
-	reactor_flush_dirty(r);
+	flush_all(r);
 	/* The stream ended: the connection must be gone or go now, leaving nothing. */
 	while ((c = conn_of(cl))) {
 		conn_abort(c);
-		reactor_flush_dirty(r);
+		flush_all(r);
 		if (conn_of(cl) == c && !conn_release(c))
 			abort(); /* a connection that can never be freed */
 	}
