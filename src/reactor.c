@@ -75,36 +75,35 @@ void reactor_mark_dirty(struct nbdv_reactor *r, struct nbdv_conn *c)
 }
 
 /*
- * Returns false if connections are left dirty for the next pass: one pass lasts about
- * a turn (NBDV_TURN_NS), then the loop polls the other connections' sockets.  (A
- * connection whose socket takes every reply comes back dirty after each of its own:
- * its sent replies make room for its next READs.  A client with a large receive
- * buffer pipelining 300 TLS READs of 256 KiB held its reactor for 55-110 ms at a
- * time; a request of another client on that reactor waited as long.)
+ * Connections are served in rounds: each round takes the list as it stands, and those
+ * that become dirty meanwhile (their own replies made room for their next READs) wait
+ * for the next round.  After a round that ends past a turn's time (NBDV_TURN_NS) the
+ * pass stops and the loop polls, without sleeping, before the next: a connection whose
+ * socket takes every reply cannot keep the reactor from its other sockets, nor from
+ * the I/O threads' completions.  (A client with a large receive buffer pipelining 300
+ * TLS READs of 256 KiB held its reactor for 55-110 ms at a time, and nbdcopy's
+ * BLOCK_STATUS, answered on an I/O thread, waited behind the 60 READs ahead of it.)
+ * Every connection dirty at the start of a round is served in it.  Returns false when
+ * connections are left dirty for the next pass.
  */
 bool reactor_flush_dirty(struct nbdv_reactor *r)
 {
 	uint64_t end = nbdv_now_ns() + NBDV_TURN_NS;
 
 	while (r->dirty) {
-		struct nbdv_conn *c;
+		struct nbdv_conn *round = r->dirty;
 
+		r->dirty = NULL;
+		while (round) {
+			struct nbdv_conn *c = round;
+
+			round = c->dirty_next;
+			c->dirty = false; /* (until now it kept c from being freed) */
+			conn_service(c);
+			conn_release(c);
+		}
 		if (nbdv_now_ns() >= end)
-			return false;
-
-		/* A connection whose socket keeps taking replies keeps this loop going (its
-		 * replies make room for its next READs): completions from the I/O threads
-		 * are taken in on the way, not only when the loop polls again.  (A
-		 * BLOCK_STATUS answered on an I/O thread waited behind 60 READs.) */
-		if (r->port.outstanding)
-			executor_port_deliver(&r->port);
-		if (!r->dirty)
-			break;
-		c = r->dirty;
-		r->dirty = c->dirty_next;
-		c->dirty = false;
-		conn_service(c);
-		conn_release(c);
+			return !r->dirty;
 	}
 	return true;
 }
@@ -184,7 +183,8 @@ static void flusher_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 	bool spin = r->dirty && r->srv->cfg->busy_poll > 0 && r->port.outstanding == 0;
 
 	/* Replies made since the last poll leave before the yielded connections' turns. */
-	if (reactor_flush_dirty(r) && r->resume) {
+	reactor_flush_dirty(r);
+	if (r->resume) {
 		resume_yielded(r);
 		reactor_flush_dirty(r);
 	}
