@@ -397,7 +397,7 @@ static bool throttled(const struct nbdv_conn *c)
 {
 	if (c->phase == CONN_OPTIONS)
 		return held(c) >= NBDV_PREAUTH_BUDGET || memory_full(c);
-	return over_limits(c) || c->outq.held >= NBDV_SEND_AHEAD_BYTES || c->waiting;
+	return over_limits(c) || conn_send_ahead_full(c) || c->waiting;
 }
 
 /* Throttled by the send-ahead alone, a request already in the input buffer is still

@@ -161,6 +161,13 @@ struct nbdv_conn {
 	uint64_t cached_copy_bytes; /* large READs copied from the page cache inline (logged) */
 };
 
+/* NBDV_SEND_AHEAD_BYTES of @c's replies wait for the socket: no READ starts (and the
+ * socket is not read) until some leave. */
+static inline bool conn_send_ahead_full(const struct nbdv_conn *c)
+{
+	return c->outq.held >= NBDV_SEND_AHEAD_BYTES;
+}
+
 /* Take over accepted socket @fd; sends the greeting.  Returns NULL (fd closed) on failure. */
 struct nbdv_conn *conn_new(struct nbdv_reactor *r, int fd, bool is_tcp, const char *peer);
 

@@ -976,7 +976,7 @@ static void dispatch(struct nbdv_conn *c, struct nbdv_req *r)
  */
 static bool reads_wait(const struct nbdv_conn *c)
 {
-	return c->waiting || c->outq.held >= NBDV_SEND_AHEAD_BYTES;
+	return c->waiting || conn_send_ahead_full(c);
 }
 
 static void wait_push(struct nbdv_conn *c, struct nbdv_req *r)
@@ -1006,7 +1006,7 @@ static struct nbdv_req *wait_pop(struct nbdv_conn *c)
 
 bool transmission_dispatch_waiting(struct nbdv_conn *c)
 {
-	while (c->waiting && c->outq.held < NBDV_SEND_AHEAD_BYTES && c->phase == CONN_TRANSMISSION)
+	while (c->waiting && !conn_send_ahead_full(c) && c->phase == CONN_TRANSMISSION)
 		dispatch(c, wait_pop(c));
 	return !c->waiting;
 }
