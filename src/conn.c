@@ -197,9 +197,15 @@ uint64_t conn_identity_charge(struct nbdv_conn *c, uint64_t bytes)
 	struct identity_row *row = c->identity_row;
 	uint64_t wait;
 
-	if (!row || (!row->bw_rate && !row->iops_rate))
+	if (!row)
 		return 0;
+	/* The caps are read under the lock: another reactor's identity_acquire() rewrites
+	 * them when the same identity connects again (ThreadSanitizer saw the race). */
 	pthread_mutex_lock(&identity_lock);
+	if (!row->bw_rate && !row->iops_rate) {
+		pthread_mutex_unlock(&identity_lock);
+		return 0;
+	}
 	wait = rate_take(&row->rate, row->bw_rate, row->iops_rate, bytes, nbdv_now_ns());
 	row->throttled_ns += wait;
 	pthread_mutex_unlock(&identity_lock);
