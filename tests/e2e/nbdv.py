@@ -328,9 +328,12 @@ RECV_CHUNK = 256 << 10  # the most Raw.recvn() asks of one recv()
 class Raw:
     """A raw NBD client on a socket, for what real clients refuse to send."""
 
-    def __init__(self, path=None, port=None, timeout=10, rcvbuf=None, rcvbuf_force=False):
+    def __init__(self, path=None, port=None, timeout=10, rcvbuf=None, rcvbuf_force=False,
+                 mss=None):
         """rcvbuf (TCP): SO_RCVBUF before connect; with rcvbuf_force, SO_RCVBUFFORCE,
-        which may exceed net.core.rmem_max (PermissionError without CAP_NET_ADMIN)."""
+        which may exceed net.core.rmem_max (PermissionError without CAP_NET_ADMIN).
+        mss (TCP): TCP_MAXSEG before connect, so that what this client sends comes in
+        segments of at most that size."""
         timeout *= SLOW
         if path:
             deadline = time.monotonic() + timeout
@@ -351,6 +354,8 @@ class Raw:
             if rcvbuf:  # before connect, so that the window scale fits this size
                 self.s.setsockopt(socket.SOL_SOCKET,
                                   SO_RCVBUFFORCE if rcvbuf_force else socket.SO_RCVBUF, rcvbuf)
+            if mss:
+                self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
             self.s.connect(("127.0.0.1", port))
 
     def close(self):
