@@ -1017,16 +1017,24 @@ void transmission_drop_waiting(struct nbdv_conn *c)
 		transmission_req_free(wait_pop(c));
 }
 
+/* Whether @hdr starts with the request magic of the headers this session negotiated
+ * (compact or extended: the magic is the first field of both). */
+static bool magic_ok(const struct nbdv_conn *c, const uint8_t *hdr, uint32_t *magic)
+{
+	memcpy(magic, hdr, sizeof(*magic));
+	*magic = be32toh(*magic);
+	return *magic == (c->sess.extended ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC);
+}
+
 bool transmission_may_go_ahead(const struct nbdv_conn *c, const uint8_t *hdr)
 {
 	uint32_t magic;
 	uint16_t flags, type;
 
-	memcpy(&magic, hdr, sizeof(magic));
+	if (!magic_ok(c, hdr, &magic))
+		return false; /* refused in its turn */
 	memcpy(&flags, hdr + 4, sizeof(flags));
 	memcpy(&type, hdr + 6, sizeof(type));
-	if (be32toh(magic) != (c->sess.extended ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC))
-		return false; /* refused in its turn */
 	if (be16toh(flags) & NBD_CMD_FLAG_PAYLOAD_LEN)
 		return false;
 	type = be16toh(type);
@@ -1042,15 +1050,17 @@ size_t transmission_header_size(const struct nbdv_conn *c)
  * magic is wrong for what was negotiated. */
 static bool parse_header(struct nbdv_conn *c, const uint8_t *hdr, struct nbdv_req *r)
 {
+	uint32_t magic;
+
+	if (!magic_ok(c, hdr, &magic)) {
+		log_info("c%u: bad %srequest magic 0x%08x, closing", c->id,
+			 c->sess.extended ? "extended " : "", magic);
+		return false;
+	}
 	if (c->sess.extended) {
 		struct nbd_extended_request x;
 
 		memcpy(&x, hdr, sizeof(x));
-		if (be32toh(x.magic) != NBD_EXTENDED_REQUEST_MAGIC) {
-			log_info("c%u: bad extended request magic 0x%08x, closing", c->id,
-				 be32toh(x.magic));
-			return false;
-		}
 		r->cookie = x.cookie; /* opaque: kept in wire order */
 		r->offset = be64toh(x.offset);
 		r->count = be64toh(x.length);
@@ -1060,10 +1070,6 @@ static bool parse_header(struct nbdv_conn *c, const uint8_t *hdr, struct nbdv_re
 		struct nbd_request q;
 
 		memcpy(&q, hdr, sizeof(q));
-		if (be32toh(q.magic) != NBD_REQUEST_MAGIC) {
-			log_info("c%u: bad request magic 0x%08x, closing", c->id, be32toh(q.magic));
-			return false;
-		}
 		r->cookie = q.cookie;
 		r->offset = be64toh(q.offset);
 		r->count = be32toh(q.count);
