@@ -389,9 +389,8 @@ static bool memory_full(const struct nbdv_conn *c)
 }
 
 /*
- * Back-pressure: stop reading the socket.  Before an export is chosen a client has only
- * a small budget (it may be anyone); after, limits.max-inflight-bytes of real memory,
- * and no more than NBDV_SEND_AHEAD_BYTES of replies waiting for the socket.
+ * Limits on what a client in transmission holds: requests in flight, their memory and
+ * the process's, and its rate caps.
  */
 static bool over_limits(const struct nbdv_conn *c)
 {
@@ -399,6 +398,12 @@ static bool over_limits(const struct nbdv_conn *c)
 	       memory_full(c) || c->rate_paused;
 }
 
+/*
+ * Back-pressure: stop reading the socket.  Before an export is chosen a client has only
+ * a small budget (it may be anyone); after, limits.max-inflight-bytes of real memory,
+ * and no more than NBDV_SEND_AHEAD_BYTES of replies waiting for the socket (nor any
+ * READ waiting for room there).
+ */
 static bool throttled(const struct nbdv_conn *c)
 {
 	if (c->phase == CONN_OPTIONS)
@@ -747,7 +752,9 @@ static void limit_unsent(struct nbdv_conn *c)
 }
 
 /* Start the READs that wait for send-ahead room, as far as there is room; once none is
- * left, reading may resume. */
+ * left, reading may resume.  Room is made only where replies are sent (conn_flush()),
+ * and conn_service() calls this right after: everywhere else READs wait only while the
+ * send-ahead is full. */
 static void resume_waiting(struct nbdv_conn *c)
 {
 	if (c->waiting && transmission_dispatch_waiting(c))
@@ -842,7 +849,6 @@ static void process_input(struct nbdv_conn *c)
 		case RX_OPT_DATA:
 			return; /* (option-phase framing: handshake_input above) */
 		case RX_REQ_HEADER:
-			resume_waiting(c);
 			if (throttled(c) && !takes_ahead(c)) {
 				update_reading(c);
 				return;
@@ -998,7 +1004,6 @@ bool conn_pump(struct nbdv_conn *c)
 		tls_step(c); /* data read with the client's Finished comes as an event */
 	} else {
 		turn_begin(c);
-		resume_waiting(c);
 		if (avail(c))
 			process_input(c); /* what a turn that ended left in the buffer */
 		while (reading_phase(c) && !throttled(c) && !c->yielded) {
