@@ -420,18 +420,27 @@ class PageCacheTest(unittest.TestCase):
         df_read(r, 1)  # now all of it is in the page cache, zeroes and all
         r.request(nbdv.CMD_DISC)
         r.close()
-        copied = self.settled_sent(COPIED)
-        r = tls_raw()
-        df_read(r, 2)
-        # Without DF the client wants holes: the cached zeroes must not hide the hole.
-        r.request(nbdv.CMD_READ, off, n, cookie=3)
-        chunks = self.read_chunks(r, 3)
-        self.assertIn((OFFSET_HOLE, MIB, off + n - MIB), chunks)
-        self.assertEqual(self.data_of(chunks), self.data[off:MIB])
-        r.request(nbdv.CMD_DISC)
-        r.close()
-        # The DF read was copied from the cache; the one wanting holes was not.
-        self.assertEqual(self.settled_sent(COPIED) - copied, self.via_sendfile(n))
+        for attempt in range(3):
+            # The suites CI runs beside this one can make the kernel drop some of those
+            # pages before the next connection reads them (a ThreadSanitizer run once
+            # saw 0 of 1 MiB copied): read them in again, and try again if they went.
+            with open(os.path.join(self.tmp, "sparse.img"), "rb") as f:
+                os.pread(f.fileno(), n, off)
+            copied = self.settled_sent(COPIED)
+            r = tls_raw()
+            df_read(r, 2)
+            # Without DF the client wants holes: the cached zeroes must not hide the hole.
+            r.request(nbdv.CMD_READ, off, n, cookie=3)
+            chunks = self.read_chunks(r, 3)
+            self.assertIn((OFFSET_HOLE, MIB, off + n - MIB), chunks)
+            self.assertEqual(self.data_of(chunks), self.data[off:MIB])
+            r.request(nbdv.CMD_DISC)
+            r.close()
+            # The DF read was copied from the cache; the one wanting holes was not.
+            got = self.settled_sent(COPIED) - copied
+            if got == self.via_sendfile(n):
+                break
+        self.assertEqual(got, self.via_sendfile(n), f"after {attempt + 1} tries")
 
     def test_tls_block_status_behind_waiting_reads_is_answered_before_them(self):
         # Cached READs past the send-ahead wait; a BLOCK_STATUS behind them runs on an
