@@ -393,9 +393,10 @@ void server_listeners_commit(struct nbdv_server *srv, const struct nbdv_config *
 
 		if (l->fd < 0 || (!l->address && !l->unix_path) || in_config(next, l))
 			continue;
+		/* Logged once done: a unix socket's file is gone when the line appears. */
+		listener_close(srv, l);
 		log_info("SIGHUP: stopped listening on %s%s%s", l->unix_path ? "unix socket " : "",
 			 l->unix_path ? l->unix_path : l->address, l->unix_path ? "" : " (TCP)");
-		listener_close(srv, l);
 	}
 	for (size_t i = 0; i < n_prepared; i++) {
 		const struct nbdv_listen_cfg *e = prepared[i].entry;
